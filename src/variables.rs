@@ -1,0 +1,169 @@
+//! The `$mesh_*` variables. Each reads the request context (computing it on first use), so
+//! they work in any phase: `map`, `log_format`, `limit_req_zone`, `proxy_set_header`,
+//! `add_header`.
+
+use ngx::core::Status;
+use ngx::ffi::{
+    ngx_conf_t, ngx_http_add_variable, ngx_http_get_variable_pt, ngx_http_request_t, ngx_int_t,
+    ngx_str_t, ngx_uint_t, ngx_variable_value_t, NGX_HTTP_VAR_NOCACHEABLE, NGX_HTTP_VAR_PREFIX,
+};
+use ngx::http::{HttpModuleMainConf, Request};
+use ngx::ngx_string;
+
+use crate::access::{request_ctx, RequestCtx};
+use crate::ngx_util::{no_panic, set_var, set_var_copy};
+use crate::MeshModule;
+
+const CLAIM_PREFIX: &str = "mesh_claim_";
+
+struct Var {
+    name: ngx_str_t,
+    get: ngx_http_get_variable_pt,
+    flags: u32,
+}
+
+/// Registers the variables (called from `preconfiguration`).
+///
+/// # Safety
+/// `cf` must be nginx's configuration context during the http block's preconfiguration.
+pub unsafe fn register(cf: *mut ngx_conf_t) -> Result<(), ()> {
+    let vars = [
+        Var { name: ngx_string!("mesh_caller"), get: Some(var_caller), flags: 0 },
+        Var { name: ngx_string!("mesh_provider"), get: Some(var_provider), flags: 0 },
+        Var { name: ngx_string!("mesh_auth_status"), get: Some(var_auth_status), flags: 0 },
+        // The decision can still change after the variable was first read (a later issue
+        // adds RBAC and rate limits after identity), so it is never cached.
+        Var {
+            name: ngx_string!("mesh_decision"),
+            get: Some(var_decision),
+            flags: NGX_HTTP_VAR_NOCACHEABLE,
+        },
+        Var {
+            name: ngx_string!("mesh_config_version"),
+            get: Some(var_config_version),
+            flags: 0,
+        },
+        Var {
+            name: ngx_string!("mesh_claim_"),
+            get: Some(var_claim),
+            flags: NGX_HTTP_VAR_PREFIX,
+        },
+    ];
+    for mut v in vars {
+        // SAFETY: `ngx_http_add_variable` copies nothing it does not own: the name is static,
+        // and the returned variable lives in the configuration pool.
+        let var = unsafe { ngx_http_add_variable(cf, &mut v.name, v.flags as ngx_uint_t) };
+        if var.is_null() {
+            return Err(());
+        }
+        // SAFETY: `var` is non-null and points into the configuration.
+        unsafe { (*var).get_handler = v.get };
+    }
+    Ok(())
+}
+
+/// Common shape of a getter: run `f` on the request context, never unwinding into nginx.
+unsafe fn with_ctx(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    f: impl FnOnce(&ngx_http_request_t, &RequestCtx, &mut ngx_variable_value_t) -> bool,
+) -> ngx_int_t {
+    no_panic(Status::NGX_ERROR.into(), || {
+        // SAFETY: nginx calls variable getters with a live request and value slot.
+        let (req, v) = unsafe { (Request::from_ngx_http_request(r), &mut *v) };
+        let Some(ctx) = request_ctx(req) else {
+            return Status::NGX_ERROR.into();
+        };
+        // SAFETY: read-only view of the same live request.
+        let raw = unsafe { &*r };
+        if f(raw, ctx, v) {
+            Status::NGX_OK.into()
+        } else {
+            Status::NGX_ERROR.into()
+        }
+    })
+}
+
+unsafe extern "C" fn var_caller(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    _data: usize,
+) -> ngx_int_t {
+    // The principal lives in the context's `Verified`, owned by the request pool.
+    with_ctx(r, v, |_, ctx, v| {
+        set_var(v, ctx.caller().as_bytes());
+        true
+    })
+}
+
+unsafe extern "C" fn var_provider(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    _data: usize,
+) -> ngx_int_t {
+    with_ctx(r, v, |_, ctx, v| {
+        set_var(v, ctx.provider().as_bytes());
+        true
+    })
+}
+
+unsafe extern "C" fn var_auth_status(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    _data: usize,
+) -> ngx_int_t {
+    with_ctx(r, v, |_, ctx, v| {
+        set_var(v, ctx.status.as_str().as_bytes());
+        true
+    })
+}
+
+unsafe extern "C" fn var_decision(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    _data: usize,
+) -> ngx_int_t {
+    with_ctx(r, v, |_, ctx, v| {
+        set_var(v, ctx.decision().map_or("", |d| d.as_str()).as_bytes());
+        v.set_no_cacheable(1);
+        true
+    })
+}
+
+unsafe extern "C" fn var_claim(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    data: usize,
+) -> ngx_int_t {
+    // SAFETY: for a prefix variable nginx passes the full variable name (`ngx_str_t *`) as
+    // `data`, owned by the configuration.
+    let name = unsafe { &*(data as *const ngx_str_t) };
+    with_ctx(r, v, |raw, ctx, v| {
+        let claim = name
+            .as_bytes()
+            .get(CLAIM_PREFIX.len()..)
+            .and_then(|n| std::str::from_utf8(n).ok());
+        let text = match (claim, &ctx.verified) {
+            (Some(c), Some(verified)) => verified.claim_text(c),
+            _ => None,
+        };
+        set_var_copy(raw, v, text.unwrap_or_default().as_bytes())
+    })
+}
+
+unsafe extern "C" fn var_config_version(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    _data: usize,
+) -> ngx_int_t {
+    no_panic(Status::NGX_ERROR.into(), || {
+        // SAFETY: nginx calls variable getters with a live request and value slot.
+        let (req, v) = unsafe { (Request::from_ngx_http_request(r), &mut *v) };
+        // The label lives in the main configuration, which outlives every request.
+        let label = MeshModule::main_conf(req)
+            .and_then(|m| m.config_version.as_deref())
+            .unwrap_or("");
+        set_var(v, label.as_bytes());
+        Status::NGX_OK.into()
+    })
+}
