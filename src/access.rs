@@ -224,7 +224,9 @@ fn refuse(r: &mut Request, status: AuthStatus, reason: &str, realm: &str) -> ngx
         let challenge = if status == AuthStatus::Missing {
             format!("Bearer realm=\"{realm}\"")
         } else {
-            format!("Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{reason}\"")
+            format!(
+                "Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{reason}\""
+            )
         };
         r.add_header_out("WWW-Authenticate", &challenge);
         NGX_HTTP_UNAUTHORIZED

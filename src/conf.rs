@@ -15,8 +15,8 @@ use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_command_t, ngx_conf_parse, ngx_conf_t, ngx_http_compile_complex_value,
     ngx_http_compile_complex_value_t, ngx_http_complex_value_t, ngx_str_t, ngx_uint_t,
-    NGX_CONF_1MORE, NGX_CONF_BLOCK, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF,
-    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF,
+    NGX_CONF_1MORE, NGX_CONF_BLOCK, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
+    NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF,
 };
 use ngx::http::HttpModuleMainConf;
 use ngx::ngx_string;
@@ -99,7 +99,9 @@ fn resolve(cf: *mut ngx_conf_t, auth: &mut Option<Auth>) -> Result<(), *mut c_ch
         match mcf.providers.iter().find(|p| &p.name == name) {
             Some(p) => spec.providers.push(p.clone()),
             None => {
-                let msg = format!("mesh_auth: unknown provider \"{name}\" (no mesh_provider block of that name)");
+                let msg = format!(
+                    "mesh_auth: unknown provider \"{name}\" (no mesh_provider block of that name)"
+                );
                 return Err(spec.pos.error(cf, &msg));
             }
         }
@@ -379,7 +381,10 @@ unsafe extern "C" fn cmd_realm(
             return Err(ConfErr::Duplicate);
         }
         let realm = word(&a[1])?;
-        if realm.bytes().any(|b| b == b'"' || b == b'\\' || b.is_ascii_control()) {
+        if realm
+            .bytes()
+            .any(|b| b == b'"' || b == b'\\' || b.is_ascii_control())
+        {
             return Err(format!(
                 "mesh_realm: \"{realm}\" may not hold quotes, backslashes or control characters"
             )
@@ -412,7 +417,13 @@ unsafe extern "C" fn cmd_provider(
     crate::ngx_util::no_panic(NGX_CONF_ERROR, || {
         // SAFETY: nginx passes this module's main configuration (MAIN_CONF offset) and the
         // directive's words; `cf` is valid during the call.
-        let (mcf, a, pos) = unsafe { (&mut *conf.cast::<MainConf>(), args(cf), ConfPos::current(cf)) };
+        let (mcf, a, pos) = unsafe {
+            (
+                &mut *conf.cast::<MainConf>(),
+                args(cf),
+                ConfPos::current(cf),
+            )
+        };
         let name = match word(&a[1]) {
             Ok(n) if !n.is_empty() => n.to_string(),
             Ok(_) => return conf_error(cf, "mesh_provider: empty name"),
@@ -462,8 +473,13 @@ unsafe extern "C" fn provider_line(
 ) -> *mut c_char {
     crate::ngx_util::no_panic(NGX_CONF_ERROR, || {
         // SAFETY: `conf` is the `handler_conf` set in `cmd_provider`: a live ProviderBlock.
-        let (block, a, pos) =
-            unsafe { (&mut *conf.cast::<ProviderBlock>(), args(cf), ConfPos::current(cf)) };
+        let (block, a, pos) = unsafe {
+            (
+                &mut *conf.cast::<ProviderBlock>(),
+                args(cf),
+                ConfPos::current(cf),
+            )
+        };
         match block.line(cf, a, pos) {
             Ok(()) => NGX_CONF_OK,
             Err(e) => conf_error(cf, &e),
@@ -478,19 +494,28 @@ impl ProviderBlock {
         let one = || -> Result<&str, String> {
             match vals {
                 [v] => Ok(v.as_str()),
-                _ => Err(format!("invalid number of arguments in \"{dir}\" of mesh_provider \"{}\"", self.name)),
+                _ => Err(format!(
+                    "invalid number of arguments in \"{dir}\" of mesh_provider \"{}\"",
+                    self.name
+                )),
             }
         };
         let many = || -> Result<&[String], String> {
             if vals.is_empty() {
-                Err(format!("invalid number of arguments in \"{dir}\" of mesh_provider \"{}\"", self.name))
+                Err(format!(
+                    "invalid number of arguments in \"{dir}\" of mesh_provider \"{}\"",
+                    self.name
+                ))
             } else {
                 Ok(vals)
             }
         };
         let dup = |set: bool| -> Result<(), String> {
             if set {
-                Err(format!("\"{dir}\" is duplicate in mesh_provider \"{}\"", self.name))
+                Err(format!(
+                    "\"{dir}\" is duplicate in mesh_provider \"{}\"",
+                    self.name
+                ))
             } else {
                 Ok(())
             }
@@ -544,8 +569,10 @@ impl ProviderBlock {
             "leeway" => {
                 dup(self.leeway.is_some())?;
                 let v = one()?;
-                self.leeway =
-                    Some(parse_time_secs(v).map_err(|e| format!("leeway: invalid value \"{v}\": {e}"))?);
+                self.leeway = Some(
+                    parse_time_secs(v)
+                        .map_err(|e| format!("leeway: invalid value \"{v}\": {e}"))?,
+                );
             }
             "principal" => {
                 dup(self.principal.is_some())?;
@@ -557,9 +584,8 @@ impl ProviderBlock {
             }
             "require" => {
                 for v in many()? {
-                    self.require.push(
-                        Requirement::parse(v).map_err(|e| format!("require: \"{v}\": {e}"))?,
-                    );
+                    self.require
+                        .push(Requirement::parse(v).map_err(|e| format!("require: \"{v}\": {e}"))?);
                 }
             }
             _ => {
@@ -576,7 +602,9 @@ impl ProviderBlock {
     fn finish(self, cf: *mut ngx_conf_t) -> Result<Provider, *mut c_char> {
         let name = &self.name;
         if self.issuers.is_empty() {
-            return Err(self.pos.error(cf, &format!("mesh_provider \"{name}\": no \"issuer\"")));
+            return Err(self
+                .pos
+                .error(cf, &format!("mesh_provider \"{name}\": no \"issuer\"")));
         }
         let keys = match (self.keys, self.secret) {
             (Some(_), Some((_, pos))) => {
@@ -595,14 +623,18 @@ impl ProviderBlock {
             None => allowed,
             Some((algs, pos)) => {
                 if let Some(bad) = algs.iter().find(|a| !allowed.contains(a)) {
-                    let why = if matches!(bad, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
-                        "HMAC algorithms need \"secret\""
-                    } else {
-                        "no configured key can verify it"
-                    };
+                    let why =
+                        if matches!(bad, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+                            "HMAC algorithms need \"secret\""
+                        } else {
+                            "no configured key can verify it"
+                        };
                     return Err(pos.error(
                         cf,
-                        &format!("mesh_provider \"{name}\": algorithm \"{}\" cannot be used: {why}", algorithm_name(*bad)),
+                        &format!(
+                            "mesh_provider \"{name}\": algorithm \"{}\" cannot be used: {why}",
+                            algorithm_name(*bad)
+                        ),
                     ));
                 }
                 algs

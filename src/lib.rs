@@ -17,9 +17,7 @@ use ngx::ffi::{
     ngx_array_push, ngx_conf_t, ngx_http_handler_pt, ngx_http_module_t,
     ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_int_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE,
 };
-use ngx::http::{
-    HttpModule, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule,
-};
+use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
 mod access;
 mod conf;
@@ -97,7 +95,6 @@ impl HttpModule for MeshModule {
         }
         Status::NGX_OK.into()
     }
-
 }
 
 /// Merges location configurations (the trait's default would require `Merge`, but merging
@@ -109,5 +106,11 @@ unsafe extern "C" fn merge_loc_conf(
 ) -> *mut c_char {
     // SAFETY: nginx passes the two location configurations this module created with
     // `create_loc_conf`; they are distinct objects.
-    unsafe { conf::merge_loc_conf(cf, &mut *prev.cast::<LocConf>(), &mut *conf.cast::<LocConf>()) }
+    unsafe {
+        conf::merge_loc_conf(
+            cf,
+            &mut *prev.cast::<LocConf>(),
+            &mut *conf.cast::<LocConf>(),
+        )
+    }
 }

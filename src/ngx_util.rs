@@ -23,8 +23,12 @@ pub unsafe fn args<'a>(cf: *mut ngx_conf_t) -> &'a [ngx_str_t] {
 
 /// A directive word as UTF-8 text, or a configuration error naming it.
 pub fn word(w: &ngx_str_t) -> Result<&str, String> {
-    w.to_str()
-        .map_err(|_| format!("\"{}\" is not valid UTF-8", String::from_utf8_lossy(w.as_bytes())))
+    w.to_str().map_err(|_| {
+        format!(
+            "\"{}\" is not valid UTF-8",
+            String::from_utf8_lossy(w.as_bytes())
+        )
+    })
 }
 
 /// Logs `msg` at `emerg` with the current file and line (nginx appends " in FILE:LINE")

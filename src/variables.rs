@@ -28,9 +28,21 @@ struct Var {
 /// `cf` must be nginx's configuration context during the http block's preconfiguration.
 pub unsafe fn register(cf: *mut ngx_conf_t) -> Result<(), ()> {
     let vars = [
-        Var { name: ngx_string!("mesh_caller"), get: Some(var_caller), flags: 0 },
-        Var { name: ngx_string!("mesh_provider"), get: Some(var_provider), flags: 0 },
-        Var { name: ngx_string!("mesh_auth_status"), get: Some(var_auth_status), flags: 0 },
+        Var {
+            name: ngx_string!("mesh_caller"),
+            get: Some(var_caller),
+            flags: 0,
+        },
+        Var {
+            name: ngx_string!("mesh_provider"),
+            get: Some(var_provider),
+            flags: 0,
+        },
+        Var {
+            name: ngx_string!("mesh_auth_status"),
+            get: Some(var_auth_status),
+            flags: 0,
+        },
         // The decision can still change after the variable was first read (a later issue
         // adds RBAC and rate limits after identity), so it is never cached.
         Var {

@@ -1,0 +1,624 @@
+//! Verification keys: JWKS (RFC 7517/7518), PEM public keys and X.509
+//! certificates, and HMAC secrets.
+//!
+//! Only public keys are accepted from files and JWKS documents; HMAC secrets
+//! come from `secret FILE` alone, so an HS* token can never be checked against
+//! a public key (RFC 8725 section 2.1 / 3.1: algorithm confusion).
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::DecodingKey;
+use serde_json::Value;
+
+pub use jsonwebtoken::Algorithm;
+
+/// Every algorithm this module supports, in the order `KeySet::algorithms`
+/// reports them.
+pub const ALL_ALGORITHMS: [Algorithm; 12] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+    Algorithm::HS256,
+    Algorithm::HS384,
+    Algorithm::HS512,
+];
+
+/// The type of a key, which decides the algorithms it may verify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    Rsa,
+    EcP256,
+    EcP384,
+    Ed25519,
+    Hmac,
+}
+
+impl KeyKind {
+    /// Whether a key of this kind may verify `alg` (RFC 7518 section 3.1,
+    /// RFC 8037 for EdDSA). Each EC curve fits exactly one algorithm, and HMAC
+    /// keys fit only HS* while HS* fits only HMAC keys.
+    pub fn fits(self, alg: Algorithm) -> bool {
+        use Algorithm::*;
+        match self {
+            KeyKind::Rsa => matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512),
+            KeyKind::EcP256 => alg == ES256,
+            KeyKind::EcP384 => alg == ES384,
+            KeyKind::Ed25519 => alg == EdDSA,
+            KeyKind::Hmac => matches!(alg, HS256 | HS384 | HS512),
+        }
+    }
+}
+
+/// One verification key.
+#[derive(Clone, Debug)]
+pub struct Key {
+    /// The JWK `kid`; `None` for PEM keys and secrets.
+    pub kid: Option<String>,
+    pub kind: KeyKind,
+    /// The JWK `alg`, if given: then the key verifies that algorithm only.
+    pub alg: Option<Algorithm>,
+    pub key: DecodingKey,
+}
+
+impl Key {
+    /// Whether this key may verify a token signed with `alg`: its kind fits
+    /// and, if the JWK names an algorithm, it is that one.
+    pub fn allows(&self, alg: Algorithm) -> bool {
+        self.kind.fits(alg) && self.alg.is_none_or(|a| a == alg)
+    }
+}
+
+/// The keys of one provider.
+#[derive(Clone, Debug, Default)]
+pub struct KeySet {
+    pub keys: Vec<Key>,
+}
+
+impl KeySet {
+    /// Parse a JWK Set (RFC 7517 section 5): `{"keys":[...]}`.
+    ///
+    /// Supported: `kty` RSA (`n`, `e`), EC with `crv` P-256/P-384 (`x`, `y`),
+    /// OKP with `crv` Ed25519 (`x`). Skipped silently: keys whose `use` is not
+    /// `sig` or whose `key_ops` lacks `verify` (RFC 7517 sections 4.2, 4.3),
+    /// keys whose `alg` is not a supported signature algorithm (e.g.
+    /// encryption keys), and other key types or curves (`oct`, P-521, X25519,
+    /// ...). A supported key with bad members is an error, as is a document
+    /// with no usable key.
+    pub fn from_jwks(bytes: &[u8]) -> Result<KeySet, String> {
+        let doc: Value =
+            serde_json::from_slice(bytes).map_err(|e| format!("invalid JWKS JSON: {e}"))?;
+        let list = doc
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or("invalid JWKS: no \"keys\" array")?;
+        let mut keys = Vec::new();
+        for (i, jwk) in list.iter().enumerate() {
+            if let Some(key) = jwk_to_key(jwk).map_err(|e| format!("JWKS key #{}: {e}", i + 1))? {
+                keys.push(key);
+            }
+        }
+        if keys.is_empty() {
+            return Err("JWKS holds no usable signature key \
+                        (supported: RSA, EC P-256/P-384, OKP Ed25519)"
+                .into());
+        }
+        Ok(KeySet { keys })
+    }
+
+    /// Parse PEM: every `PUBLIC KEY` (SubjectPublicKeyInfo, RFC 5280 section
+    /// 4.1.2.7) and `CERTIFICATE` block (its subjectPublicKeyInfo; the
+    /// certificate is only a container: its validity and chain are not
+    /// checked). Other blocks are ignored; any private key is refused.
+    pub fn from_pem(bytes: &[u8]) -> Result<KeySet, String> {
+        use rustls_pemfile::Item;
+
+        const PRIVATE: &str = "private keys do not belong here: \
+                               give the public key or a certificate";
+        // Catches every flavour, including those rustls-pemfile does not
+        // decode ("ENCRYPTED PRIVATE KEY", "OPENSSH PRIVATE KEY").
+        if contains(bytes, b"PRIVATE KEY-----") {
+            return Err(PRIVATE.into());
+        }
+        let mut keys = Vec::new();
+        let mut rest = bytes;
+        let mut n = 0;
+        loop {
+            let item = match rustls_pemfile::read_one_from_slice(rest) {
+                Ok(Some((item, next))) => {
+                    rest = next;
+                    item
+                }
+                Ok(None) => break,
+                Err(e) => return Err(format!("invalid PEM: {}", pem_error(&e))),
+            };
+            let found = match item {
+                Item::SubjectPublicKeyInfo(spki) => {
+                    n += 1;
+                    key_from_spki(spki.as_ref())
+                        .map_err(|e| format!("PEM block #{n} (PUBLIC KEY): {e}"))?
+                }
+                Item::X509Certificate(cert) => {
+                    n += 1;
+                    spki_of_certificate(cert.as_ref())
+                        .and_then(key_from_spki)
+                        .map_err(|e| format!("PEM block #{n} (CERTIFICATE): {e}"))?
+                }
+                Item::Pkcs1Key(_) | Item::Pkcs8Key(_) | Item::Sec1Key(_) => {
+                    return Err(PRIVATE.into())
+                }
+                _ => None,
+            };
+            keys.extend(found);
+        }
+        if keys.is_empty() {
+            let hint = if contains(bytes, b"BEGIN RSA PUBLIC KEY") {
+                " (PKCS#1 \"RSA PUBLIC KEY\" blocks are not supported: convert with \
+                 `openssl rsa -RSAPublicKey_in -pubout`)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "no usable public key: expected PEM \"PUBLIC KEY\" or \"CERTIFICATE\" \
+                 blocks with RSA, EC P-256/P-384 or Ed25519 keys{hint}"
+            ));
+        }
+        Ok(KeySet { keys })
+    }
+
+    /// A JWKS document if the first non-whitespace byte is `{`, else PEM.
+    pub fn load(bytes: &[u8]) -> Result<KeySet, String> {
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => KeySet::from_jwks(bytes),
+            _ => KeySet::from_pem(bytes),
+        }
+    }
+
+    /// One HMAC key from the contents of a secret file, used as is except
+    /// that one trailing `\n` or `\r\n` (as editors add) is removed.
+    ///
+    /// An empty secret gives an empty set (requests then get `NoKeys`): an
+    /// empty HMAC key would let anyone mint tokens. The caller should refuse
+    /// it at configuration time (`is_empty`).
+    pub fn from_secret(secret: &[u8]) -> KeySet {
+        let secret = secret
+            .strip_suffix(b"\r\n")
+            .or_else(|| secret.strip_suffix(b"\n"))
+            .unwrap_or(secret);
+        if secret.is_empty() {
+            return KeySet::default();
+        }
+        KeySet {
+            keys: vec![Key {
+                kid: None,
+                kind: KeyKind::Hmac,
+                alg: None,
+                key: DecodingKey::from_secret(secret),
+            }],
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The algorithms some key allows (union), in `ALL_ALGORITHMS` order.
+    pub fn algorithms(&self) -> Vec<Algorithm> {
+        ALL_ALGORITHMS
+            .iter()
+            .copied()
+            .filter(|&a| self.keys.iter().any(|k| k.allows(a)))
+            .collect()
+    }
+}
+
+/// The algorithm with this exact (case-sensitive) JOSE name, if supported.
+/// `none` is never one (RFC 8725 section 3.1).
+pub fn parse_algorithm(s: &str) -> Option<Algorithm> {
+    ALL_ALGORITHMS
+        .iter()
+        .copied()
+        .find(|&a| algorithm_name(a) == s)
+}
+
+/// The JOSE name of an algorithm (RFC 7518 section 3.1, RFC 8037).
+pub fn algorithm_name(a: Algorithm) -> &'static str {
+    match a {
+        Algorithm::HS256 => "HS256",
+        Algorithm::HS384 => "HS384",
+        Algorithm::HS512 => "HS512",
+        Algorithm::ES256 => "ES256",
+        Algorithm::ES384 => "ES384",
+        Algorithm::RS256 => "RS256",
+        Algorithm::RS384 => "RS384",
+        Algorithm::RS512 => "RS512",
+        Algorithm::PS256 => "PS256",
+        Algorithm::PS384 => "PS384",
+        Algorithm::PS512 => "PS512",
+        Algorithm::EdDSA => "EdDSA",
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn pem_error(e: &rustls_pemfile::Error) -> &'static str {
+    match e {
+        rustls_pemfile::Error::MissingSectionEnd { .. } => "a section has no END line",
+        rustls_pemfile::Error::IllegalSectionStart { .. } => "bad BEGIN line",
+        rustls_pemfile::Error::Base64Decode(_) => "bad base64 in a section",
+    }
+}
+
+// ---------------------------------------------------------------- JWK
+
+/// One JWK to a key; `Ok(None)` = skipped (not for signatures, or not supported).
+fn jwk_to_key(jwk: &Value) -> Result<Option<Key>, String> {
+    let obj = jwk.as_object().ok_or("not a JSON object")?;
+
+    // RFC 7517 4.2: "use" is "sig" for signature keys.
+    match obj.get("use") {
+        None => {}
+        Some(Value::String(u)) if u == "sig" => {}
+        Some(_) => return Ok(None),
+    }
+    // RFC 7517 4.3: "key_ops" must allow "verify".
+    match obj.get("key_ops") {
+        None => {}
+        Some(Value::Array(ops)) if ops.iter().any(|o| o == "verify") => {}
+        Some(_) => return Ok(None),
+    }
+    let alg = match obj.get("alg") {
+        None => None,
+        Some(Value::String(a)) => match parse_algorithm(a) {
+            Some(a) => Some(a),
+            // An encryption or unsupported algorithm: not a key for us.
+            None => return Ok(None),
+        },
+        Some(_) => return Err("\"alg\" is not a string".into()),
+    };
+    let kid = match obj.get("kid") {
+        None => None,
+        Some(Value::String(k)) => Some(k.clone()),
+        Some(_) => return Err("\"kid\" is not a string".into()),
+    };
+    let kty = obj
+        .get("kty")
+        .and_then(Value::as_str)
+        .ok_or("missing \"kty\"")?;
+
+    let (kind, key) = match kty {
+        // RFC 7518 6.3.1
+        "RSA" => {
+            let n = b64_member(obj, "n")?;
+            let e = b64_member(obj, "e")?;
+            let n = strip_leading_zeros(&n);
+            let e = strip_leading_zeros(&e);
+            if n.is_empty() || e.is_empty() {
+                return Err("RSA \"n\" and \"e\" must not be empty".into());
+            }
+            (KeyKind::Rsa, DecodingKey::from_rsa_raw_components(n, e))
+        }
+        // RFC 7518 6.2.1: coordinates are full-length octet strings.
+        "EC" => {
+            let (kind, size) = match obj.get("crv").and_then(Value::as_str) {
+                Some("P-256") => (KeyKind::EcP256, 32),
+                Some("P-384") => (KeyKind::EcP384, 48),
+                Some(_) => return Ok(None),
+                None => return Err("missing \"crv\"".into()),
+            };
+            let x = b64_member(obj, "x")?;
+            let y = b64_member(obj, "y")?;
+            if x.len() != size || y.len() != size {
+                return Err(format!("EC \"x\" and \"y\" must be {size} bytes each"));
+            }
+            // SEC 1 uncompressed point: 0x04 || x || y.
+            let mut point = Vec::with_capacity(1 + 2 * size);
+            point.push(0x04);
+            point.extend_from_slice(&x);
+            point.extend_from_slice(&y);
+            (kind, DecodingKey::from_ec_der(&point))
+        }
+        // RFC 8037 2
+        "OKP" => {
+            match obj.get("crv").and_then(Value::as_str) {
+                Some("Ed25519") => {}
+                Some(_) => return Ok(None),
+                None => return Err("missing \"crv\"".into()),
+            }
+            let x = b64_member(obj, "x")?;
+            if x.len() != 32 {
+                return Err("Ed25519 \"x\" must be 32 bytes".into());
+            }
+            (KeyKind::Ed25519, DecodingKey::from_ed_der(&x))
+        }
+        // "oct" and anything else: not accepted from a JWKS.
+        _ => return Ok(None),
+    };
+    if let Some(a) = alg {
+        if !kind.fits(a) {
+            return Err(format!(
+                "\"alg\" {} does not fit \"kty\" {}",
+                algorithm_name(a),
+                crate::status::sanitize(kty)
+            ));
+        }
+    }
+    Ok(Some(Key {
+        kid,
+        kind,
+        alg,
+        key,
+    }))
+}
+
+/// A base64url member (RFC 7515 2: no padding; trailing `=` tolerated).
+fn b64_member(obj: &serde_json::Map<String, Value>, name: &str) -> Result<Vec<u8>, String> {
+    let s = obj
+        .get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("missing \"{name}\""))?;
+    URL_SAFE_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .map_err(|_| format!("\"{name}\" is not base64url"))
+}
+
+fn strip_leading_zeros(b: &[u8]) -> &[u8] {
+    let first = b.iter().position(|&x| x != 0).unwrap_or(b.len());
+    &b[first..]
+}
+
+// ---------------------------------------------------------------- DER
+
+const TAG_INTEGER: u8 = 0x02;
+const TAG_BIT_STRING: u8 = 0x03;
+const TAG_OID: u8 = 0x06;
+const TAG_SEQUENCE: u8 = 0x30;
+/// `[0] EXPLICIT` (the certificate version).
+const TAG_CONTEXT_0: u8 = 0xa0;
+
+/// 1.2.840.113549.1.1.1 rsaEncryption (RFC 8017 A.1)
+const OID_RSA_ENCRYPTION: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+/// 1.2.840.10045.2.1 id-ecPublicKey (RFC 5480 2.1.1)
+const OID_EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+/// 1.2.840.10045.3.1.7 prime256v1 / secp256r1 (RFC 5480 2.1.1.1)
+const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+/// 1.3.132.0.34 secp384r1 (RFC 5480 2.1.1.1)
+const OID_P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
+/// 1.3.101.112 id-Ed25519 (RFC 8410 3)
+const OID_ED25519: &[u8] = &[0x2b, 0x65, 0x70];
+
+/// A minimal DER reader: definite lengths, low tag numbers.
+struct Der<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Der<'a> {
+    fn new(data: &'a [u8]) -> Der<'a> {
+        Der { data }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn peek_tag(&self) -> Option<u8> {
+        self.data.first().copied()
+    }
+
+    /// The next element: (tag, contents).
+    fn read(&mut self) -> Result<(u8, &'a [u8]), String> {
+        let (&tag, rest) = self.data.split_first().ok_or("truncated DER")?;
+        if tag & 0x1f == 0x1f {
+            return Err("unsupported DER tag".into());
+        }
+        let (&first, mut rest) = rest.split_first().ok_or("truncated DER")?;
+        let len = if first < 0x80 {
+            usize::from(first)
+        } else {
+            // 0x80 is BER's indefinite length, which DER forbids.
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return Err("bad DER length".into());
+            }
+            let (len_bytes, after) = rest.split_at(n);
+            rest = after;
+            len_bytes
+                .iter()
+                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b))
+        };
+        if rest.len() < len {
+            return Err("truncated DER".into());
+        }
+        let (contents, after) = rest.split_at(len);
+        self.data = after;
+        Ok((tag, contents))
+    }
+
+    /// The next element, which must have this tag.
+    fn expect(&mut self, tag: u8, what: &str) -> Result<&'a [u8], String> {
+        match self.read()? {
+            (t, contents) if t == tag => Ok(contents),
+            _ => Err(format!("bad DER: expected {what}")),
+        }
+    }
+}
+
+/// The subjectPublicKeyInfo (whole element) of an X.509 certificate
+/// (RFC 5280 4.1).
+fn spki_of_certificate(der: &[u8]) -> Result<&[u8], String> {
+    let cert = Der::new(der).expect(TAG_SEQUENCE, "Certificate")?;
+    let mut tbs = Der::new(Der::new(cert).expect(TAG_SEQUENCE, "tbsCertificate")?);
+    if tbs.peek_tag() == Some(TAG_CONTEXT_0) {
+        tbs.read()?; // version
+    }
+    tbs.expect(TAG_INTEGER, "serialNumber")?;
+    tbs.expect(TAG_SEQUENCE, "signature")?;
+    tbs.expect(TAG_SEQUENCE, "issuer")?;
+    tbs.expect(TAG_SEQUENCE, "validity")?;
+    tbs.expect(TAG_SEQUENCE, "subject")?;
+    let before = tbs.data;
+    tbs.expect(TAG_SEQUENCE, "subjectPublicKeyInfo")?;
+    let used = before.len() - tbs.data.len();
+    Ok(&before[..used])
+}
+
+/// A key from a DER SubjectPublicKeyInfo (RFC 5280 4.1.2.7); `Ok(None)` for
+/// key types we do not support.
+fn key_from_spki(der: &[u8]) -> Result<Option<Key>, String> {
+    let mut outer = Der::new(der);
+    let mut spki = Der::new(outer.expect(TAG_SEQUENCE, "SubjectPublicKeyInfo")?);
+    if !outer.is_empty() {
+        return Err("bad DER: trailing data".into());
+    }
+    let mut alg_id = Der::new(spki.expect(TAG_SEQUENCE, "AlgorithmIdentifier")?);
+    let bits = spki.expect(TAG_BIT_STRING, "subjectPublicKey")?;
+    let oid = alg_id.expect(TAG_OID, "algorithm OID")?;
+    // The key is a whole number of bytes: no unused bits.
+    let key = match bits.split_first() {
+        Some((0, key)) => key,
+        _ => return Err("bad DER: subjectPublicKey".into()),
+    };
+
+    let (kind, decoding_key) = if oid == OID_RSA_ENCRYPTION {
+        // RFC 8017 A.1.1: RSAPublicKey ::= SEQUENCE { modulus, publicExponent }
+        let mut rsa = Der::new(Der::new(key).expect(TAG_SEQUENCE, "RSAPublicKey")?);
+        let n = rsa.expect(TAG_INTEGER, "RSA modulus")?;
+        let e = rsa.expect(TAG_INTEGER, "RSA exponent")?;
+        if strip_leading_zeros(n).is_empty() || strip_leading_zeros(e).is_empty() {
+            return Err("empty RSA modulus or exponent".into());
+        }
+        (KeyKind::Rsa, DecodingKey::from_rsa_der(key))
+    } else if oid == OID_EC_PUBLIC_KEY {
+        // RFC 5480 2.1.1: parameters = namedCurve OID.
+        let curve = alg_id.expect(TAG_OID, "EC namedCurve")?;
+        let (kind, size) = if curve == OID_P256 {
+            (KeyKind::EcP256, 32)
+        } else if curve == OID_P384 {
+            (KeyKind::EcP384, 48)
+        } else {
+            return Ok(None);
+        };
+        // RFC 5480 2.2: the uncompressed form 0x04 || x || y is what we take.
+        if key.len() != 1 + 2 * size || key[0] != 0x04 {
+            return Err("EC public key is not an uncompressed point of its curve".into());
+        }
+        (kind, DecodingKey::from_ec_der(key))
+    } else if oid == OID_ED25519 {
+        // RFC 8410 4: the 32 raw bytes.
+        if key.len() != 32 {
+            return Err("Ed25519 public key must be 32 bytes".into());
+        }
+        (KeyKind::Ed25519, DecodingKey::from_ed_der(key))
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(Key {
+        kid: None,
+        kind,
+        alg: None,
+        key: decoding_key,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn algorithm_names_round_trip() {
+        for a in ALL_ALGORITHMS {
+            assert_eq!(parse_algorithm(algorithm_name(a)), Some(a));
+        }
+        for bad in [
+            "none", "None", "ES512", "rs256", "HS256 ", "", "Ed25519", "ES256K",
+        ] {
+            assert_eq!(parse_algorithm(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn fits() {
+        use Algorithm::*;
+        assert!(KeyKind::Rsa.fits(PS512));
+        assert!(!KeyKind::Rsa.fits(HS256));
+        assert!(KeyKind::EcP256.fits(ES256));
+        assert!(!KeyKind::EcP256.fits(ES384));
+        assert!(!KeyKind::EcP384.fits(ES256));
+        assert!(KeyKind::Ed25519.fits(EdDSA));
+        assert!(KeyKind::Hmac.fits(HS512));
+        assert!(!KeyKind::Hmac.fits(RS256));
+    }
+
+    #[test]
+    fn secret_trims_one_newline() {
+        let s = KeySet::from_secret(b"abc\n\n");
+        assert_eq!(s.keys[0].key.as_bytes(), b"abc\n");
+        let s = KeySet::from_secret(b"abc\r\n");
+        assert_eq!(s.keys[0].key.as_bytes(), b"abc");
+        let s = KeySet::from_secret(b"abc");
+        assert_eq!(s.keys[0].key.as_bytes(), b"abc");
+        assert_eq!(
+            s.algorithms(),
+            vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512]
+        );
+        assert!(KeySet::from_secret(b"\n").is_empty());
+        assert!(KeySet::from_secret(b"").is_empty());
+    }
+
+    #[test]
+    fn der_reader_rejects_garbage() {
+        for bad in [
+            &b""[..],
+            &[0x30],
+            &[0x30, 0x80, 0x00, 0x00],
+            &[0x30, 0x85, 1, 2, 3, 4, 5],
+            &[0x30, 0x05, 0x01],
+            &[0x1f, 0x01, 0x00],
+            &[0x30, 0x00],
+            &[0x30, 0x02, 0x30, 0x00],
+        ] {
+            assert!(key_from_spki(bad).is_err(), "{bad:?}");
+            assert!(spki_of_certificate(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn jwks_errors() {
+        assert!(KeySet::from_jwks(b"not json").is_err());
+        assert!(KeySet::from_jwks(b"{}").is_err());
+        assert!(KeySet::from_jwks(br#"{"keys":[]}"#).is_err());
+        assert!(KeySet::from_jwks(br#"{"keys":[{"kty":"oct","k":"AAAA"}]}"#).is_err());
+        assert!(KeySet::from_jwks(br#"{"keys":[{"kty":"RSA","n":"","e":"AQAB"}]}"#).is_err());
+        assert!(KeySet::from_jwks(br#"{"keys":[{"kty":"RSA","n":"!!","e":"AQAB"}]}"#).is_err());
+        // x too short for P-256
+        assert!(KeySet::from_jwks(
+            br#"{"keys":[{"kty":"EC","crv":"P-256","x":"AAAA","y":"AAAA"}]}"#
+        )
+        .is_err());
+        assert!(
+            KeySet::from_jwks(br#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"AAAA"}]}"#).is_err()
+        );
+        // alg that does not fit kty
+        let x = URL_SAFE_NO_PAD.encode([1u8; 32]);
+        let doc =
+            format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","x":"{x}","alg":"RS256"}}]}}"#);
+        assert!(KeySet::from_jwks(doc.as_bytes()).is_err());
+        let doc = format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","x":"{x}","kid":7}}]}}"#);
+        assert!(KeySet::from_jwks(doc.as_bytes()).is_err());
+        // key_ops without verify: skipped, so no usable key
+        let doc =
+            format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","x":"{x}","key_ops":["sign"]}}]}}"#);
+        assert!(KeySet::from_jwks(doc.as_bytes()).is_err());
+        let doc = format!(
+            r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","x":"{x}","key_ops":["verify"]}}]}}"#
+        );
+        assert_eq!(KeySet::from_jwks(doc.as_bytes()).unwrap().keys.len(), 1);
+    }
+}
