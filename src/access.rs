@@ -20,7 +20,7 @@ use ngx::ffi::{
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, Request};
 
 use crate::conf::{LocConf, MainConf};
-use crate::ngx_util::{header_in, no_panic};
+use crate::ngx_util::{add_header_out, header_in, no_panic};
 use crate::MeshModule;
 
 /// Seconds a client is told to wait when a provider has no keys yet.
@@ -218,7 +218,7 @@ pub unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t
 
 fn refuse(r: &mut Request, status: AuthStatus, reason: &str, realm: &str) -> ngx_int_t {
     let code = if status == AuthStatus::NoKeys {
-        r.add_header_out("Retry-After", NO_KEYS_RETRY_AFTER);
+        add_header_out(r, "Retry-After", NO_KEYS_RETRY_AFTER);
         NGX_HTTP_SERVICE_UNAVAILABLE
     } else {
         let challenge = if status == AuthStatus::Missing {
@@ -228,7 +228,7 @@ fn refuse(r: &mut Request, status: AuthStatus, reason: &str, realm: &str) -> ngx
                 "Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{reason}\""
             )
         };
-        r.add_header_out("WWW-Authenticate", &challenge);
+        add_header_out(r, "WWW-Authenticate", &challenge);
         NGX_HTTP_UNAUTHORIZED
     };
     ngx::ngx_log_error!(

@@ -6,8 +6,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use ngx::core::NGX_CONF_ERROR;
 use ngx::ffi::{
-    ngx_conf_full_name, ngx_conf_t, ngx_http_request_t, ngx_str_t, ngx_variable_value_t,
-    NGX_LOG_EMERG,
+    add_to_ngx_table, ngx_conf_full_name, ngx_conf_t, ngx_http_request_t, ngx_list_push, ngx_str_t,
+    ngx_table_elt_t, ngx_variable_value_t, NGX_LOG_EMERG,
 };
 use ngx::ngx_conf_log_error;
 
@@ -99,6 +99,30 @@ pub fn header_in<'a>(r: &'a ngx::http::Request, name: &str) -> Option<&'a [u8]> 
     r.headers_in_iterator()
         .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(name.as_bytes()))
         .map(|(_, v)| v.as_bytes())
+}
+
+/// Adds a response header (copied into the request pool).
+pub fn add_header_out(r: &mut ngx::http::Request, key: &str, value: &str) -> bool {
+    let r: &mut ngx_http_request_t = r.as_mut();
+    // SAFETY: `r` is a live request; `ngx_list_push` returns a slot in `headers_out.headers`
+    // (or NULL) that we fill completely before nginx reads it; the strings are copied into
+    // the request pool, which outlives the response.
+    unsafe {
+        let h = ngx_list_push(&mut r.headers_out.headers) as *mut ngx_table_elt_t;
+        if h.is_null() {
+            return false;
+        }
+        // From nginx 1.23 on, headers of one name are chained through `next`.
+        #[cfg(ngx_table_elt_next)]
+        {
+            (*h).next = std::ptr::null_mut();
+        }
+        if add_to_ngx_table(h, r.pool, key, value).is_none() {
+            (*h).hash = 0; // an entry with hash 0 is skipped by the header filter
+            return false;
+        }
+    }
+    true
 }
 
 /// Points a variable's value at `data`, which must outlive the request (static text, the
