@@ -8,20 +8,24 @@ use std::ffi::{c_char, c_void};
 use std::ptr::{self, NonNull};
 use std::sync::Arc;
 
+use mesh_core::gcra::{parse_rate, Gcra};
 use mesh_core::keys::{algorithm_name, parse_algorithm, Algorithm, KeySet};
+use mesh_core::policy::{parse_role, parse_rule, Effect, Pattern, RoleBinding, Rule};
 use mesh_core::token::{Provider, Requirement};
-use mesh_core::units::parse_time_secs;
+use mesh_core::units::{parse_on_off, parse_size, parse_time_secs};
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_command_t, ngx_conf_parse, ngx_conf_t, ngx_http_compile_complex_value,
-    ngx_http_compile_complex_value_t, ngx_http_complex_value_t, ngx_str_t, ngx_uint_t,
-    NGX_CONF_1MORE, NGX_CONF_BLOCK, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
+    ngx_http_compile_complex_value_t, ngx_http_complex_value_t, ngx_shared_memory_add,
+    ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_2MORE, NGX_CONF_BLOCK,
+    NGX_CONF_FLAG, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
     NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF,
 };
 use ngx::http::HttpModuleMainConf;
 use ngx::ngx_string;
 
 use crate::ngx_util::{args, conf_error, conf_msg, full_path, word, ConfPos};
+use crate::zone::{zone_init, RateZone};
 use crate::MeshModule;
 
 /// Default size of the per-worker verified-token cache (`mesh_token_cache`).
@@ -67,6 +71,41 @@ pub struct LocConf {
     pub token: Option<NonNull<ngx_http_complex_value_t>>,
     pub audience: Option<Vec<String>>,
     pub realm: Option<String>,
+    /// `mesh_role` lines of this level (http or server).
+    pub roles: Option<Arc<Vec<RoleBinding>>>,
+    /// `mesh_allow` / `mesh_deny` lines of this level, in order.
+    pub rules: Option<Arc<Vec<Rule>>>,
+    pub policy_dry_run: Option<bool>,
+    pub rate_limit: Option<Arc<RateLimit>>,
+    /// `mesh_rate_limit_caller` lines of this level, in order.
+    pub rate_callers: Option<Arc<Vec<CallerRate>>>,
+    pub rate_status: Option<u16>,
+    pub rate_headers: Option<bool>,
+    pub rate_dry_run: Option<bool>,
+}
+
+/// `mesh_rate_limit zone=NAME rate=R [burst=B] [key=VALUE];`
+pub struct RateLimit {
+    pub zone: NonNull<ngx_shm_zone_t>,
+    pub zone_name: String,
+    pub gcra: Gcra,
+    pub key: Option<NonNull<ngx_http_complex_value_t>>,
+    pos: ConfPos,
+}
+
+impl RateLimit {
+    /// This cycle's zone; set up by `mesh_rate_limit_zone` (checked when merging).
+    pub fn zone(&self) -> Option<&RateZone> {
+        // SAFETY: the shm zone entry lives in the cycle; its `data` is null or the RateZone
+        // allocated by `mesh_rate_limit_zone` in the configuration pool.
+        unsafe { ((*self.zone.as_ptr()).data as *const RateZone).as_ref() }
+    }
+}
+
+/// `mesh_rate_limit_caller PATTERN rate=R [burst=B];`
+pub struct CallerRate {
+    pub pattern: Pattern,
+    pub gcra: Gcra,
 }
 
 impl LocConf {
@@ -79,6 +118,18 @@ impl LocConf {
 
     pub fn realm(&self) -> &str {
         self.realm.as_deref().unwrap_or("mesh")
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        self.rules.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    pub fn roles(&self) -> &[RoleBinding] {
+        self.roles.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    pub fn rate_callers(&self) -> &[CallerRate] {
+        self.rate_callers.as_deref().map_or(&[], Vec::as_slice)
     }
 }
 
@@ -135,7 +186,31 @@ pub unsafe fn merge_loc_conf(
     if conf.realm.is_none() {
         conf.realm = prev.realm.clone();
     }
+    inherit(&mut conf.roles, &prev.roles);
+    inherit(&mut conf.rules, &prev.rules);
+    inherit(&mut conf.policy_dry_run, &prev.policy_dry_run);
+    inherit(&mut conf.rate_limit, &prev.rate_limit);
+    inherit(&mut conf.rate_callers, &prev.rate_callers);
+    inherit(&mut conf.rate_status, &prev.rate_status);
+    inherit(&mut conf.rate_headers, &prev.rate_headers);
+    inherit(&mut conf.rate_dry_run, &prev.rate_dry_run);
+    for rl in [&prev.rate_limit, &conf.rate_limit].into_iter().flatten() {
+        if rl.zone().is_none() {
+            let msg = format!(
+                "mesh_rate_limit: unknown zone \"{}\" (no mesh_rate_limit_zone of that name)",
+                rl.zone_name
+            );
+            return rl.pos.error(cf, &msg);
+        }
+    }
     NGX_CONF_OK
+}
+
+/// nginx's inheritance: a level that sets a directive replaces what it inherits.
+fn inherit<T: Clone>(conf: &mut Option<T>, prev: &Option<T>) {
+    if conf.is_none() {
+        conf.clone_from(prev);
+    }
 }
 
 const MSL: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
@@ -156,7 +231,7 @@ const fn command(
     }
 }
 
-pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 8] = [
+pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 18] = [
     command(
         ngx_string!("mesh_provider"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1,
@@ -197,6 +272,66 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 8] = [
         ngx_string!("mesh_realm"),
         MSL | NGX_CONF_TAKE1,
         cmd_realm,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_role"),
+        NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_CONF_2MORE,
+        cmd_role,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_allow"),
+        MSL | NGX_CONF_1MORE,
+        cmd_allow,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_deny"),
+        MSL | NGX_CONF_1MORE,
+        cmd_deny,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_policy_dry_run"),
+        MSL | NGX_CONF_FLAG,
+        cmd_policy_dry_run,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_rate_limit_zone"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE2,
+        cmd_rate_limit_zone,
+        NGX_HTTP_MAIN_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_rate_limit"),
+        MSL | NGX_CONF_1MORE,
+        cmd_rate_limit,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_rate_limit_caller"),
+        MSL | NGX_CONF_2MORE,
+        cmd_rate_limit_caller,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_rate_limit_status"),
+        MSL | NGX_CONF_TAKE1,
+        cmd_rate_limit_status,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_rate_limit_headers"),
+        MSL | NGX_CONF_FLAG,
+        cmd_rate_limit_headers,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_rate_limit_dry_run"),
+        MSL | NGX_CONF_FLAG,
+        cmd_rate_limit_dry_run,
         NGX_HTTP_LOC_CONF_OFFSET,
     ),
     ngx_command_t::empty(),
@@ -335,26 +470,35 @@ unsafe extern "C" fn cmd_token(
         if lcf.token.is_some() {
             return Err(ConfErr::Duplicate);
         }
-        // SAFETY: the complex value is allocated from the configuration pool (zeroed, as
-        // `ngx_http_compile_complex_value` expects) and compiled from this directive's word,
-        // which nginx keeps in the same pool.
-        unsafe {
-            let pool = (*cf).pool;
-            let cv = ngx::ffi::ngx_pcalloc(pool, size_of::<ngx_http_complex_value_t>())
-                as *mut ngx_http_complex_value_t;
-            let cv = NonNull::new(cv).ok_or("out of memory")?;
-            let mut value = a[1];
-            let mut ccv: ngx_http_compile_complex_value_t = std::mem::zeroed();
-            ccv.cf = cf;
-            ccv.value = &mut value;
-            ccv.complex_value = cv.as_ptr();
-            if ngx_http_compile_complex_value(&mut ccv) != 0 {
-                return Err(format!("mesh_token: invalid value \"{}\"", a[1]).into());
-            }
-            lcf.token = Some(cv);
-        }
+        lcf.token = Some(
+            compile_complex(cf, a[1])
+                .map_err(|_| format!("mesh_token: invalid value \"{}\"", a[1]))?,
+        );
         Ok(())
     })
+}
+
+/// Compiles a value that may hold variables (`$cookie_x`, `$binary_remote_addr`).
+fn compile_complex(
+    cf: *mut ngx_conf_t,
+    mut value: ngx_str_t,
+) -> Result<NonNull<ngx_http_complex_value_t>, ()> {
+    // SAFETY: the complex value is allocated zeroed from the configuration pool, as
+    // `ngx_http_compile_complex_value` expects, and compiled from a string nginx keeps in the
+    // same pool; it lives as long as the configuration.
+    unsafe {
+        let cv = ngx::ffi::ngx_pcalloc((*cf).pool, size_of::<ngx_http_complex_value_t>())
+            as *mut ngx_http_complex_value_t;
+        let cv = NonNull::new(cv).ok_or(())?;
+        let mut ccv: ngx_http_compile_complex_value_t = std::mem::zeroed();
+        ccv.cf = cf;
+        ccv.value = &mut value;
+        ccv.complex_value = cv.as_ptr();
+        if ngx_http_compile_complex_value(&mut ccv) != 0 {
+            return Err(());
+        }
+        Ok(cv)
+    }
 }
 
 unsafe extern "C" fn cmd_audience(
@@ -391,6 +535,297 @@ unsafe extern "C" fn cmd_realm(
             .into());
         }
         lcf.realm = Some(realm.to_string());
+        Ok(())
+    })
+}
+
+/// The directive as written, with where it stands: what `$mesh_rule` reports.
+fn rule_text(a: &[ngx_str_t], pos: &ConfPos) -> String {
+    let words: Vec<String> = a.iter().map(|w| w.to_string()).collect();
+    format!("{} ({}:{})", words.join(" "), pos.file, pos.line)
+}
+
+unsafe extern "C" fn cmd_role(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |lcf: &mut LocConf, a| {
+        let w = words(&a[1..])?;
+        let patterns: Vec<&str> = w[1..].iter().map(String::as_str).collect();
+        let binding = parse_role(&w[0], &patterns).map_err(|e| format!("mesh_role: {e}"))?;
+        push(&mut lcf.roles, binding);
+        Ok(())
+    })
+}
+
+/// Appends to a list that this level owns (nothing inherits it before merging).
+fn push<T>(list: &mut Option<Arc<Vec<T>>>, item: T) {
+    match list {
+        Some(v) => match Arc::get_mut(v) {
+            Some(v) => v.push(item),
+            None => unreachable!("configuration lists are only shared after merging"),
+        },
+        None => *list = Some(Arc::new(vec![item])),
+    }
+}
+
+unsafe fn rule_directive(cf: *mut ngx_conf_t, conf: *mut c_void, effect: Effect) -> *mut c_char {
+    // SAFETY: called while a directive is parsed.
+    let pos = unsafe { ConfPos::current(cf) };
+    directive(cf, conf, |lcf: &mut LocConf, a| {
+        let w = words(&a[1..])?;
+        let args: Vec<&str> = w.iter().map(String::as_str).collect();
+        let name = if effect == Effect::Allow {
+            "mesh_allow"
+        } else {
+            "mesh_deny"
+        };
+        let rule =
+            parse_rule(effect, &args, rule_text(a, &pos)).map_err(|e| format!("{name}: {e}"))?;
+        push(&mut lcf.rules, rule);
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn cmd_allow(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    rule_directive(cf, conf, Effect::Allow)
+}
+
+unsafe extern "C" fn cmd_deny(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    rule_directive(cf, conf, Effect::Deny)
+}
+
+/// `on|off` directives, worded as nginx's own flag directives are.
+fn flag(name: &str, a: &[ngx_str_t], slot: &mut Option<bool>) -> Result<(), ConfErr> {
+    if slot.is_some() {
+        return Err(ConfErr::Duplicate);
+    }
+    let v = word(&a[1])?;
+    *slot = Some(parse_on_off(v).ok_or_else(|| {
+        format!("invalid value \"{v}\" in \"{name}\" directive, it must be \"on\" or \"off\"")
+    })?);
+    Ok(())
+}
+
+unsafe extern "C" fn cmd_policy_dry_run(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |lcf: &mut LocConf, a| {
+        flag("mesh_policy_dry_run", a, &mut lcf.policy_dry_run)
+    })
+}
+
+unsafe extern "C" fn cmd_rate_limit_headers(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |lcf: &mut LocConf, a| {
+        flag("mesh_rate_limit_headers", a, &mut lcf.rate_headers)
+    })
+}
+
+unsafe extern "C" fn cmd_rate_limit_dry_run(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |lcf: &mut LocConf, a| {
+        flag("mesh_rate_limit_dry_run", a, &mut lcf.rate_dry_run)
+    })
+}
+
+unsafe extern "C" fn cmd_rate_limit_status(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |lcf: &mut LocConf, a| {
+        if lcf.rate_status.is_some() {
+            return Err(ConfErr::Duplicate);
+        }
+        let v = word(&a[1])?;
+        match v.parse::<u16>() {
+            Ok(code) if (400..=599).contains(&code) => lcf.rate_status = Some(code),
+            _ => {
+                return Err(
+                    format!("mesh_rate_limit_status: \"{v}\" must be between 400 and 599").into(),
+                )
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The smallest zone: nginx's shared-memory modules refuse less than 8 pages.
+const MIN_ZONE_SIZE: usize = 8 * 4096;
+
+unsafe extern "C" fn cmd_rate_limit_zone(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |_mcf: &mut MainConf, a| {
+        let name = word(&a[1])?.to_string();
+        let size_text = word(&a[2])?;
+        let size = parse_size(size_text).map_err(|_| {
+            format!("mesh_rate_limit_zone \"{name}\": invalid size \"{size_text}\"")
+        })?;
+        if size < MIN_ZONE_SIZE {
+            return Err(format!(
+                "mesh_rate_limit_zone \"{name}\": size \"{size_text}\" is too small, at least 32k"
+            )
+            .into());
+        }
+        let zone = shared_zone(cf, a[1], size)?;
+        // SAFETY: `zone` is nginx's entry for this name; `data` is ours to set once.
+        unsafe {
+            if !(*zone).data.is_null() {
+                return Err(format!("mesh_rate_limit_zone \"{name}\" is defined twice").into());
+            }
+            let p = ngx::core::Pool::from_ngx_pool((*cf).pool).allocate(RateZone::new(name));
+            if p.is_null() {
+                return Err("out of memory".into());
+            }
+            (*zone).data = p.cast();
+            (*zone).init = Some(zone_init);
+        }
+        Ok(())
+    })
+}
+
+/// nginx's shared-memory entry for a zone name (`size` 0: a reference, sized by its definition).
+fn shared_zone(
+    cf: *mut ngx_conf_t,
+    name: ngx_str_t,
+    size: usize,
+) -> Result<*mut ngx_shm_zone_t, String> {
+    let mut name = name;
+    // SAFETY: the tag is this module's static descriptor, so nginx refuses a zone of the same
+    // name declared by another module.
+    let zone = unsafe {
+        ngx_shared_memory_add(
+            cf,
+            &mut name,
+            size,
+            ptr::addr_of_mut!(crate::ngx_http_mesh_module).cast(),
+        )
+    };
+    if zone.is_null() {
+        return Err(format!("mesh_rate_limit_zone \"{name}\" cannot be created"));
+    }
+    Ok(zone)
+}
+
+/// `rate=R` and `burst=B` of `mesh_rate_limit` and `mesh_rate_limit_caller`.
+fn gcra_of(rate: Option<&str>, burst: Option<&str>) -> Result<Gcra, String> {
+    let rate = rate.ok_or("\"rate=\" is required")?;
+    let rate = parse_rate(rate).map_err(|e| format!("invalid rate \"{rate}\": {e}"))?;
+    let burst = match burst {
+        None => 0,
+        Some(b) => b
+            .parse::<u64>()
+            .ok()
+            .filter(|&b| b <= 1_000_000)
+            .ok_or_else(|| format!("invalid burst \"{b}\""))?,
+    };
+    Ok(Gcra::new(rate, burst))
+}
+
+unsafe extern "C" fn cmd_rate_limit(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: called while a directive is parsed.
+    let pos = unsafe { ConfPos::current(cf) };
+    directive(cf, conf, |lcf: &mut LocConf, a| {
+        if lcf.rate_limit.is_some() {
+            return Err(ConfErr::Duplicate);
+        }
+        let (mut zone, mut rate, mut burst, mut key) = (None, None, None, None);
+        for w in &a[1..] {
+            let text = word(w)?;
+            let (k, v) = text.split_once('=').unwrap_or((text, ""));
+            let slot = match k {
+                "zone" => &mut zone,
+                "rate" => &mut rate,
+                "burst" => &mut burst,
+                "key" => &mut key,
+                _ => return Err(format!("mesh_rate_limit: invalid parameter \"{text}\"").into()),
+            };
+            if v.is_empty() || slot.replace((v, *w)).is_some() {
+                return Err(format!("mesh_rate_limit: invalid parameter \"{text}\"").into());
+            }
+        }
+        let (zone_name, zone_word) = zone.ok_or("mesh_rate_limit: \"zone=\" is required")?;
+        let gcra = gcra_of(rate.map(|r| r.0), burst.map(|b| b.0))
+            .map_err(|e| format!("mesh_rate_limit: {e}"))?;
+        let key = match key {
+            None => None,
+            Some((text, w)) => {
+                let skip = w.len - text.len();
+                let value = ngx_str_t {
+                    len: text.len(),
+                    data: unsafe { w.data.add(skip) },
+                };
+                Some(
+                    compile_complex(cf, value)
+                        .map_err(|_| format!("mesh_rate_limit: invalid key \"{text}\""))?,
+                )
+            }
+        };
+        let name_value = {
+            let skip = zone_word.len - zone_name.len();
+            ngx_str_t {
+                len: zone_name.len(),
+                data: unsafe { zone_word.data.add(skip) },
+            }
+        };
+        let zone = shared_zone(cf, name_value, 0)?;
+        lcf.rate_limit = Some(Arc::new(RateLimit {
+            // SAFETY of unwrap: `shared_zone` never returns null.
+            zone: NonNull::new(zone).ok_or("out of memory")?,
+            zone_name: zone_name.to_string(),
+            gcra,
+            key,
+            pos: pos.clone(),
+        }));
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn cmd_rate_limit_caller(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |lcf: &mut LocConf, a| {
+        let w = words(&a[1..])?;
+        let pattern = Pattern::parse(&w[0]).map_err(|e| format!("mesh_rate_limit_caller: {e}"))?;
+        let (mut rate, mut burst) = (None, None);
+        for p in &w[1..] {
+            match p.split_once('=') {
+                Some(("rate", v)) if rate.is_none() => rate = Some(v),
+                Some(("burst", v)) if burst.is_none() => burst = Some(v),
+                _ => {
+                    return Err(format!("mesh_rate_limit_caller: invalid parameter \"{p}\"").into())
+                }
+            }
+        }
+        let gcra = gcra_of(rate, burst).map_err(|e| format!("mesh_rate_limit_caller: {e}"))?;
+        push(&mut lcf.rate_callers, CallerRate { pattern, gcra });
         Ok(())
     })
 }

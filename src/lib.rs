@@ -23,6 +23,7 @@ mod access;
 mod conf;
 mod ngx_util;
 mod variables;
+mod zone;
 
 use conf::{LocConf, MainConf};
 

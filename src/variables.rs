@@ -2,12 +2,13 @@
 //! they work in any phase: `map`, `log_format`, `limit_req_zone`, `proxy_set_header`,
 //! `add_header`.
 
+use mesh_core::policy::roles_of;
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_conf_t, ngx_http_add_variable, ngx_http_get_variable_pt, ngx_http_request_t, ngx_int_t,
     ngx_str_t, ngx_uint_t, ngx_variable_value_t, NGX_HTTP_VAR_NOCACHEABLE, NGX_HTTP_VAR_PREFIX,
 };
-use ngx::http::{HttpModuleMainConf, Request};
+use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, Request};
 use ngx::ngx_string;
 
 use crate::access::{request_ctx, RequestCtx};
@@ -43,11 +44,21 @@ pub unsafe fn register(cf: *mut ngx_conf_t) -> Result<(), ()> {
             get: Some(var_auth_status),
             flags: 0,
         },
-        // The decision can still change after the variable was first read (a later issue
-        // adds RBAC and rate limits after identity), so it is never cached.
+        // The decision and the rule are made in the access phase, possibly after the
+        // variable was first read, so they are never cached.
         Var {
             name: ngx_string!("mesh_decision"),
             get: Some(var_decision),
+            flags: NGX_HTTP_VAR_NOCACHEABLE,
+        },
+        Var {
+            name: ngx_string!("mesh_roles"),
+            get: Some(var_roles),
+            flags: 0,
+        },
+        Var {
+            name: ngx_string!("mesh_rule"),
+            get: Some(var_rule),
             flags: NGX_HTTP_VAR_NOCACHEABLE,
         },
         Var {
@@ -101,10 +112,10 @@ unsafe extern "C" fn var_caller(
     v: *mut ngx_variable_value_t,
     _data: usize,
 ) -> ngx_int_t {
-    // The principal lives in the context's `Verified`, owned by the request pool.
-    with_ctx(r, v, |_, ctx, v| {
-        set_var(v, ctx.caller().as_bytes());
-        true
+    // Copied: the context may be re-identified after an internal redirect, while nginx
+    // keeps cached variable values.
+    with_ctx(r, v, |raw, ctx, v| {
+        set_var_copy(raw, v, ctx.caller().as_bytes())
     })
 }
 
@@ -113,9 +124,8 @@ unsafe extern "C" fn var_provider(
     v: *mut ngx_variable_value_t,
     _data: usize,
 ) -> ngx_int_t {
-    with_ctx(r, v, |_, ctx, v| {
-        set_var(v, ctx.provider().as_bytes());
-        true
+    with_ctx(r, v, |raw, ctx, v| {
+        set_var_copy(raw, v, ctx.provider().as_bytes())
     })
 }
 
@@ -139,6 +149,39 @@ unsafe extern "C" fn var_decision(
         set_var(v, ctx.decision().map_or("", |d| d.as_str()).as_bytes());
         v.set_no_cacheable(1);
         true
+    })
+}
+
+unsafe extern "C" fn var_roles(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    _data: usize,
+) -> ngx_int_t {
+    with_ctx(r, v, |raw, ctx, v| {
+        // SAFETY: a live request's location configuration.
+        let req = unsafe { Request::from_ngx_http_request(raw as *const _ as *mut _) };
+        let roles = match MeshModule::location_conf(req) {
+            Some(lcf) => roles_of(
+                lcf.roles(),
+                ctx.verified.as_ref().map(|v| v.principal.as_str()),
+                ctx.verified.as_ref().map(|v| &v.claims),
+            )
+            .join(","),
+            None => String::new(),
+        };
+        set_var_copy(raw, v, roles.as_bytes())
+    })
+}
+
+unsafe extern "C" fn var_rule(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    _data: usize,
+) -> ngx_int_t {
+    with_ctx(r, v, |raw, ctx, v| {
+        let ok = set_var_copy(raw, v, ctx.rule.as_bytes());
+        v.set_no_cacheable(1);
+        ok
     })
 }
 

@@ -5,12 +5,18 @@
 //! * [`token`]: JWT verification (RFC 7515, 7519, 8725);
 //! * [`extract`]: `Authorization: Bearer` parsing;
 //! * [`cache`]: per-worker cache of verified tokens;
+//! * [`policy`]: RBAC patterns, `mesh_role` bindings, `mesh_allow`/`mesh_deny` rules;
+//! * [`gcra`]: `rate=` parsing, GCRA (`limit_req ... nodelay` semantics), `RateLimit` headers;
+//! * [`ratetable`]: per-key rate state as plain data for nginx shared memory;
 //! * [`units`]: nginx time/size/flag syntax.
 #![forbid(unsafe_code)]
 
 pub mod cache;
 pub mod extract;
+pub mod gcra;
 pub mod keys;
+pub mod policy;
+pub mod ratetable;
 pub mod status;
 pub mod token;
 pub mod units;

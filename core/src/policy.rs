@@ -1,0 +1,393 @@
+//! Authorization (RBAC): caller patterns, `mesh_role` bindings and
+//! `mesh_allow`/`mesh_deny` rules.
+//!
+//! A PATTERN is one of
+//!
+//! * `any`: any verified caller;
+//! * `anonymous`: no token (under `mesh_auth optional`);
+//! * `role:NAME`: a caller bound to role NAME by `mesh_role`;
+//! * `claim:PATH=VALUE`: a verified caller whose claims satisfy PATH=VALUE,
+//!   matched exactly as the providers' `require` lines
+//!   ([`Requirement::holds`]);
+//! * `~REGEX`: a principal matching REGEX (unanchored, as nginx's regexes:
+//!   anchor with `^...$`); `~*REGEX` is the case-insensitive form, as in
+//!   nginx's `map` and `location`;
+//! * anything else: a principal, exactly (case-sensitive), where `*` matches
+//!   any run of characters, including none (`*@shop.iam.gserviceaccount.com`,
+//!   `batch-*`). No other character is special.
+//!
+//! Rules are read in order and the first that matches decides ([`decide`]).
+
+use std::fmt;
+
+use regex::Regex;
+use serde_json::{Map, Value};
+
+use crate::token::Requirement;
+
+/// Who is asking: what the patterns are matched against.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller<'a> {
+    /// The verified principal; `None` for an anonymous request.
+    pub principal: Option<&'a str>,
+    /// The verified claims; `None` for an anonymous request.
+    pub claims: Option<&'a Map<String, Value>>,
+    /// The caller's roles (see [`roles_of`]).
+    pub roles: &'a [String],
+}
+
+impl<'a> Caller<'a> {
+    /// An anonymous caller (no token).
+    pub fn anonymous() -> Caller<'a> {
+        Caller {
+            principal: None,
+            claims: None,
+            roles: &[],
+        }
+    }
+}
+
+/// One PATTERN of `mesh_role`, `mesh_allow`, `mesh_deny` (and
+/// `mesh_rate_limit_caller`).
+#[derive(Clone, Debug)]
+pub enum Pattern {
+    /// `any`: any verified caller.
+    Any,
+    /// `anonymous`: no token.
+    Anonymous,
+    /// `role:NAME`.
+    Role(String),
+    /// `claim:PATH=VALUE`.
+    Claim(Requirement),
+    /// `~REGEX` (or `~*REGEX`, compiled as `(?i)REGEX`), on the principal.
+    Regex(Regex),
+    /// A principal, exactly or as a `*` glob.
+    Principal(String),
+}
+
+impl Pattern {
+    /// Parse a PATTERN as written in the configuration.
+    pub fn parse(s: &str) -> Result<Pattern, String> {
+        match s {
+            "" => return Err("empty pattern".to_owned()),
+            "any" => return Ok(Pattern::Any),
+            "anonymous" => return Ok(Pattern::Anonymous),
+            _ => {}
+        }
+        if let Some(name) = s.strip_prefix("role:") {
+            check_role_name(name).map_err(|e| format!("\"{s}\": {e}"))?;
+            return Ok(Pattern::Role(name.to_owned()));
+        }
+        if let Some(req) = s.strip_prefix("claim:") {
+            return Requirement::parse(req)
+                .map(Pattern::Claim)
+                .map_err(|e| format!("\"{s}\": bad claim pattern: {e}"));
+        }
+        if let Some(re) = s.strip_prefix('~') {
+            let (re, source) = match re.strip_prefix('*') {
+                Some(rest) => (rest, format!("(?i){rest}")),
+                None => (re, re.to_owned()),
+            };
+            if re.is_empty() {
+                return Err(format!("\"{s}\": empty regular expression"));
+            }
+            return Regex::new(&source)
+                .map(Pattern::Regex)
+                .map_err(|e| format!("\"{s}\": invalid regular expression: {e}"));
+        }
+        if s.chars().any(char::is_control) {
+            return Err(format!(
+                "\"{}\": control character in pattern",
+                s.escape_debug()
+            ));
+        }
+        Ok(Pattern::Principal(s.to_owned()))
+    }
+
+    /// Whether the caller matches. `any` and principal patterns need a
+    /// principal, `claim:` needs claims, `role:` looks at `caller.roles`.
+    pub fn matches(&self, caller: &Caller) -> bool {
+        match self {
+            Pattern::Any => caller.principal.is_some(),
+            Pattern::Anonymous => caller.principal.is_none(),
+            Pattern::Role(name) => caller.roles.iter().any(|r| r == name),
+            Pattern::Claim(req) => caller.claims.is_some_and(|c| req.holds(c)),
+            Pattern::Regex(re) => caller.principal.is_some_and(|p| re.is_match(p)),
+            Pattern::Principal(glob) => caller.principal.is_some_and(|p| glob_match(glob, p)),
+        }
+    }
+}
+
+impl fmt::Display for Pattern {
+    /// The pattern as written (`~*RE` shows as `~(?i)RE`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Pattern::Any => f.write_str("any"),
+            Pattern::Anonymous => f.write_str("anonymous"),
+            Pattern::Role(name) => write!(f, "role:{name}"),
+            Pattern::Claim(req) => write!(f, "claim:{}={}", req.path_text(), req.value),
+            Pattern::Regex(re) => write!(f, "~{}", re.as_str()),
+            Pattern::Principal(p) => f.write_str(p),
+        }
+    }
+}
+
+/// Role names end up in `$mesh_roles` (comma-separated): non-empty, no
+/// comma, no whitespace or control characters.
+fn check_role_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("empty role name".to_owned());
+    }
+    if name
+        .chars()
+        .any(|c| c == ',' || c.is_whitespace() || c.is_control())
+    {
+        return Err("a role name may not contain ',', spaces or control characters".to_owned());
+    }
+    Ok(())
+}
+
+/// `*` matches any run of bytes (including none); every other byte matches
+/// itself. Matching whole UTF-8 literals only ever splits the text at
+/// character boundaries, so bytes are enough. Linear backtracking on the last
+/// `*` (at most `glob.len() * text.len()` steps).
+fn glob_match(glob: &str, text: &str) -> bool {
+    let (g, t) = (glob.as_bytes(), text.as_bytes());
+    let (mut gi, mut ti) = (0, 0);
+    // Position of the last `*` seen in the glob, and where in the text it
+    // currently ends.
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if gi < g.len() && g[gi] == b'*' {
+            star = Some((gi, ti));
+            gi += 1;
+        } else if gi < g.len() && g[gi] == t[ti] {
+            gi += 1;
+            ti += 1;
+        } else if let Some((sg, st)) = star {
+            // Let that `*` swallow one more byte.
+            star = Some((sg, st + 1));
+            gi = sg + 1;
+            ti = st + 1;
+        } else {
+            return false;
+        }
+    }
+    g[gi..].iter().all(|&b| b == b'*')
+}
+
+/// `mesh_role NAME PATTERN ...;`.
+#[derive(Clone, Debug)]
+pub struct RoleBinding {
+    pub name: String,
+    pub patterns: Vec<Pattern>,
+}
+
+/// Parse `mesh_role NAME PATTERN ...`: at least one pattern; `role:` (roles
+/// do not nest) and `anonymous` (anonymous callers have no roles) are refused.
+pub fn parse_role(name: &str, patterns: &[&str]) -> Result<RoleBinding, String> {
+    check_role_name(name).map_err(|e| format!("role \"{name}\": {e}"))?;
+    if patterns.is_empty() {
+        return Err(format!("role \"{name}\": no pattern"));
+    }
+    let mut parsed = Vec::with_capacity(patterns.len());
+    for s in patterns {
+        match Pattern::parse(s)? {
+            Pattern::Role(_) => {
+                return Err(format!(
+                    "\"{s}\": a role cannot be bound to a role (roles do not nest)"
+                ))
+            }
+            Pattern::Anonymous => {
+                return Err(format!("\"{s}\": anonymous callers cannot have roles"))
+            }
+            p => parsed.push(p),
+        }
+    }
+    Ok(RoleBinding {
+        name: name.to_owned(),
+        patterns: parsed,
+    })
+}
+
+/// The roles of a caller: the name of every binding (in order, each name
+/// once) with a pattern matching the caller. `role:` patterns cannot occur
+/// in bindings, so the caller is matched with no roles.
+pub fn roles_of(
+    bindings: &[RoleBinding],
+    principal: Option<&str>,
+    claims: Option<&Map<String, Value>>,
+) -> Vec<String> {
+    let caller = Caller {
+        principal,
+        claims,
+        roles: &[],
+    };
+    let mut roles: Vec<String> = Vec::new();
+    for b in bindings {
+        if !roles.contains(&b.name) && b.patterns.iter().any(|p| p.matches(&caller)) {
+            roles.push(b.name.clone());
+        }
+    }
+    roles
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+impl Effect {
+    /// The directive: `mesh_allow` or `mesh_deny`.
+    pub fn directive(self) -> &'static str {
+        match self {
+            Effect::Allow => "mesh_allow",
+            Effect::Deny => "mesh_deny",
+        }
+    }
+}
+
+/// A `mesh_allow` or `mesh_deny` line.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub effect: Effect,
+    /// Any of these (at least one).
+    pub patterns: Vec<Pattern>,
+    /// `methods=`: the rule applies to these methods only; `None`: to all.
+    pub methods: Option<Vec<String>>,
+    /// The rule as written, with its file:line (`$mesh_rule`).
+    pub text: String,
+}
+
+const METHODS_PREFIX: &str = "methods=";
+
+/// Parse the arguments of `mesh_allow`/`mesh_deny`: one or more patterns and
+/// at most one `methods=M,...` argument (anywhere; conventionally last).
+/// Methods are upper-case tokens (`A`-`Z`, `-`, `_`), compared exactly: `GET`
+/// does not imply `HEAD`. `text` is kept as the rule's description.
+pub fn parse_rule(effect: Effect, args: &[&str], text: String) -> Result<Rule, String> {
+    let mut patterns = Vec::with_capacity(args.len());
+    let mut methods: Option<Vec<String>> = None;
+    for arg in args {
+        if let Some(list) = arg.strip_prefix(METHODS_PREFIX) {
+            if methods.is_some() {
+                return Err(format!("\"{arg}\": methods= given twice"));
+            }
+            methods = Some(parse_methods(list).map_err(|e| format!("\"{arg}\": {e}"))?);
+        } else {
+            patterns.push(Pattern::parse(arg)?);
+        }
+    }
+    if patterns.is_empty() {
+        return Err(format!("{}: no pattern", effect.directive()));
+    }
+    Ok(Rule {
+        effect,
+        patterns,
+        methods,
+        text,
+    })
+}
+
+fn parse_methods(list: &str) -> Result<Vec<String>, String> {
+    if list.is_empty() {
+        return Err("empty method list".to_owned());
+    }
+    let mut methods: Vec<String> = Vec::new();
+    for m in list.split(',') {
+        if m.is_empty() {
+            return Err("empty method in the list".to_owned());
+        }
+        if !m
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "invalid method \"{}\" (upper-case, like GET or POST)",
+                m.escape_debug()
+            ));
+        }
+        if !methods.iter().any(|x| x == m) {
+            methods.push(m.to_owned());
+        }
+    }
+    Ok(methods)
+}
+
+impl Rule {
+    /// Whether this rule applies: the method is listed (or no `methods=`),
+    /// and any pattern matches the caller.
+    pub fn matches(&self, caller: &Caller, method: &str) -> bool {
+        self.methods
+            .as_ref()
+            .is_none_or(|ms| ms.iter().any(|m| m == method))
+            && self.patterns.iter().any(|p| p.matches(caller))
+    }
+}
+
+/// The result of [`decide`].
+#[derive(Clone, Copy, Debug)]
+pub enum Verdict<'a> {
+    /// No rules in this scope: any verified caller passes (the caller of
+    /// [`decide`] applies that).
+    NoRules,
+    /// The first matching rule is a `mesh_allow`.
+    Allowed(&'a Rule),
+    /// The first matching rule is a `mesh_deny`.
+    Denied(&'a Rule),
+    /// Rules, none matching: 403.
+    NoMatch,
+}
+
+/// The first matching rule decides.
+pub fn decide<'a>(rules: &'a [Rule], caller: &Caller, method: &str) -> Verdict<'a> {
+    if rules.is_empty() {
+        return Verdict::NoRules;
+    }
+    match rules.iter().find(|r| r.matches(caller, method)) {
+        Some(r) if r.effect == Effect::Allow => Verdict::Allowed(r),
+        Some(r) => Verdict::Denied(r),
+        None => Verdict::NoMatch,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("", ""));
+        assert!(!glob_match("", "a"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("**", "x"));
+        assert!(glob_match("a*", "a"));
+        assert!(glob_match("a*b*c", "abc"));
+        assert!(glob_match("a*b*c", "aXbYbZc"));
+        assert!(!glob_match("a*b*c", "aXbYbZ"));
+        assert!(glob_match("*@x.com", "me@x.com"));
+        assert!(glob_match("*@x.com", "@x.com"));
+        assert!(!glob_match("*@x.com", "me@x.com.evil"));
+        assert!(!glob_match("*@x.com", "me@xxcom"));
+        assert!(glob_match("batch-*", "batch-"));
+        assert!(!glob_match("batch-*", "batch"));
+        assert!(glob_match("*ab", "aab"));
+        assert!(glob_match("é*ü", "éaü"));
+        assert!(!glob_match("a?c", "abc"));
+        assert!(glob_match("a?c", "a?c"));
+        // Pathological: still fast.
+        let text = "a".repeat(10_000);
+        assert!(!glob_match(&format!("{}b", "*a".repeat(50)), &text));
+    }
+
+    #[test]
+    fn role_names() {
+        assert!(check_role_name("writers").is_ok());
+        assert!(check_role_name("orders:write").is_ok());
+        for bad in ["", "a,b", "a b", "a\tb", "a\u{7f}"] {
+            assert!(check_role_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

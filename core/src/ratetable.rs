@@ -1,0 +1,168 @@
+//! Fixed-size per-key rate state, for nginx shared memory.
+//!
+//! The nginx shell places a `[Slot]` array in a shared memory zone (seen by
+//! all workers), takes the zone's mutex, and calls [`check`] on the slice.
+//! A [`Slot`] is plain data: `#[repr(C)]`, `Copy`, no pointers, and all
+//! zeros is an empty slot, so a zero-filled zone is a valid empty table.
+//!
+//! The table is set-associative: a key lives in one bucket of [`WAYS`]
+//! slots, chosen by its hash. When the bucket is full, a slot whose state has
+//! run out (its TAT is not after `now`, so dropping it loses nothing) is
+//! reused first, then the longest-idle one is evicted.
+
+use sha2::{Digest, Sha256};
+
+use crate::gcra::{Gcra, Outcome};
+
+/// One key's state: 32 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// 128-bit hash of the key ([`key_hash`]); `[0, 0]` = empty.
+    pub key: [u64; 2],
+    /// The GCRA theoretical arrival time, µs.
+    pub tat: u64,
+    /// Last use, µs.
+    pub last: u64,
+}
+
+impl Slot {
+    pub fn is_empty(&self) -> bool {
+        self.key == EMPTY
+    }
+}
+
+/// Slots per bucket.
+pub const WAYS: usize = 8;
+
+const EMPTY: [u64; 2] = [0, 0];
+
+/// Counters the shell may keep next to the slots (plain data too).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// Live keys evicted to make room (the `bool` of [`check`]).
+    pub evictions: u64,
+}
+
+/// The 128-bit key of `key` in a zone: the first 16 bytes of
+/// SHA-256(len(salt) as u64 LE, salt, key), as two little-endian `u64`s;
+/// never `[0, 0]` (which marks an empty slot; mapped to `[0, 1]`).
+pub fn key_hash(zone_salt: &[u8], key: &[u8]) -> [u64; 2] {
+    let mut h = Sha256::new();
+    h.update((zone_salt.len() as u64).to_le_bytes());
+    h.update(zone_salt);
+    h.update(key);
+    let d = h.finalize();
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    a.copy_from_slice(&d[0..8]);
+    b.copy_from_slice(&d[8..16]);
+    nonzero([u64::from_le_bytes(a), u64::from_le_bytes(b)])
+}
+
+fn nonzero(key: [u64; 2]) -> [u64; 2] {
+    if key == EMPTY {
+        [0, 1]
+    } else {
+        key
+    }
+}
+
+/// The bucket of `key`: `slots.len() / WAYS` buckets of `WAYS` slots (the
+/// `len % WAYS` slots at the end are unused); fewer than `WAYS` slots make
+/// one bucket.
+fn bucket(slots: &mut [Slot], key: [u64; 2]) -> &mut [Slot] {
+    let nbuckets = slots.len() / WAYS;
+    if nbuckets == 0 {
+        return slots;
+    }
+    // The remainder is < nbuckets, which is a usize.
+    let b = (key[0] % nbuckets as u64) as usize;
+    &mut slots[b * WAYS..(b + 1) * WAYS]
+}
+
+/// Which slot of the bucket serves `key` at `now`: its own; else an empty
+/// one; else one whose state has run out (`tat <= now`); else the one idle
+/// the longest (smallest `last`). `None` only for an empty bucket.
+fn pick(bucket: &[Slot], key: [u64; 2], now: u64) -> Option<usize> {
+    bucket
+        .iter()
+        .position(|s| s.key == key)
+        .or_else(|| bucket.iter().position(Slot::is_empty))
+        .or_else(|| bucket.iter().position(|s| s.tat <= now))
+        .or_else(|| {
+            bucket
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, s)| s.last)
+                .map(|(i, _)| i)
+        })
+}
+
+/// Check one request for `key` at `now` against the table, and record it.
+///
+/// Returns the outcome and whether a key with live state (`tat > now`) was
+/// evicted for this one. An allowed request stores its new TAT; a refused
+/// one leaves the TAT as it was. `last` and the key are always updated.
+/// With no slots, every request is allowed and nothing is kept.
+///
+/// `dry_run` does not change the accounting, as nginx's
+/// `limit_req_dry_run`: allowed requests advance the TAT, refused ones
+/// (which the shell lets through and reports as `would_rate_limit`) do not,
+/// so the dry run refuses exactly what enforcement would.
+pub fn check(
+    slots: &mut [Slot],
+    key: [u64; 2],
+    gcra: &Gcra,
+    now: u64,
+    dry_run: bool,
+) -> (Outcome, bool) {
+    let _ = dry_run;
+    let key = nonzero(key);
+    let bucket = bucket(slots, key);
+    let slot = match pick(bucket, key, now).and_then(|i| bucket.get_mut(i)) {
+        Some(s) => s,
+        None => return (gcra.check(0, now), false),
+    };
+    let (tat, evicted) = if slot.key == key {
+        (slot.tat, false)
+    } else {
+        (0, !slot.is_empty() && slot.tat > now)
+    };
+    let outcome = gcra.check(tat, now);
+    // Refused: `new_tat` is `tat` (or, after a clock step back, lower), so
+    // storing it never advances the state.
+    slot.tat = outcome.new_tat;
+    slot.key = key;
+    slot.last = now;
+    (outcome, evicted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_layout() {
+        assert_eq!(std::mem::size_of::<Slot>(), 32);
+        assert_eq!(std::mem::align_of::<Slot>(), 8);
+        assert!(Slot::default().is_empty());
+    }
+
+    #[test]
+    fn buckets() {
+        let mut slots = [Slot::default(); 20];
+        // 2 buckets of 8; slots 16..20 unused.
+        assert_eq!(bucket(&mut slots, [3, 0]).len(), WAYS);
+        let base = slots.as_ptr() as usize;
+        let b1 = bucket(&mut slots, [3, 0]).as_ptr() as usize;
+        assert_eq!((b1 - base) / std::mem::size_of::<Slot>(), 8);
+        let b0 = bucket(&mut slots, [4, 0]).as_ptr() as usize;
+        assert_eq!(b0, base);
+        let mut few = [Slot::default(); 3];
+        assert_eq!(bucket(&mut few, [7, 7]).len(), 3);
+        let mut none: [Slot; 0] = [];
+        assert!(pick(bucket(&mut none, [1, 1]), [1, 1], 0).is_none());
+    }
+}

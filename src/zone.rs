@@ -1,0 +1,135 @@
+//! `mesh_rate_limit_zone`: per-key rate-limit state in nginx shared memory, seen by every
+//! worker.
+//!
+//! The zone holds one fixed array of `ratetable::Slot`s (plain data, valid when zeroed),
+//! allocated from the zone's slab pool when the zone is first created and found again on
+//! `nginx -s reload` when the zone keeps its name and size (nginx then hands us the same
+//! memory). All access goes through the zone's own shared mutex; the logic on the slots is
+//! the pure `mesh_core::ratetable`.
+
+use std::ffi::c_void;
+use std::ptr;
+
+use mesh_core::gcra::{Gcra, Outcome};
+use mesh_core::ratetable::{self, Slot};
+use ngx::core::Status;
+use ngx::ffi::{
+    ngx_int_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t,
+    NGX_LOG_EMERG, NGX_LOG_INFO,
+};
+
+/// What `shm_zone->data` points at: this cycle's view of the zone (in the configuration pool).
+pub struct RateZone {
+    pub name: String,
+    shpool: *mut ngx_slab_pool_t,
+    table: *mut Table,
+}
+
+/// The start of the allocation in shared memory: how many slots follow.
+#[repr(C)]
+struct Table {
+    nslots: usize,
+    evictions: u64,
+    // `nslots` slots follow.
+}
+
+impl RateZone {
+    pub fn new(name: String) -> RateZone {
+        RateZone {
+            name,
+            shpool: ptr::null_mut(),
+            table: ptr::null_mut(),
+        }
+    }
+
+    /// Applies one request to `key`'s state. `None` if the zone is not ready (cannot happen
+    /// after a successful start; treated as "not limited" by the caller).
+    pub fn check(&self, key: [u64; 2], gcra: &Gcra, now: u64, dry_run: bool) -> Option<Outcome> {
+        if self.table.is_null() || self.shpool.is_null() {
+            return None;
+        }
+        // SAFETY: `table` points at a `Table` header followed by `nslots` zero-initialised
+        // slots inside the shared zone, which lives as long as the cycle. Every worker takes
+        // the zone's shared mutex around any access, so this is the only live reference.
+        unsafe {
+            ngx_shmtx_lock(&mut (*self.shpool).mutex);
+            let t = &mut *self.table;
+            let slots = std::slice::from_raw_parts_mut(
+                (self.table as *mut u8).add(size_of::<Table>()) as *mut Slot,
+                t.nslots,
+            );
+            let (outcome, evicted) = ratetable::check(slots, key, gcra, now, dry_run);
+            if evicted {
+                t.evictions += 1;
+            }
+            ngx_shmtx_unlock(&mut (*self.shpool).mutex);
+            Some(outcome)
+        }
+    }
+}
+
+/// `shm_zone->init`: called in the master for every (re)started cycle.
+///
+/// # Safety
+/// nginx calls this with the zone and, on reload of a reused zone, the previous cycle's
+/// `RateZone` (which is still alive at that point).
+pub unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
+    // SAFETY: see the function's contract; `shm.addr` starts with the zone's slab pool, which
+    // nginx initialised before calling us.
+    unsafe {
+        let zone = &mut *((*shm_zone).data as *mut RateZone);
+        let shpool = (*shm_zone).shm.addr as *mut ngx_slab_pool_t;
+        zone.shpool = shpool;
+        if !data.is_null() {
+            // Reload with the same size: the memory, and the state in it, is kept.
+            let old = &*(data as *const RateZone);
+            zone.table = old.table;
+            return Status::NGX_OK.into();
+        }
+        if (*shm_zone).shm.exists != 0 {
+            zone.table = (*shpool).data as *mut Table;
+            return Status::NGX_OK.into();
+        }
+        // A new zone: take all the free pages for one table. The slab allocator logs a
+        // failure at `crit`; we size the request to fit, and silence it while trying.
+        let pagesize = ngx::ffi::ngx_pagesize;
+        let mut bytes = (*shpool).pfree * pagesize;
+        (*shpool).set_log_nomem(0);
+        let mut table: *mut Table = ptr::null_mut();
+        while bytes >= size_of::<Table>() + size_of::<Slot>() * ratetable::WAYS {
+            table = ngx_slab_alloc(shpool, bytes) as *mut Table;
+            if !table.is_null() {
+                break;
+            }
+            bytes -= pagesize;
+        }
+        (*shpool).set_log_nomem(1);
+        if table.is_null() {
+            ngx::ngx_log_error!(
+                NGX_LOG_EMERG,
+                (*shm_zone).shm.log,
+                "mesh_rate_limit_zone \"{}\" is too small",
+                zone.name
+            );
+            return Status::NGX_ERROR.into();
+        }
+        let nslots = (bytes - size_of::<Table>()) / size_of::<Slot>();
+        // Zero the slots: an all-zero slot is an empty one.
+        ptr::write_bytes(
+            table as *mut u8,
+            0,
+            size_of::<Table>() + nslots * size_of::<Slot>(),
+        );
+        (*table).nslots = nslots;
+        (*shpool).data = table.cast();
+        zone.table = table;
+        ngx::ngx_log_error!(
+            NGX_LOG_INFO,
+            (*shm_zone).shm.log,
+            "mesh_rate_limit_zone \"{}\": {} keys",
+            zone.name,
+            nslots
+        );
+        Status::NGX_OK.into()
+    }
+}
