@@ -1,0 +1,257 @@
+"""Running nginx (with or without the module) from an `http {}` body in a private directory."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .client import free_port, wait_for_port
+
+REPO = Path(__file__).resolve().parents[2]
+NGINX_BIN = os.environ.get("NGINX_BIN", "/usr/sbin/nginx")
+MESH_MODULE = os.path.abspath(os.environ.get("MESH_MODULE", str(REPO / "target/release/ngx_http_mesh_module.so")))
+MESH_WORKERS = int(os.environ.get("MESH_WORKERS", "1"))
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+
+# Lines that must never appear in error.log.
+FATAL_PATTERNS = [re.compile(r"exited on signal"), re.compile(r"\[alert\]"), re.compile(r"\[crit\]")]
+
+
+def make_private_dir(prefix: str) -> Path:
+    """A temp dir that nginx's unprivileged workers can traverse (pytest's base dir is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(path, 0o755)
+    return path
+
+
+def render(
+    http_body: str,
+    tmp: Path,
+    *,
+    port: int,
+    upstream: str,
+    keys: Path,
+    workers: int | None = None,
+    with_module: bool = True,
+) -> str:
+    """The whole nginx.conf. Placeholders in http_body: @PORT@ @UPSTREAM@ @KEYS@ @TMP@."""
+    body = (
+        http_body.replace("@PORT@", str(port))
+        .replace("@UPSTREAM@", upstream)
+        .replace("@KEYS@", str(keys))
+        .replace("@TMP@", str(tmp))
+    )
+    lines = []
+    if with_module:
+        lines.append(f"load_module {MESH_MODULE};")
+    lines += [
+        f"worker_processes {workers or MESH_WORKERS};",
+        f"error_log {tmp}/error.log info;",
+        f"pid {tmp}/nginx.pid;",
+        "events { worker_connections 256; }",
+        "http {",
+        f"    access_log {tmp}/access.log;",
+        f"    client_body_temp_path {tmp}/client_body_temp;",
+        f"    proxy_temp_path {tmp}/proxy_temp;",
+        f"    fastcgi_temp_path {tmp}/fastcgi_temp;",
+        f"    uwsgi_temp_path {tmp}/uwsgi_temp;",
+        f"    scgi_temp_path {tmp}/scgi_temp;",
+        "    default_type application/octet-stream;",
+    ]
+    return "\n".join(lines) + "\n" + body.strip("\n") + "\n}\n"
+
+
+def line_of(conf_text: str, marker: str) -> int:
+    """1-based number of the only line of conf_text containing marker."""
+    hits = [i + 1 for i, line in enumerate(conf_text.splitlines()) if marker in line]
+    assert len(hits) == 1, f"marker {marker!r} found on lines {hits}"
+    return hits[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours is dead too
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
+class Nginx:
+    """One nginx master (daemon) started from a rendered config in its own directory."""
+
+    def __init__(self, http_body: str, *, upstream: str, keys: Path, workers: int | None = None,
+                 with_module: bool = True) -> None:
+        self.tmp = make_private_dir("ngx-mesh-run-")
+        (self.tmp / "logs").mkdir()  # the binary's default error log, before error_log applies
+        self.conf_path = self.tmp / "nginx.conf"
+        self.http_body = http_body
+        self.upstream = upstream
+        self.keys = keys
+        self.workers = workers or MESH_WORKERS
+        self.with_module = with_module
+        self.port = 0
+        self.pid: int | None = None
+        self.conf_text = ""
+
+    # ---- files
+    @property
+    def error_log(self) -> Path:
+        return self.tmp / "error.log"
+
+    def read_error_log(self) -> str:
+        try:
+            return self.error_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_mark(self, name: str = "error.log") -> int:
+        try:
+            return (self.tmp / name).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_since(self, mark: int, name: str = "error.log") -> str:
+        try:
+            with open(self.tmp / name, "rb") as f:
+                f.seek(mark)
+                return f.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, mark: int, predicate, name: str = "error.log", timeout: float = 3.0) -> str:
+        """New text of a log since mark, once predicate(text) holds (or at the deadline)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log_since(mark, name)
+            if predicate(text) or time.monotonic() >= deadline:
+                return text
+            time.sleep(0.02)
+
+    # ---- lifecycle
+    def start(self) -> "Nginx":
+        last_err = ""
+        for _attempt in range(3):
+            self.port = free_port()
+            self.conf_text = render(
+                self.http_body, self.tmp, port=self.port, upstream=self.upstream, keys=self.keys,
+                workers=self.workers, with_module=self.with_module,
+            )
+            self.conf_path.write_text(self.conf_text)
+            proc = subprocess.run(
+                [NGINX_BIN, "-p", str(self.tmp), "-c", str(self.conf_path)],
+                capture_output=True, text=True, timeout=START_TIMEOUT,
+            )
+            if proc.returncode == 0:
+                break
+            last_err = proc.stdout + proc.stderr
+            if "Address already in use" not in last_err:
+                raise AssertionError(f"nginx failed to start (rc={proc.returncode}):\n{last_err}\n"
+                                     f"--- config\n{self.numbered_conf()}")
+        else:
+            raise AssertionError(f"nginx failed to start:\n{last_err}")
+        deadline = time.monotonic() + START_TIMEOUT
+        pid_file = self.tmp / "nginx.pid"
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nginx wrote no pid file:\n{self.read_error_log()}")
+            time.sleep(0.02)
+        self.pid = int(pid_file.read_text().strip())
+        wait_for_port(self.port, timeout=max(0.5, deadline - time.monotonic()))
+        return self
+
+    def reload(self, timeout: float = 10.0) -> None:
+        """SIGHUP, then wait until the workers of before have exited and new ones run."""
+        assert self.pid is not None
+        old = set(_children(self.pid))
+        os.kill(self.pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while True:
+            now = set(_children(self.pid))
+            live_old = [p for p in old if p in now and _alive(p)]
+            if not live_old and now - old:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"reload not done within {timeout}s (old workers {live_old}):\n"
+                                     + self.read_error_log()[-3000:])
+            time.sleep(0.05)
+
+    def numbered_conf(self) -> str:
+        return "\n".join(f"{i + 1:4} {line}" for i, line in enumerate(self.conf_text.splitlines()))
+
+    def stop(self) -> None:
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        workers = _children(pid)
+        try:
+            os.kill(pid, signal.SIGQUIT)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline and (_alive(pid) or any(_alive(w) for w in workers)):
+            time.sleep(0.05)
+        leftovers = [p for p in [pid, *workers] if _alive(p)]
+        for p in leftovers:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert not leftovers, f"nginx did not quit within {STOP_TIMEOUT}s: killed {leftovers}"
+
+    def fatal_lines(self) -> list[str]:
+        return [line for line in self.read_error_log().splitlines() if any(p.search(line) for p in FATAL_PATTERNS)]
+
+    def leaked_token_lines(self) -> list[str]:
+        """error.log lines holding something that looks like a JWT ('eyJ' = base64url of '{"').
+
+        nginx itself quotes header lines when it refuses a request ("client sent ..."): that is
+        nginx's own logging, not the module's, and is left out.
+        """
+        return [line for line in self.read_error_log().splitlines() if "eyJ" in line and "client sent" not in line]
+
+    def cleanup(self) -> None:
+        if os.environ.get("MESH_KEEP_TMP"):
+            return
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def nginx_t(conf_text: str, tmp: Path) -> tuple[int, str, Path]:
+    """`nginx -t -p tmp -c tmp/nginx.conf` on conf_text: (returncode, combined output, conf path)."""
+    (tmp / "logs").mkdir(exist_ok=True)
+    conf = tmp / "nginx.conf"
+    conf.write_text(conf_text)
+    proc = subprocess.run(
+        [NGINX_BIN, "-t", "-p", str(tmp), "-c", str(conf)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30,
+    )
+    return proc.returncode, proc.stdout, conf
