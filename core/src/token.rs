@@ -262,10 +262,8 @@ fn verify_impl(
     {
         Some(p) => *p,
         None => {
-            return fail(
-                AuthStatus::WrongIssuer,
-                format!("issuer {} not accepted", sanitize(iss)),
-            )
+            // The issuer is a claim: the description never repeats it (SPEC: no claims).
+            return fail(AuthStatus::WrongIssuer, "issuer not accepted");
         }
     };
 
