@@ -19,6 +19,10 @@ PYTEST := $(VENV)/bin/pytest
 APT_PACKAGES := nginx nginx-dev libclang-dev libssl-dev libpcre2-dev zlib1g-dev \
 	python3 python3-venv openssl curl wrk make gcc
 
+# Replace the module by rename, never in place: a running nginx maps the file, and
+# overwriting it under a live worker can kill that worker with SIGBUS.
+install-module = cp $(1) $(2).tmp && mv -f $(2).tmp $(2)
+
 .PHONY: all deps build build-vendored test test-core test-nginx msrv-check run bench clean
 
 all: build
@@ -37,12 +41,12 @@ $(NGINX_TREE)/objs/ngx_auto_config.h:
 # The module for the machine's stock nginx (Debian 12: 1.22.1).
 build: deps $(NGINX_TREE)/objs/ngx_auto_config.h
 	$(CARGO) build --release --locked
-	cp target/release/libngx_http_mesh_module.so $(MODULE)
+	$(call install-module,target/release/libngx_http_mesh_module.so,$(MODULE))
 
 # The module and an nginx binary for nginx 1.28, from the ngx crate's bundled sources.
 build-vendored: deps
 	env -u NGINX_BUILD_DIR CARGO_TARGET_DIR=$(VENDORED_DIR) $(CARGO) build --release --locked --features vendored
-	cp $(VENDORED_DIR)/release/libngx_http_mesh_module.so $(VENDORED_MODULE)
+	$(call install-module,$(VENDORED_DIR)/release/libngx_http_mesh_module.so,$(VENDORED_MODULE))
 	build/find-vendored-nginx.sh $(VENDORED_DIR) $(VENDORED_NGINX)
 
 $(PYTEST): tests/requirements.txt

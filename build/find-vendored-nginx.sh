@@ -5,5 +5,5 @@
 set -euo pipefail
 bin=$(ls -t "$1"/release/build/nginx-sys-*/out/objs/nginx 2>/dev/null | head -1)
 [ -n "$bin" ] || { echo "no vendored nginx binary under $1" >&2; exit 1; }
-cp "$bin" "$2"
+cp "$bin" "$2.tmp" && mv -f "$2.tmp" "$2"   # rename: the old binary may be running
 "$2" -v

@@ -27,6 +27,7 @@ use ngx::ffi::{
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, Request};
 
 use crate::conf::{LocConf, RateLimit};
+use crate::forward::{self, Trace};
 use crate::ngx_util::{add_header_out, header_in, no_panic};
 use crate::MeshModule;
 
@@ -79,6 +80,8 @@ pub struct RequestCtx {
     pub rule: String,
     /// Rate-limit zones this request was already charged in (by address).
     charged: Vec<*const c_void>,
+    /// This hop's trace (`mesh_trace on`), started on first use; kept across redirects.
+    pub trace: Option<Trace>,
 }
 
 impl RequestCtx {
@@ -219,6 +222,7 @@ pub fn request_ctx(r: &mut Request) -> Option<&mut RequestCtx> {
                 decision: None,
                 rule: String::new(),
                 charged: Vec::new(),
+                trace: None,
             },
         );
         (*cln).handler = Some(ctx_cleanup);
@@ -333,6 +337,7 @@ pub unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t
             return Status::NGX_DECLINED.into();
         };
         if lcf.auth().is_none() && lcf.rules.is_none() && lcf.rate_limit.is_none() {
+            // Nothing to decide here; trace and identity headers are the precontent phase's.
             return Status::NGX_DECLINED.into();
         }
         pipeline(r, lcf)
@@ -350,6 +355,9 @@ fn pipeline(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
     let ctx: &mut RequestCtx = unsafe { &mut *(ctx as *mut RequestCtx) };
     // SAFETY: `raw` is the live request `r` points at.
     let r = unsafe { Request::from_ngx_http_request(raw) };
+    if lcf.trace == Some(true) && ctx.trace.is_none() {
+        ctx.trace = forward::start(r, lcf);
+    }
 
     // 1. identify
     match ctx.status {
@@ -518,10 +526,14 @@ fn log_refusal(r: &Request, ctx: &RequestCtx, code: ngx_int_t, what: &str) {
         ctx.reason.as_str()
     };
     let decision = ctx.decision().map_or("-", Decision::as_str);
+    let trace = ctx
+        .trace
+        .as_ref()
+        .map_or(String::from("-"), |t| t.ctx.trace_id_hex());
     ngx::ngx_log_error!(
         NGX_LOG_INFO,
         r.log(),
-        "mesh: {} {what}: decision: {decision}, status: {}, reason: {reason}, caller: \"{caller}\", rule: \"{rule}\", trace: -",
+        "mesh: {} {what}: decision: {decision}, status: {}, reason: {reason}, caller: \"{caller}\", rule: \"{rule}\", trace: {trace}",
         if code == 0 { String::from("logged") } else { format!("refused {code}") },
         ctx.status.as_str()
     );

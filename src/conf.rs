@@ -6,12 +6,14 @@
 
 use std::ffi::{c_char, c_void};
 use std::ptr::{self, NonNull};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use mesh_core::gcra::{parse_rate, Gcra};
 use mesh_core::keys::{algorithm_name, parse_algorithm, Algorithm, KeySet};
 use mesh_core::policy::{parse_role, parse_rule, Effect, Pattern, RoleBinding, Rule};
 use mesh_core::token::{Provider, Requirement};
+use mesh_core::trace::parse_ratio;
 use mesh_core::units::{parse_on_off, parse_size, parse_time_secs};
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
@@ -76,12 +78,18 @@ pub struct LocConf {
     /// `mesh_allow` / `mesh_deny` lines of this level, in order.
     pub rules: Option<Arc<Vec<Rule>>>,
     pub policy_dry_run: Option<bool>,
-    pub rate_limit: Option<Arc<RateLimit>>,
+    /// `Rc`: holds nginx pointers, so it stays on the thread that owns the configuration.
+    pub rate_limit: Option<Rc<RateLimit>>,
     /// `mesh_rate_limit_caller` lines of this level, in order.
     pub rate_callers: Option<Arc<Vec<CallerRate>>>,
     pub rate_status: Option<u16>,
     pub rate_headers: Option<bool>,
     pub rate_dry_run: Option<bool>,
+    pub trace: Option<bool>,
+    pub trace_sample: Option<f64>,
+    pub trace_project: Option<String>,
+    pub trace_response: Option<bool>,
+    pub forward_identity: Option<bool>,
 }
 
 /// `mesh_rate_limit zone=NAME rate=R [burst=B] [key=VALUE];`
@@ -126,6 +134,15 @@ impl LocConf {
 
     pub fn roles(&self) -> &[RoleBinding] {
         self.roles.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    pub fn trace_sample(&self) -> f64 {
+        self.trace_sample.unwrap_or(1.0)
+    }
+
+    /// `mesh_trace_project`, else `GOOGLE_CLOUD_PROJECT` as the master saw it (merged in).
+    pub fn trace_project(&self) -> &str {
+        self.trace_project.as_deref().unwrap_or("")
     }
 
     pub fn rate_callers(&self) -> &[CallerRate] {
@@ -194,6 +211,15 @@ pub unsafe fn merge_loc_conf(
     inherit(&mut conf.rate_status, &prev.rate_status);
     inherit(&mut conf.rate_headers, &prev.rate_headers);
     inherit(&mut conf.rate_dry_run, &prev.rate_dry_run);
+    inherit(&mut conf.trace, &prev.trace);
+    inherit(&mut conf.trace_sample, &prev.trace_sample);
+    inherit(&mut conf.trace_response, &prev.trace_response);
+    inherit(&mut conf.forward_identity, &prev.forward_identity);
+    if prev.trace_project.is_none() {
+        // nginx clears the environment of its workers; read it here, in the master.
+        prev.trace_project = std::env::var("GOOGLE_CLOUD_PROJECT").ok();
+    }
+    inherit(&mut conf.trace_project, &prev.trace_project);
     for rl in [&prev.rate_limit, &conf.rate_limit].into_iter().flatten() {
         if rl.zone().is_none() {
             let msg = format!(
@@ -231,7 +257,7 @@ const fn command(
     }
 }
 
-pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 18] = [
+pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 23] = [
     command(
         ngx_string!("mesh_provider"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1,
@@ -332,6 +358,36 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 18] = [
         ngx_string!("mesh_rate_limit_dry_run"),
         MSL | NGX_CONF_FLAG,
         cmd_rate_limit_dry_run,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_trace"),
+        MSL | NGX_CONF_FLAG,
+        cmd_trace,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_trace_sample"),
+        MSL | NGX_CONF_TAKE1,
+        cmd_trace_sample,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_trace_project"),
+        NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_CONF_TAKE1,
+        cmd_trace_project,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_trace_response"),
+        MSL | NGX_CONF_FLAG,
+        cmd_trace_response,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_forward_identity"),
+        MSL | NGX_CONF_FLAG,
+        cmd_forward_identity,
         NGX_HTTP_LOC_CONF_OFFSET,
     ),
     ngx_command_t::empty(),
@@ -668,6 +724,73 @@ unsafe extern "C" fn cmd_rate_limit_status(
     })
 }
 
+unsafe extern "C" fn cmd_trace(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |lcf: &mut LocConf, a| {
+        flag("mesh_trace", a, &mut lcf.trace)
+    })
+}
+
+unsafe extern "C" fn cmd_trace_response(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |lcf: &mut LocConf, a| {
+        flag("mesh_trace_response", a, &mut lcf.trace_response)
+    })
+}
+
+unsafe extern "C" fn cmd_forward_identity(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |lcf: &mut LocConf, a| {
+        flag("mesh_forward_identity", a, &mut lcf.forward_identity)
+    })
+}
+
+unsafe extern "C" fn cmd_trace_sample(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |lcf: &mut LocConf, a| {
+        if lcf.trace_sample.is_some() {
+            return Err(ConfErr::Duplicate);
+        }
+        let v = word(&a[1])?;
+        lcf.trace_sample = Some(parse_ratio(v).map_err(|e| format!("mesh_trace_sample: {e}"))?);
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn cmd_trace_project(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |lcf: &mut LocConf, a| {
+        if lcf.trace_project.is_some() {
+            return Err(ConfErr::Duplicate);
+        }
+        let v = word(&a[1])?;
+        if v.is_empty()
+            || !v.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || b == b':'
+            })
+        {
+            return Err(format!("mesh_trace_project: invalid project id \"{v}\"").into());
+        }
+        lcf.trace_project = Some(v.to_string());
+        Ok(())
+    })
+}
+
 /// The smallest zone: nginx's shared-memory modules refuse less than 8 pages.
 const MIN_ZONE_SIZE: usize = 8 * 4096;
 
@@ -794,8 +917,7 @@ unsafe extern "C" fn cmd_rate_limit(
             }
         };
         let zone = shared_zone(cf, name_value, 0)?;
-        lcf.rate_limit = Some(Arc::new(RateLimit {
-            // SAFETY of unwrap: `shared_zone` never returns null.
+        lcf.rate_limit = Some(Rc::new(RateLimit {
             zone: NonNull::new(zone).ok_or("out of memory")?,
             zone_name: zone_name.to_string(),
             gcra,

@@ -15,12 +15,14 @@ use std::ptr;
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_array_push, ngx_conf_t, ngx_http_handler_pt, ngx_http_module_t,
-    ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_int_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE,
+    ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE, ngx_int_t,
+    ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
 mod access;
 mod conf;
+mod forward;
 mod ngx_util;
 mod variables;
 mod zone;
@@ -53,8 +55,24 @@ pub static mut ngx_http_mesh_module: ngx_module_t = ngx_module_t {
     // does not create a reference.
     commands: unsafe { ptr::addr_of_mut!(conf::NGX_HTTP_MESH_COMMANDS[0]) },
     type_: NGX_HTTP_MODULE as ngx_uint_t,
+    init_process: Some(init_process),
     ..ngx_module_t::default()
 };
+
+/// Runs in each worker after fork: seeds the worker's trace-id generator from the OS.
+unsafe extern "C" fn init_process(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_t {
+    if !forward::seed_worker() {
+        // SAFETY: nginx passes the live cycle.
+        let log = unsafe { (*cycle).log };
+        ngx::ngx_log_error!(
+            ngx::ffi::NGX_LOG_EMERG,
+            log,
+            "mesh: cannot read random bytes from the operating system"
+        );
+        return Status::NGX_ERROR.into();
+    }
+    Status::NGX_OK.into()
+}
 
 unsafe impl HttpModuleMainConf for MeshModule {
     type MainConf = MainConf;
@@ -93,6 +111,15 @@ impl HttpModule for MeshModule {
                 return Status::NGX_ERROR.into();
             }
             *h = Some(access::access_handler);
+
+            let h = ngx_array_push(
+                &mut cmcf.phases[ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE as usize].handlers,
+            ) as *mut ngx_http_handler_pt;
+            if h.is_null() {
+                return Status::NGX_ERROR.into();
+            }
+            *h = Some(forward::precontent_handler);
+            forward::install_header_filter();
         }
         Status::NGX_OK.into()
     }

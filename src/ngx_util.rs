@@ -3,11 +3,13 @@
 
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr;
 
 use ngx::core::NGX_CONF_ERROR;
 use ngx::ffi::{
-    add_to_ngx_table, ngx_conf_full_name, ngx_conf_t, ngx_http_request_t, ngx_list_push, ngx_str_t,
-    ngx_table_elt_t, ngx_variable_value_t, NGX_LOG_EMERG,
+    add_to_ngx_table, ngx_conf_full_name, ngx_conf_t, ngx_http_request_t, ngx_list_part_t,
+    ngx_list_push, ngx_list_t, ngx_palloc, ngx_str_t, ngx_table_elt_t, ngx_variable_value_t,
+    NGX_LOG_EMERG,
 };
 use ngx::ngx_conf_log_error;
 
@@ -101,6 +103,14 @@ pub fn header_in<'a>(r: &'a ngx::http::Request, name: &str) -> Option<&'a [u8]> 
         .map(|(_, v)| v.as_bytes())
 }
 
+/// The values of every request header named `name` (case-insensitive), in order.
+pub fn headers_in_all<'a>(r: &'a ngx::http::Request, name: &str) -> Vec<&'a [u8]> {
+    r.headers_in_iterator()
+        .filter(|(k, _)| k.as_bytes().eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, v)| v.as_bytes())
+        .collect()
+}
+
 /// Adds a response header (copied into the request pool).
 pub fn add_header_out(r: &mut ngx::http::Request, key: &str, value: &str) -> bool {
     let r: &mut ngx_http_request_t = r.as_mut();
@@ -160,4 +170,100 @@ pub fn no_panic<T>(fallback: T, f: impl FnOnce() -> T) -> T {
 /// A static C string as nginx's "directive failed" return value (`"DIRECTIVE" directive MSG`).
 pub fn conf_msg(msg: &'static CStr) -> *mut c_char {
     msg.as_ptr().cast_mut()
+}
+
+/// Removes every request header whose name `matches`, without moving any element: other
+/// headers are referenced by pointer from `r->headers_in` (`host`, `user_agent`, ...), so
+/// elements must stay where they are. A removed element at either end of its list part is
+/// cut off; one in the middle splits the part in two; a part left empty is unlinked (nginx's
+/// list walkers assume every part after the first holds an element). The last part may then
+/// have less room than `nalloc` says, so `nalloc` is lowered to what it holds: the next
+/// `ngx_list_push` starts a fresh part instead of writing past the array.
+pub fn remove_headers_in(r: &mut ngx_http_request_t, matches: impl Fn(&[u8]) -> bool) -> bool {
+    let list: *mut ngx_list_t = &mut r.headers_in.headers;
+    // SAFETY: `list` is the live request's header list, allocated from the request pool. We
+    // only shrink parts (pointer arithmetic inside their own arrays), link or unlink parts,
+    // and allocate from the same pool; no element is moved or freed.
+    unsafe {
+        let first: *mut ngx_list_part_t = &mut (*list).part;
+        let mut changed = false;
+        'restart: loop {
+            let mut prev: *mut ngx_list_part_t = ptr::null_mut();
+            let mut part = first;
+            while !part.is_null() {
+                let elts = (*part).elts as *mut ngx_table_elt_t;
+                let n = (*part).nelts;
+                let Some(i) = (0..n).find(|&i| matches((*elts.add(i)).key.as_bytes())) else {
+                    prev = part;
+                    part = (*part).next;
+                    continue;
+                };
+                changed = true;
+                if i == n - 1 {
+                    (*part).nelts -= 1;
+                } else if i == 0 {
+                    (*part).elts = elts.add(1).cast();
+                    (*part).nelts -= 1;
+                } else {
+                    let rest = ngx_palloc((*list).pool, size_of::<ngx_list_part_t>())
+                        as *mut ngx_list_part_t;
+                    if rest.is_null() {
+                        return false;
+                    }
+                    (*rest).elts = elts.add(i + 1).cast();
+                    (*rest).nelts = n - i - 1;
+                    (*rest).next = (*part).next;
+                    (*part).nelts = i;
+                    (*part).next = rest;
+                    if part == (*list).last {
+                        (*list).last = rest;
+                    }
+                }
+                if (*part).nelts == 0 && part != first {
+                    (*prev).next = (*part).next;
+                    if part == (*list).last {
+                        (*list).last = prev;
+                    }
+                }
+                continue 'restart;
+            }
+            break;
+        }
+        if changed {
+            let last = (*list).last;
+            if (*last).nelts == 0 {
+                // Only the first part can be empty here: give it a whole array again.
+                let elts = ngx_palloc((*list).pool, (*list).nalloc.max(1) * (*list).size);
+                if elts.is_null() {
+                    return false;
+                }
+                (*last).elts = elts;
+                (*list).nalloc = (*list).nalloc.max(1);
+            } else {
+                (*list).nalloc = (*last).nelts;
+            }
+        }
+        true
+    }
+}
+
+/// Adds a request header (for the upstream), copied into the request pool.
+pub fn add_header_in(r: &mut ngx_http_request_t, key: &str, value: &[u8]) -> bool {
+    // SAFETY: as `add_header_out`, on the request's `headers_in` list.
+    unsafe {
+        let h = ngx_list_push(&mut r.headers_in.headers) as *mut ngx_table_elt_t;
+        if h.is_null() {
+            return false;
+        }
+        #[cfg(ngx_table_elt_next)]
+        {
+            (*h).next = ptr::null_mut();
+        }
+        if add_to_ngx_table(h, r.pool, key, value).is_none() {
+            // The slot just pushed is the last one of the last part: give it back.
+            (*r.headers_in.headers.last).nelts -= 1;
+            return false;
+        }
+    }
+    true
 }

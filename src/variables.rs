@@ -12,6 +12,7 @@ use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, Request};
 use ngx::ngx_string;
 
 use crate::access::{request_ctx, RequestCtx};
+use crate::forward;
 use crate::ngx_util::{no_panic, set_var, set_var_copy};
 use crate::MeshModule;
 
@@ -67,6 +68,36 @@ pub unsafe fn register(cf: *mut ngx_conf_t) -> Result<(), ()> {
             flags: 0,
         },
         Var {
+            name: ngx_string!("mesh_trace_id"),
+            get: Some(var_trace),
+            flags: 0,
+        },
+        Var {
+            name: ngx_string!("mesh_span_id"),
+            get: Some(var_trace),
+            flags: 0,
+        },
+        Var {
+            name: ngx_string!("mesh_parent_span_id"),
+            get: Some(var_trace),
+            flags: 0,
+        },
+        Var {
+            name: ngx_string!("mesh_trace_sampled"),
+            get: Some(var_trace),
+            flags: 0,
+        },
+        Var {
+            name: ngx_string!("mesh_traceparent"),
+            get: Some(var_trace),
+            flags: 0,
+        },
+        Var {
+            name: ngx_string!("mesh_cloud_trace"),
+            get: Some(var_trace),
+            flags: 0,
+        },
+        Var {
             name: ngx_string!("mesh_claim_"),
             get: Some(var_claim),
             flags: NGX_HTTP_VAR_PREFIX,
@@ -79,8 +110,12 @@ pub unsafe fn register(cf: *mut ngx_conf_t) -> Result<(), ()> {
         if var.is_null() {
             return Err(());
         }
-        // SAFETY: `var` is non-null and points into the configuration.
-        unsafe { (*var).get_handler = v.get };
+        // SAFETY: `var` is non-null and points into the configuration. Trace variables share
+        // one getter and tell themselves apart by name (`data`).
+        unsafe {
+            (*var).get_handler = v.get;
+            (*var).data = TraceField::of(v.name.as_bytes()).map_or(0, |f| f as usize);
+        }
     }
     Ok(())
 }
@@ -182,6 +217,78 @@ unsafe extern "C" fn var_rule(
         let ok = set_var_copy(raw, v, ctx.rule.as_bytes());
         v.set_no_cacheable(1);
         ok
+    })
+}
+
+/// Which trace variable a getter call is for (the variable's `data`).
+#[derive(Clone, Copy)]
+enum TraceField {
+    TraceId = 1,
+    SpanId,
+    ParentSpanId,
+    Sampled,
+    TraceParent,
+    CloudTrace,
+}
+
+impl TraceField {
+    fn of(name: &[u8]) -> Option<TraceField> {
+        Some(match name {
+            b"mesh_trace_id" => TraceField::TraceId,
+            b"mesh_span_id" => TraceField::SpanId,
+            b"mesh_parent_span_id" => TraceField::ParentSpanId,
+            b"mesh_trace_sampled" => TraceField::Sampled,
+            b"mesh_traceparent" => TraceField::TraceParent,
+            b"mesh_cloud_trace" => TraceField::CloudTrace,
+            _ => return None,
+        })
+    }
+}
+
+unsafe extern "C" fn var_trace(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    data: usize,
+) -> ngx_int_t {
+    no_panic(Status::NGX_ERROR.into(), || {
+        // SAFETY: nginx calls variable getters with a live request and value slot.
+        let (req, v) = unsafe { (Request::from_ngx_http_request(r), &mut *v) };
+        let Some(lcf) = MeshModule::location_conf(req) else {
+            return Status::NGX_ERROR.into();
+        };
+        if lcf.trace != Some(true) {
+            set_var(v, b"");
+            return Status::NGX_OK.into();
+        }
+        let Some(ctx) = request_ctx(req) else {
+            return Status::NGX_ERROR.into();
+        };
+        if ctx.trace.is_none() {
+            // SAFETY: a live request.
+            let req = unsafe { Request::from_ngx_http_request(r) };
+            ctx.trace = forward::start(req, lcf);
+        }
+        let Some(t) = &ctx.trace else {
+            set_var(v, b"");
+            return Status::NGX_OK.into();
+        };
+        let text = match data {
+            x if x == TraceField::TraceId as usize => t.ctx.trace_id_hex(),
+            x if x == TraceField::SpanId as usize => t.ctx.span_id_hex(),
+            x if x == TraceField::ParentSpanId as usize => t.ctx.parent_span_id_hex(),
+            x if x == TraceField::Sampled as usize => {
+                String::from(if t.ctx.sampled { "1" } else { "0" })
+            }
+            x if x == TraceField::TraceParent as usize => t.traceparent.clone(),
+            x if x == TraceField::CloudTrace as usize => forward::cloud_logging(lcf, t),
+            _ => String::new(),
+        };
+        // SAFETY: a live request, read-only.
+        if set_var_copy(unsafe { &*r }, v, text.as_bytes()) {
+            Status::NGX_OK.into()
+        } else {
+            Status::NGX_ERROR.into()
+        }
     })
 }
 
