@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::ffi::c_void;
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use mesh_core::cache::TokenCache;
@@ -17,16 +18,18 @@ use mesh_core::gcra::{policy_header, ratelimit_header, retry_after_secs, Gcra};
 use mesh_core::policy::{decide, roles_of, Caller, Verdict};
 use mesh_core::ratetable::key_hash;
 use mesh_core::status::{AuthError, AuthStatus};
-use mesh_core::token::{check_audience, verify, Provider, Verified};
+use mesh_core::token::{
+    check_audience, is_signature_removed, verify, verify_platform, Provider, Verified,
+};
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_http_request_t, ngx_int_t, ngx_pool_cleanup_add, NGX_HTTP_FORBIDDEN,
     NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_SERVICE_UNAVAILABLE, NGX_HTTP_UNAUTHORIZED,
-    NGX_LOG_INFO,
+    NGX_LOG_INFO, NGX_LOG_WARN,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, Request};
 
-use crate::conf::{LocConf, RateLimit};
+use crate::conf::{AuthSpec, LocConf, RateLimit};
 use crate::forward::{self, Trace};
 use crate::ngx_util::{add_header_out, header_in, no_panic};
 use crate::MeshModule;
@@ -262,7 +265,9 @@ fn identify(r: &Request, lcf: &LocConf) -> Identity {
         Err(e) => return id.refused(e),
     };
     let now = ngx::ffi::ngx_time().max(0) as u64;
-    let verified = TOKEN_CACHE.with(|cell| {
+    // Snapshots: keys fetched from URLs may change between requests.
+    let snapshots: Vec<Arc<Provider>> = auth.providers.iter().map(|p| p.snapshot()).collect();
+    let verified: Result<Arc<Verified>, AuthError> = TOKEN_CACHE.with(|cell| {
         let mut cell = cell.borrow_mut();
         let cache = cell.get_or_insert_with(|| TokenCache::new(mcf.token_cache_size()));
         if let Some(v) = cache.get(token, now) {
@@ -270,19 +275,24 @@ fn identify(r: &Request, lcf: &LocConf) -> Identity {
                 return Ok(v);
             }
         }
-        let candidates: Vec<&Provider> = auth.providers.iter().map(|p| &**p).collect();
-        let v = Arc::new(verify(token, &candidates, now)?);
+        let v = Arc::new(verify_any(r, token, auth, &snapshots, now)?);
         cache.put(token, v.clone());
         Ok(v)
     });
     let verified = match verified {
         Ok(v) => v,
-        Err(e) => return id.refused(e),
+        Err(e) => {
+            if e.status == AuthStatus::UnknownKey {
+                // Maybe the issuer rotated its keys: fetch again (rate-limited, in the
+                // background; this request is answered now).
+                auth.providers.iter().for_each(|p| p.request_refetch());
+            }
+            return id.refused(e);
+        }
     };
     let accepted = match &lcf.audience {
         Some(a) => a.as_slice(),
-        None => auth
-            .providers
+        None => snapshots
             .iter()
             .find(|p| p.name == verified.provider)
             .map_or(&[][..], |p| p.audiences.as_slice()),
@@ -297,6 +307,47 @@ fn identify(r: &Request, lcf: &LocConf) -> Identity {
         optional: auth.optional,
     }
 }
+
+/// Verifies a token against the location's providers. A token whose signature Cloud Run
+/// removed (it checked the token before the request arrived) is accepted only by providers
+/// with `platform_verified on`; with none, it is refused and the first such token of the
+/// worker logs how to deploy.
+fn verify_any(
+    r: &Request,
+    token: &[u8],
+    auth: &AuthSpec,
+    snapshots: &[Arc<Provider>],
+    now: u64,
+) -> Result<Verified, AuthError> {
+    let all: Vec<&Provider> = snapshots.iter().map(|p| &**p).collect();
+    if !is_signature_removed(token) {
+        return verify(token, &all, now);
+    }
+    let trusted: Vec<&Provider> = auth
+        .providers
+        .iter()
+        .zip(snapshots)
+        .filter(|(m, _)| m.platform_verified)
+        .map(|(_, p)| &**p)
+        .collect();
+    if !trusted.is_empty() {
+        return verify_platform(token, &trusted, now);
+    }
+    if !PLATFORM_WARNED.swap(true, Ordering::Relaxed) {
+        ngx::ngx_log_error!(
+            NGX_LOG_WARN,
+            r.log(),
+            "mesh: a token arrived with its signature removed by Google (SIGNATURE_REMOVED_BY_GOOGLE): Cloud Run's invoker check verified it before it reached nginx and stripped the signature. Either turn the invoker check off (gcloud run services update SERVICE --no-invoker-iam-check) so nginx verifies every token itself, or trust the platform with \"platform_verified on;\" in the mesh_provider block"
+        );
+    }
+    Err(AuthError {
+        status: AuthStatus::BadSignature,
+        reason: "signature removed by the platform; platform_verified is off".into(),
+    })
+}
+
+/// Whether this worker already explained `SIGNATURE_REMOVED_BY_GOOGLE` (once per worker).
+static PLATFORM_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// The token of the request: `mesh_token` if set, else the Bearer token of
 /// `X-Serverless-Authorization` (what Cloud Run forwards when `Authorization` carries the

@@ -9,8 +9,9 @@ use std::ptr::{self, NonNull};
 use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::fetch::{load_roots, KeyUrl, MeshProvider, OutboundToken};
 use mesh_core::gcra::{parse_rate, Gcra};
-use mesh_core::keys::{algorithm_name, parse_algorithm, Algorithm, KeySet};
+use mesh_core::keys::{algorithm_name, parse_algorithm, Algorithm, KeySet, ALL_ALGORITHMS};
 use mesh_core::policy::{parse_role, parse_rule, Effect, Pattern, RoleBinding, Rule};
 use mesh_core::token::{Provider, Requirement};
 use mesh_core::trace::parse_ratio;
@@ -32,19 +33,31 @@ use crate::MeshModule;
 
 /// Default size of the per-worker verified-token cache (`mesh_token_cache`).
 pub const DEFAULT_TOKEN_CACHE: usize = 4096;
+/// Where `mesh_outbound_token` asks for ID tokens by default (Cloud Run, GCE, GKE).
+const DEFAULT_METADATA_SERVER: &str = "http://metadata.google.internal";
 /// Default `leeway` of a provider, in seconds.
 const DEFAULT_LEEWAY: u64 = 30;
 
 /// http-level configuration.
 #[derive(Default)]
 pub struct MainConf {
-    pub providers: Vec<Arc<Provider>>,
+    pub providers: Vec<Arc<MeshProvider>>,
+    /// `mesh_outbound_token` variables.
+    pub outbound: Vec<Arc<OutboundToken>>,
+    /// `mesh_metadata_server`.
+    pub metadata_server: Option<String>,
     /// `mesh_token_cache`: `Some(0)` is `off`.
     pub token_cache: Option<usize>,
     pub config_version: Option<String>,
 }
 
 impl MainConf {
+    pub fn metadata_server(&self) -> &str {
+        self.metadata_server
+            .as_deref()
+            .unwrap_or(DEFAULT_METADATA_SERVER)
+    }
+
     pub fn token_cache_size(&self) -> usize {
         self.token_cache.unwrap_or(DEFAULT_TOKEN_CACHE)
     }
@@ -56,7 +69,7 @@ pub struct AuthSpec {
     pub optional: bool,
     names: Vec<String>,
     pos: ConfPos,
-    pub providers: Vec<Arc<Provider>>,
+    pub providers: Vec<Arc<MeshProvider>>,
 }
 
 #[derive(Clone)]
@@ -257,7 +270,7 @@ const fn command(
     }
 }
 
-pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 23] = [
+pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 25] = [
     command(
         ngx_string!("mesh_provider"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1,
@@ -389,6 +402,18 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 23] = [
         MSL | NGX_CONF_FLAG,
         cmd_forward_identity,
         NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_outbound_token"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE2,
+        cmd_outbound_token,
+        NGX_HTTP_MAIN_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("mesh_metadata_server"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        cmd_metadata_server,
+        NGX_HTTP_MAIN_CONF_OFFSET,
     ),
     ngx_command_t::empty(),
 ];
@@ -791,6 +816,58 @@ unsafe extern "C" fn cmd_trace_project(
     })
 }
 
+unsafe extern "C" fn cmd_outbound_token(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |mcf: &mut MainConf, a| {
+        let var = word(&a[1])?;
+        let audience = word(&a[2])?;
+        let name = var
+            .strip_prefix('$')
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            .ok_or_else(|| format!("mesh_outbound_token: invalid variable name \"{var}\""))?;
+        if audience.is_empty()
+            || audience
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err(format!("mesh_outbound_token: invalid audience \"{audience}\"").into());
+        }
+        let token = Arc::new(OutboundToken::new(audience.to_string()));
+        crate::variables::register_outbound(cf, name, &token)
+            .map_err(|_| format!("mesh_outbound_token: cannot define variable \"{var}\""))?;
+        mcf.outbound.push(token);
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn cmd_metadata_server(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |mcf: &mut MainConf, a| {
+        if mcf.metadata_server.is_some() {
+            return Err(ConfErr::Duplicate);
+        }
+        let url = word(&a[1])?;
+        let ok = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+            .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'));
+        if !ok {
+            return Err(format!(
+                "mesh_metadata_server: invalid URL \"{url}\" (http://HOST[:PORT])"
+            )
+            .into());
+        }
+        mcf.metadata_server = Some(url.to_string());
+        Ok(())
+    })
+}
+
 /// The smallest zone: nginx's shared-memory modules refuse less than 8 pages.
 const MIN_ZONE_SIZE: usize = 8 * 4096;
 
@@ -957,14 +1034,32 @@ struct ProviderBlock {
     name: String,
     pos: ConfPos,
     issuers: Vec<String>,
-    keys: Option<(KeySet, ConfPos)>,
+    keys: Option<(KeySource, ConfPos)>,
     secret: Option<(KeySet, ConfPos)>,
     audiences: Option<Vec<String>>,
     algorithms: Option<(Vec<Algorithm>, ConfPos)>,
     leeway: Option<u64>,
     principal: Option<String>,
     require: Vec<Requirement>,
+    preset: Option<Preset>,
+    platform_verified: Option<bool>,
 }
+
+/// Where a provider's public keys come from.
+enum KeySource {
+    File(KeySet),
+    Url(KeyUrl),
+}
+
+/// `preset NAME;`: defaults for a well-known issuer.
+#[derive(Clone, Copy)]
+enum Preset {
+    /// Google-signed ID tokens (Cloud Run service-to-service, `gcloud auth print-identity-token`).
+    Google,
+}
+
+const GOOGLE_ISSUERS: [&str; 2] = ["https://accounts.google.com", "accounts.google.com"];
+const GOOGLE_KEYS_URL: &str = "https://www.googleapis.com/oauth2/v3/certs";
 
 unsafe extern "C" fn cmd_provider(
     cf: *mut ngx_conf_t,
@@ -1000,6 +1095,8 @@ unsafe extern "C" fn cmd_provider(
             leeway: None,
             principal: None,
             require: Vec::new(),
+            preset: None,
+            platform_verified: None,
         };
         // SAFETY: the block is parsed with a copy of `cf` whose handler reads each line into
         // `block`, which outlives the call (the same technique as nginx's `map` and `types`).
@@ -1088,17 +1185,55 @@ impl ProviderBlock {
             }
             "keys" => {
                 dup(self.keys.is_some())?;
-                let src = one()?;
-                if src.starts_with("https://") || src.starts_with("http://") {
-                    return Err(format!(
-                        "keys \"{src}\": key URLs are not supported yet, use a JWKS or PEM file"
-                    ));
-                }
-                let path = full_path(cf, src);
-                let bytes = std::fs::read(&path)
-                    .map_err(|e| format!("keys: cannot read \"{path}\": {e}"))?;
-                let set = KeySet::load(&bytes).map_err(|e| format!("keys \"{path}\": {e}"))?;
-                self.keys = Some((set, pos));
+                let (src, ca) = match vals {
+                    [src] => (src.as_str(), None),
+                    [src, ca] => match ca.strip_prefix("ca=") {
+                        Some(ca) if !ca.is_empty() => (src.as_str(), Some(full_path(cf, ca))),
+                        _ => return Err(format!("keys: invalid parameter \"{ca}\"")),
+                    },
+                    _ => {
+                        return Err(format!(
+                            "invalid number of arguments in \"keys\" of mesh_provider \"{}\"",
+                            self.name
+                        ))
+                    }
+                };
+                let source = if src.starts_with("https://") || src.starts_with("http://") {
+                    KeySource::Url(key_url(src, ca.as_deref())?)
+                } else {
+                    if ca.is_some() {
+                        return Err(format!(
+                            "keys \"{src}\": \"ca=\" applies to https:// URLs only"
+                        ));
+                    }
+                    let path = full_path(cf, src);
+                    let bytes = std::fs::read(&path)
+                        .map_err(|e| format!("keys: cannot read \"{path}\": {e}"))?;
+                    KeySource::File(
+                        KeySet::load(&bytes).map_err(|e| format!("keys \"{path}\": {e}"))?,
+                    )
+                };
+                self.keys = Some((source, pos));
+            }
+            "preset" => {
+                dup(self.preset.is_some())?;
+                self.preset = Some(match one()? {
+                    "google" => Preset::Google,
+                    other => {
+                        return Err(format!(
+                            "preset: unknown preset \"{other}\" (known: google)"
+                        ))
+                    }
+                });
+            }
+            "platform_verified" => {
+                dup(self.platform_verified.is_some())?;
+                let v = one()?;
+                self.platform_verified = Some(parse_on_off(v).ok_or_else(|| {
+                    format!(
+                        "platform_verified: invalid value \"{v}\", it must be \"on\" or \"off\""
+                    )
+                })?);
             }
             "secret" => {
                 dup(self.secret.is_some())?;
@@ -1156,14 +1291,40 @@ impl ProviderBlock {
     }
 
     /// Checks the block as a whole, at its closing brace; errors name the line at fault.
-    fn finish(self, cf: *mut ngx_conf_t) -> Result<Provider, *mut c_char> {
-        let name = &self.name;
+    fn finish(mut self, cf: *mut ngx_conf_t) -> Result<MeshProvider, *mut c_char> {
+        if let Some(Preset::Google) = self.preset {
+            // Lines written in the block win over the preset's defaults.
+            if self.issuers.is_empty() {
+                self.issuers = GOOGLE_ISSUERS.iter().map(|s| s.to_string()).collect();
+            }
+            if self.keys.is_none() && self.secret.is_none() {
+                let url = key_url(GOOGLE_KEYS_URL, None)
+                    .map_err(|e| self.pos.error(cf, &format!("preset google: {e}")))?;
+                self.keys = Some((KeySource::Url(url), self.pos.clone()));
+            }
+            if self.algorithms.is_none() {
+                self.algorithms = Some((vec![Algorithm::RS256], self.pos.clone()));
+            }
+            if self.principal.is_none() {
+                self.principal = Some("email".into());
+            }
+            if !self
+                .require
+                .iter()
+                .any(|r| r.path_text() == "email_verified")
+            {
+                if let Ok(r) = Requirement::parse("email_verified=true") {
+                    self.require.push(r);
+                }
+            }
+        }
+        let name = self.name.clone();
         if self.issuers.is_empty() {
             return Err(self
                 .pos
                 .error(cf, &format!("mesh_provider \"{name}\": no \"issuer\"")));
         }
-        let keys = match (self.keys, self.secret) {
+        let (keys, url) = match (self.keys, self.secret) {
             (Some(_), Some((_, pos))) => {
                 return Err(pos.error(
                     cf,
@@ -1173,19 +1334,36 @@ impl ProviderBlock {
             (None, None) => {
                 return Err(self.pos.error(cf, &format!("mesh_provider \"{name}\": no \"keys\" or \"secret\"")))
             }
-            (Some((k, _)), None) | (None, Some((k, _))) => k,
+            (Some((KeySource::File(k), _)), None) | (None, Some((k, _))) => (k, None),
+            // Keys from a URL arrive later; until then requests get 503 `no_keys`.
+            (Some((KeySource::Url(u), _)), None) => (KeySet::default(), Some(u)),
         };
-        let allowed = keys.algorithms();
+        let is_hmac =
+            |a: &Algorithm| matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
+        let configured = self.algorithms.as_ref().map(|(a, _)| a.clone());
         let algorithms = match self.algorithms {
-            None => allowed,
+            // Keys from a URL are not known yet: until they are, every public-key algorithm
+            // passes this check, so that requests get `no_keys` rather than `bad_signature`.
+            None if url.is_some() => ALL_ALGORITHMS
+                .iter()
+                .copied()
+                .filter(|a| !is_hmac(a))
+                .collect(),
+            None => keys.algorithms(),
             Some((algs, pos)) => {
-                if let Some(bad) = algs.iter().find(|a| !allowed.contains(a)) {
-                    let why =
-                        if matches!(bad, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
-                            "HMAC algorithms need \"secret\""
-                        } else {
-                            "no configured key can verify it"
-                        };
+                let allowed = keys.algorithms();
+                let bad = if url.is_some() {
+                    // Keys unknown until fetched: only HMAC can be ruled out now.
+                    algs.iter().find(|a| is_hmac(a))
+                } else {
+                    algs.iter().find(|a| !allowed.contains(a))
+                };
+                if let Some(bad) = bad {
+                    let why = if is_hmac(bad) {
+                        "HMAC algorithms need \"secret\""
+                    } else {
+                        "no configured key can verify it"
+                    };
                     return Err(pos.error(
                         cf,
                         &format!(
@@ -1197,7 +1375,7 @@ impl ProviderBlock {
                 algs
             }
         };
-        Ok(Provider {
+        let provider = Provider {
             name: self.name,
             issuers: self.issuers,
             audiences: self.audiences.unwrap_or_default(),
@@ -1206,6 +1384,41 @@ impl ProviderBlock {
             leeway: self.leeway.unwrap_or(DEFAULT_LEEWAY),
             principal: self.principal.unwrap_or_else(|| "sub".into()),
             require: self.require,
-        })
+        };
+        Ok(MeshProvider::new(
+            provider,
+            configured,
+            self.platform_verified.unwrap_or(false),
+            url,
+        ))
     }
+}
+
+/// A key URL with what it takes to fetch it (trusted roots read now, so `nginx -t` checks
+/// them).
+fn key_url(url: &str, ca: Option<&str>) -> Result<KeyUrl, String> {
+    let https = url.starts_with("https://");
+    if !https && ca.is_some() {
+        return Err(format!(
+            "keys \"{url}\": \"ca=\" applies to https:// URLs only"
+        ));
+    }
+    let rest = url.split_once("://").map_or("", |(_, r)| r);
+    if rest.is_empty()
+        || rest.starts_with('/')
+        || url
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(format!("keys: invalid URL \"{url}\""));
+    }
+    let roots = if https {
+        Some(load_roots(ca).map_err(|e| format!("keys \"{url}\": {e}"))?)
+    } else {
+        None
+    };
+    Ok(KeyUrl {
+        url: url.to_string(),
+        roots,
+    })
 }

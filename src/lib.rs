@@ -22,6 +22,7 @@ use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpC
 
 mod access;
 mod conf;
+mod fetch;
 mod forward;
 mod ngx_util;
 mod variables;
@@ -59,11 +60,13 @@ pub static mut ngx_http_mesh_module: ngx_module_t = ngx_module_t {
     ..ngx_module_t::default()
 };
 
-/// Runs in each worker after fork: seeds the worker's trace-id generator from the OS.
+/// Runs in each worker after fork: seeds the trace-id generator from the OS, starts the
+/// thread that refreshes keys from URLs and outbound tokens, and the timer that writes what
+/// that thread has to log.
 unsafe extern "C" fn init_process(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: nginx passes the live cycle.
+    let log = unsafe { (*cycle).log };
     if !forward::seed_worker() {
-        // SAFETY: nginx passes the live cycle.
-        let log = unsafe { (*cycle).log };
         ngx::ngx_log_error!(
             ngx::ffi::NGX_LOG_EMERG,
             log,
@@ -71,7 +74,54 @@ unsafe extern "C" fn init_process(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_
         );
         return Status::NGX_ERROR.into();
     }
+    // SAFETY: the cycle is live; its http main configuration (if any) outlives the worker.
+    let Some(mcf) = (unsafe { MeshModule::main_conf(&*cycle) }) else {
+        return Status::NGX_OK.into();
+    };
+    let started = fetch::start_worker(
+        mcf.providers.clone(),
+        mcf.outbound.clone(),
+        mcf.metadata_server().to_string(),
+    );
+    if let Err(e) = started {
+        ngx::ngx_log_error!(ngx::ffi::NGX_LOG_EMERG, log, "mesh: {}", e);
+        return Status::NGX_ERROR.into();
+    }
+    // SAFETY: the event is a static used only by this worker's event loop.
+    unsafe {
+        let ev = &mut *ptr::addr_of_mut!(LOG_EVENT);
+        ev.handler = Some(write_fetch_log);
+        ev.log = log;
+        ev.data = ptr::null_mut();
+        // Cancelable: it must not keep a worker alive during a graceful shutdown.
+        ev.set_cancelable(1);
+        ngx::ffi::ngx_add_timer(ev, LOG_INTERVAL_MS);
+    }
     Status::NGX_OK.into()
+}
+
+/// How often a worker writes what its fetch thread queued.
+const LOG_INTERVAL_MS: ngx::ffi::ngx_msec_t = 500;
+
+static mut LOG_EVENT: ngx::ffi::ngx_event_t = unsafe { std::mem::zeroed() };
+
+/// Timer handler (on the worker's event loop): logs the fetch thread's lines.
+unsafe extern "C" fn write_fetch_log(ev: *mut ngx::ffi::ngx_event_t) {
+    ngx_util::no_panic((), || {
+        // SAFETY: `ev` is LOG_EVENT, armed in `init_process` with the cycle's log.
+        let log = unsafe { (*ev).log };
+        for (level, line) in fetch::take_log() {
+            ngx::ngx_log_error!(level, log, "{}", line);
+        }
+    });
+    // SAFETY: nginx's process flags are plain globals, read on the worker's own thread.
+    let exiting = unsafe {
+        ngx::ffi::ngx_exiting != 0 || ngx::ffi::ngx_quit != 0 || ngx::ffi::ngx_terminate != 0
+    };
+    if !exiting {
+        // SAFETY: re-arming our own static event from its handler.
+        unsafe { ngx::ffi::ngx_add_timer(ev, LOG_INTERVAL_MS) };
+    }
 }
 
 unsafe impl HttpModuleMainConf for MeshModule {

@@ -7,11 +7,13 @@ use ngx::core::Status;
 use ngx::ffi::{
     ngx_conf_t, ngx_http_add_variable, ngx_http_get_variable_pt, ngx_http_request_t, ngx_int_t,
     ngx_str_t, ngx_uint_t, ngx_variable_value_t, NGX_HTTP_VAR_NOCACHEABLE, NGX_HTTP_VAR_PREFIX,
+    NGX_LOG_WARN,
 };
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, Request};
 use ngx::ngx_string;
 
 use crate::access::{request_ctx, RequestCtx};
+use crate::fetch::OutboundToken;
 use crate::forward;
 use crate::ngx_util::{no_panic, set_var, set_var_copy};
 use crate::MeshModule;
@@ -118,6 +120,56 @@ pub unsafe fn register(cf: *mut ngx_conf_t) -> Result<(), ()> {
         }
     }
     Ok(())
+}
+
+/// Defines `$NAME` for `mesh_outbound_token`: its value is the token held by `token`.
+pub fn register_outbound(
+    cf: *mut ngx_conf_t,
+    name: &str,
+    token: &std::sync::Arc<OutboundToken>,
+) -> Result<(), ()> {
+    // SAFETY: nginx copies nothing it does not own: the name is copied into the
+    // configuration pool here, and `data` points at the token, which the main configuration
+    // keeps alive for as long as this variable exists.
+    unsafe {
+        let mut n = ngx_str_t::from_bytes((*cf).pool, name.as_bytes()).ok_or(())?;
+        let var = ngx_http_add_variable(cf, &mut n, 0);
+        if var.is_null() {
+            return Err(());
+        }
+        (*var).get_handler = Some(var_outbound);
+        (*var).data = std::sync::Arc::as_ptr(token) as usize;
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn var_outbound(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    data: usize,
+) -> ngx_int_t {
+    no_panic(Status::NGX_ERROR.into(), || {
+        // SAFETY: `data` is the OutboundToken set in `register_outbound`, alive with the
+        // configuration; nginx passes a live request and value slot.
+        let (token, req, v) = unsafe { (&*(data as *const OutboundToken), &*r, &mut *v) };
+        let value = token.current();
+        if value.is_none() && token.should_warn() {
+            ngx::ngx_log_error!(
+                NGX_LOG_WARN,
+                // SAFETY: a live request has a live connection.
+                unsafe { (*req.connection).log },
+                "mesh_outbound_token \"{}\": no token from the metadata server yet, the variable is empty",
+                token.audience
+            );
+        }
+        // Copied: the thread may replace the token while the request still uses the value.
+        if set_var_copy(req, v, value.as_deref().unwrap_or("").as_bytes()) {
+            v.set_no_cacheable(1);
+            Status::NGX_OK.into()
+        } else {
+            Status::NGX_ERROR.into()
+        }
+    })
 }
 
 /// Common shape of a getter: run `f` on the request context, never unwinding into nginx.

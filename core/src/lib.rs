@@ -8,6 +8,7 @@
 //! * [`policy`]: RBAC patterns, `mesh_role` bindings, `mesh_allow`/`mesh_deny` rules;
 //! * [`gcra`]: `rate=` parsing, GCRA (`limit_req ... nodelay` semantics), `RateLimit` headers;
 //! * [`ratetable`]: per-key rate state as plain data for nginx shared memory;
+//! * [`refresh`]: when fetched keys and outbound tokens are fetched again;
 //! * [`trace`]: trace context (W3C `traceparent`/`tracestate`, `X-Cloud-Trace-Context`), ids, sampling;
 //! * [`units`]: nginx time/size/flag syntax.
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@ pub mod gcra;
 pub mod keys;
 pub mod policy;
 pub mod ratetable;
+pub mod refresh;
 pub mod status;
 pub mod token;
 pub mod trace;
