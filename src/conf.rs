@@ -931,7 +931,7 @@ fn shared_zone(
 /// `rate=R` and `burst=B` of `mesh_rate_limit` and `mesh_rate_limit_caller`.
 fn gcra_of(rate: Option<&str>, burst: Option<&str>) -> Result<Gcra, String> {
     let rate = rate.ok_or("\"rate=\" is required")?;
-    let rate = parse_rate(rate).map_err(|e| format!("invalid rate \"{rate}\": {e}"))?;
+    let rate = parse_rate(rate)?;
     let burst = match burst {
         None => 0,
         Some(b) => b

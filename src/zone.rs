@@ -30,6 +30,8 @@ pub struct RateZone {
 struct Table {
     nslots: usize,
     evictions: u64,
+    /// Requests seen by the zone: orders slot use for eviction.
+    seq: u64,
     // `nslots` slots follow.
 }
 
@@ -58,7 +60,8 @@ impl RateZone {
                 (self.table as *mut u8).add(size_of::<Table>()) as *mut Slot,
                 t.nslots,
             );
-            let (outcome, evicted) = ratetable::check(slots, key, gcra, now, dry_run);
+            t.seq += 1;
+            let (outcome, evicted) = ratetable::check(slots, key, gcra, now, t.seq, dry_run);
             if evicted {
                 t.evictions += 1;
             }

@@ -93,7 +93,17 @@ impl Pattern {
             }
             return Regex::new(&source)
                 .map(Pattern::Regex)
-                .map_err(|e| format!("\"{s}\": invalid regular expression: {e}"));
+                // One line: the regex crate draws a caret diagram over several, which would
+                // split nginx's "[emerg] ... in FILE:LINE" across log lines.
+                .map_err(|e| {
+                    let why = e.to_string();
+                    let why = why
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                        .trim_start_matches("error: ");
+                    format!("\"{s}\": invalid regular expression: {why}")
+                });
         }
         if s.chars().any(char::is_control) {
             return Err(format!(
@@ -275,12 +285,18 @@ pub fn parse_rule(effect: Effect, args: &[&str], text: String) -> Result<Rule, S
                 return Err(format!("\"{arg}\": methods= given twice"));
             }
             methods = Some(parse_methods(list).map_err(|e| format!("\"{arg}\": {e}"))?);
+        } else if is_parameter(arg) {
+            // `method=GET` (a typo) must not become a principal that matches nobody while
+            // the rule silently applies to every method.
+            return Err(format!(
+                "\"{arg}\": unknown parameter (only methods= is known)"
+            ));
         } else {
             patterns.push(Pattern::parse(arg)?);
         }
     }
     if patterns.is_empty() {
-        return Err(format!("{}: no pattern", effect.directive()));
+        return Err("no pattern".to_owned());
     }
     Ok(Rule {
         effect,
@@ -288,6 +304,17 @@ pub fn parse_rule(effect: Effect, args: &[&str], text: String) -> Result<Rule, S
         methods,
         text,
     })
+}
+
+/// `name=...` with a plain lower-case name: a parameter, not a pattern (patterns with `=` are
+/// `claim:PATH=VALUE`, regexes and principals, none of which look like this).
+fn is_parameter(arg: &str) -> bool {
+    match arg.split_once('=') {
+        Some((name, _)) => {
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        }
+        None => false,
+    }
 }
 
 fn parse_methods(list: &str) -> Result<Vec<String>, String> {

@@ -23,6 +23,9 @@ pub struct Slot {
     /// The GCRA theoretical arrival time, µs.
     pub tat: u64,
     /// Last use, µs.
+    /// When the key was last used, as the zone's request sequence number (not a time:
+    /// nginx's cached clock stands still across a batch of requests, and ties would let
+    /// eviction pick a busy key).
     pub last: u64,
 }
 
@@ -84,7 +87,7 @@ fn bucket(slots: &mut [Slot], key: [u64; 2]) -> &mut [Slot] {
 
 /// Which slot of the bucket serves `key` at `now`: its own; else an empty
 /// one; else one whose state has run out (`tat <= now`); else the one idle
-/// the longest (smallest `last`). `None` only for an empty bucket.
+/// the longest (smallest `last`, a sequence number). `None` only for an empty bucket.
 fn pick(bucket: &[Slot], key: [u64; 2], now: u64) -> Option<usize> {
     bucket
         .iter()
@@ -100,7 +103,9 @@ fn pick(bucket: &[Slot], key: [u64; 2], now: u64) -> Option<usize> {
         })
 }
 
-/// Check one request for `key` at `now` against the table, and record it.
+/// Check one request for `key` at `now` against the table, and record it. `seq` orders uses
+/// for eviction: the caller increments it for every call on the same table (under the
+/// table's lock).
 ///
 /// Returns the outcome and whether a key with live state (`tat > now`) was
 /// evicted for this one. An allowed request stores its new TAT; a refused
@@ -116,6 +121,7 @@ pub fn check(
     key: [u64; 2],
     gcra: &Gcra,
     now: u64,
+    seq: u64,
     dry_run: bool,
 ) -> (Outcome, bool) {
     let _ = dry_run;
@@ -135,7 +141,7 @@ pub fn check(
     // storing it never advances the state.
     slot.tat = outcome.new_tat;
     slot.key = key;
-    slot.last = now;
+    slot.last = seq;
     (outcome, evicted)
 }
 

@@ -294,7 +294,9 @@ fn rule_parsing() {
     assert!(err(&["any", "methods=GET POST"]).contains("invalid method"));
     assert!(err(&["any", "methods=G\u{e9}T"]).contains("invalid method"));
     assert!(err(&["any", "methods=GET", "methods=POST"]).contains("twice"));
-    assert!(err(&["methods=GET"]).contains("mesh_allow: no pattern"));
+    assert!(err(&["methods=GET"]).contains("no pattern"));
+    assert!(err(&["any", "method=GET"]).contains("unknown parameter"));
+    assert!(err(&["any", "methods=POST", "limit=5"]).contains("unknown parameter"));
     assert!(err(&[]).contains("no pattern"));
     assert!(err(&["role:"]).contains("empty role name"));
     assert!(err(&["~("]).contains("invalid regular expression"));

@@ -19,7 +19,7 @@ fn key(n: u64) -> [u64; 2] {
 /// How many of `n` requests at `now` pass.
 fn burst_at(slots: &mut [Slot], k: [u64; 2], g: &Gcra, now: u64, n: usize) -> usize {
     (0..n)
-        .filter(|_| check(slots, k, g, now, false).0.allowed)
+        .filter(|_| check(slots, k, g, now, now, false).0.allowed)
         .count()
 }
 
@@ -59,9 +59,9 @@ fn per_key_state() {
     let g = gcra("10r/s", 5);
     assert_eq!(burst_at(&mut slots, key(1), &g, T0, 10), 6);
     assert_eq!(burst_at(&mut slots, key(2), &g, T0, 10), 6);
-    let (o, evicted) = check(&mut slots, key(1), &g, T0 + 100 * MS, false);
+    let (o, evicted) = check(&mut slots, key(1), &g, T0 + 100 * MS, T0 + 100 * MS, false);
     assert!(o.allowed && !evicted);
-    let (o, _) = check(&mut slots, key(1), &g, T0 + 100 * MS, false);
+    let (o, _) = check(&mut slots, key(1), &g, T0 + 100 * MS, T0 + 100 * MS, false);
     assert!(!o.allowed);
     assert_eq!(o.retry_after_us, 100 * MS);
 }
@@ -71,7 +71,7 @@ fn no_slots_and_tiny_tables() {
     let g = gcra("1r/m", 0);
     let mut none: [Slot; 0] = [];
     for _ in 0..5 {
-        let (o, evicted) = check(&mut none, key(1), &g, T0, false);
+        let (o, evicted) = check(&mut none, key(1), &g, T0, T0, false);
         assert!(o.allowed && !evicted);
     }
     // Fewer slots than WAYS: one bucket of that many.
@@ -81,11 +81,11 @@ fn no_slots_and_tiny_tables() {
     }
     assert!(three.iter().all(|s| !s.is_empty()));
     // A fourth key evicts the longest idle (key 0, used first).
-    let (o, evicted) = check(&mut three, key(3), &g, T0 + SEC, false);
+    let (o, evicted) = check(&mut three, key(3), &g, T0 + SEC, T0 + SEC, false);
     assert!(o.allowed && evicted);
     assert!(!three.iter().any(|s| s.key == key(0)));
     // Key 0 comes back with no state: allowed again, evicting key 1.
-    let (o, evicted) = check(&mut three, key(0), &g, T0 + 2 * SEC, false);
+    let (o, evicted) = check(&mut three, key(0), &g, T0 + 2 * SEC, T0 + 2 * SEC, false);
     assert!(o.allowed && evicted);
     assert!(!three.iter().any(|s| s.key == key(1)));
 }
@@ -99,14 +99,14 @@ fn many_keys_tiny_table() {
         let now = T0 + n; // 1 µs apart: every key still owes when evicted
         let k = key(n);
         for i in 0..4 {
-            let (o, evicted) = check(&mut slots, k, &g, now, false);
+            let (o, evicted) = check(&mut slots, k, &g, now, now, false);
             assert!(o.allowed, "key {n} request {i}");
             if evicted {
                 assert_eq!(i, 0);
                 stats.evictions += 1;
             }
         }
-        let (o, _) = check(&mut slots, k, &g, now, false);
+        let (o, _) = check(&mut slots, k, &g, now, now, false);
         assert!(!o.allowed, "key {n}: burst exceeded");
     }
     assert!(slots.iter().all(|s| !s.is_empty()));
@@ -124,10 +124,10 @@ fn hot_key_survives_churn() {
     for n in 0..10_000u64 {
         now += MS;
         // Cold keys: seen once, never again (each still owes: tat > now).
-        let (o, _) = check(&mut slots, key(n), &g, now, false);
+        let (o, _) = check(&mut slots, key(n), &g, now, now, false);
         assert!(o.allowed);
         if n % 4 == 0 {
-            if check(&mut slots, hot, &g, now, false).0.allowed {
+            if check(&mut slots, hot, &g, now, now, false).0.allowed {
                 hot_allowed += 1;
             }
             assert!(slots.iter().any(|s| s.key == hot));
@@ -145,20 +145,20 @@ fn expired_slots_preferred() {
     let g_fast = gcra("10r/s", 0); // tat = now + 100 ms
     let g_slow = gcra("1r/m", 0); // tat = now + 60 s
                                   // Slot 0: the longest idle, but with live state for a minute.
-    check(&mut slots, key(0), &g_slow, T0, false);
+    check(&mut slots, key(0), &g_slow, T0, T0, false);
     // Slots 1..8: more recent, expiring after 100 ms.
     for k in 1..WAYS as u64 {
-        check(&mut slots, key(k), &g_fast, T0 + k * MS, false);
+        check(&mut slots, key(k), &g_fast, T0 + k * MS, T0 + k * MS, false);
     }
     assert!(slots.iter().all(|s| !s.is_empty()));
     // 1 s later the fast keys' state has run out: one of them is reused, not key 0.
-    let (o, evicted) = check(&mut slots, key(100), &g_fast, T0 + SEC, false);
+    let (o, evicted) = check(&mut slots, key(100), &g_fast, T0 + SEC, T0 + SEC, false);
     assert!(o.allowed);
     assert!(!evicted, "reusing an expired slot loses nothing");
     assert!(slots.iter().any(|s| s.key == key(0)));
     assert!(slots.iter().any(|s| s.key == key(100)));
     // Key 0 still owes: refused.
-    let (o, _) = check(&mut slots, key(0), &g_slow, T0 + SEC, false);
+    let (o, _) = check(&mut slots, key(0), &g_slow, T0 + SEC, T0 + SEC, false);
     assert!(!o.allowed);
     assert_eq!(o.retry_after_us, 59 * SEC);
 
@@ -166,10 +166,17 @@ fn expired_slots_preferred() {
     // it is now the most recent).
     let mut slots = [Slot::default(); WAYS];
     for k in 0..WAYS as u64 {
-        check(&mut slots, key(k), &g_slow, T0 + k * MS, false);
+        check(&mut slots, key(k), &g_slow, T0 + k * MS, T0 + k * MS, false);
     }
-    check(&mut slots, key(0), &g_slow, T0 + SEC, false);
-    let (_, evicted) = check(&mut slots, key(50), &g_slow, T0 + 2 * SEC, false);
+    check(&mut slots, key(0), &g_slow, T0 + SEC, T0 + SEC, false);
+    let (_, evicted) = check(
+        &mut slots,
+        key(50),
+        &g_slow,
+        T0 + 2 * SEC,
+        T0 + 2 * SEC,
+        false,
+    );
     assert!(evicted);
     assert!(slots.iter().any(|s| s.key == key(0)));
     assert!(!slots.iter().any(|s| s.key == key(1)));
@@ -182,12 +189,12 @@ fn dry_run_does_not_advance_on_refusal() {
     let k = key(7);
     // Dry run accounts like enforcement: 3 pass, then refusals...
     for i in 0..3 {
-        assert!(check(&mut slots, k, &g, T0, true).0.allowed, "{i}");
+        assert!(check(&mut slots, k, &g, T0, T0, true).0.allowed, "{i}");
     }
     let tat = slots.iter().find(|s| s.key == k).unwrap().tat;
     assert_eq!(tat, T0 + 300 * MS);
     for _ in 0..100 {
-        let (o, _) = check(&mut slots, k, &g, T0 + 10 * MS, true);
+        let (o, _) = check(&mut slots, k, &g, T0 + 10 * MS, T0 + 10 * MS, true);
         assert!(!o.allowed, "would_rate_limit");
         assert_eq!(o.retry_after_us, 90 * MS);
     }
@@ -195,15 +202,23 @@ fn dry_run_does_not_advance_on_refusal() {
     let s = slots.iter().find(|s| s.key == k).unwrap();
     assert_eq!(s.tat, tat);
     assert_eq!(s.last, T0 + 10 * MS);
-    assert!(check(&mut slots, k, &g, T0 + 100 * MS, true).0.allowed);
-    assert!(!check(&mut slots, k, &g, T0 + 100 * MS, true).0.allowed);
+    assert!(
+        check(&mut slots, k, &g, T0 + 100 * MS, T0 + 100 * MS, true)
+            .0
+            .allowed
+    );
+    assert!(
+        !check(&mut slots, k, &g, T0 + 100 * MS, T0 + 100 * MS, true)
+            .0
+            .allowed
+    );
     // The same sequence with and without dry run: same answers, same state.
     let seq = [0, 0, 0, 10, 10, 100, 100, 250, 250, 250, 900];
     let mut dry = [Slot::default(); 16];
     let mut real = [Slot::default(); 16];
     for &dt in &seq {
-        let a = check(&mut real, k, &g, T0 + dt * MS, false).0;
-        let b = check(&mut dry, k, &g, T0 + dt * MS, true).0;
+        let a = check(&mut real, k, &g, T0 + dt * MS, T0 + dt * MS, false).0;
+        let b = check(&mut dry, k, &g, T0 + dt * MS, T0 + dt * MS, true).0;
         assert_eq!(a, b);
     }
     assert_eq!(real, dry);
@@ -216,17 +231,48 @@ fn clock_backwards_in_table() {
     let k = key(1);
     assert_eq!(burst_at(&mut slots, k, &g, T0, 6), 6);
     let back = T0 - 3600 * SEC;
-    assert!(!check(&mut slots, k, &g, back, false).0.allowed);
+    assert!(!check(&mut slots, k, &g, back, back, false).0.allowed);
     // Not locked out for the hour: one interval.
-    assert!(check(&mut slots, k, &g, back + 100 * MS, false).0.allowed);
+    assert!(
+        check(&mut slots, k, &g, back + 100 * MS, back + 100 * MS, false)
+            .0
+            .allowed
+    );
     // Extreme times do not panic.
     for now in [0, 1, u64::MAX - 1, u64::MAX, 0] {
         for n in 0..20 {
-            let _ = check(&mut slots, key(n), &g, now, false);
+            let _ = check(&mut slots, key(n), &g, now, now, false);
         }
     }
     // The reserved empty key is never stored as such.
-    let (o, _) = check(&mut slots, [0, 0], &g, T0, false);
+    let (o, _) = check(&mut slots, [0, 0], &g, T0, T0, false);
     assert!(o.allowed);
     assert!(slots.iter().any(|s| s.key == [0, 1]));
+}
+
+#[test]
+fn a_busy_key_survives_churn_while_the_clock_stands_still() {
+    // nginx's cached clock does not move during a batch of requests: eviction must still
+    // tell the busy key (used recently, by sequence) from the churning cold ones.
+    let g = Gcra::new(parse_rate("1r/m").unwrap(), 2);
+    // 128 buckets: between two uses of the busy key, its bucket sees ~0.2 new keys, so only
+    // a wrong eviction order (not the table's size) can push it out.
+    let mut slots = vec![Slot::default(); 1024];
+    let hot = key(1_000_000);
+    let mut seq = 0;
+    let mut next = || {
+        seq += 1;
+        seq
+    };
+    for _ in 0..3 {
+        assert!(check(&mut slots, hot, &g, T0, next(), false).0.allowed);
+    }
+    let mut leaked = 0;
+    for n in 0..100_000u64 {
+        let _ = check(&mut slots, key(n), &g, T0, next(), false);
+        if n % 25 == 0 && check(&mut slots, hot, &g, T0, next(), false).0.allowed {
+            leaked += 1;
+        }
+    }
+    assert_eq!(leaked, 0, "the busy key was evicted and its budget reset");
 }
