@@ -270,6 +270,21 @@ const fn command(
     }
 }
 
+/// An `on|off` directive of `LocConf` (any level), stored in `field`.
+macro_rules! flag_command {
+    ($name:literal, $field:ident) => {
+        ngx_command_t {
+            offset: std::mem::offset_of!(LocConf, $field),
+            ..command(
+                ngx_string!($name),
+                MSL | NGX_CONF_FLAG,
+                cmd_flag,
+                NGX_HTTP_LOC_CONF_OFFSET,
+            )
+        }
+    };
+}
+
 pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 25] = [
     command(
         ngx_string!("mesh_provider"),
@@ -331,12 +346,7 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 25] = [
         cmd_deny,
         NGX_HTTP_LOC_CONF_OFFSET,
     ),
-    command(
-        ngx_string!("mesh_policy_dry_run"),
-        MSL | NGX_CONF_FLAG,
-        cmd_policy_dry_run,
-        NGX_HTTP_LOC_CONF_OFFSET,
-    ),
+    flag_command!("mesh_policy_dry_run", policy_dry_run),
     command(
         ngx_string!("mesh_rate_limit_zone"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE2,
@@ -361,24 +371,9 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 25] = [
         cmd_rate_limit_status,
         NGX_HTTP_LOC_CONF_OFFSET,
     ),
-    command(
-        ngx_string!("mesh_rate_limit_headers"),
-        MSL | NGX_CONF_FLAG,
-        cmd_rate_limit_headers,
-        NGX_HTTP_LOC_CONF_OFFSET,
-    ),
-    command(
-        ngx_string!("mesh_rate_limit_dry_run"),
-        MSL | NGX_CONF_FLAG,
-        cmd_rate_limit_dry_run,
-        NGX_HTTP_LOC_CONF_OFFSET,
-    ),
-    command(
-        ngx_string!("mesh_trace"),
-        MSL | NGX_CONF_FLAG,
-        cmd_trace,
-        NGX_HTTP_LOC_CONF_OFFSET,
-    ),
+    flag_command!("mesh_rate_limit_headers", rate_headers),
+    flag_command!("mesh_rate_limit_dry_run", rate_dry_run),
+    flag_command!("mesh_trace", trace),
     command(
         ngx_string!("mesh_trace_sample"),
         MSL | NGX_CONF_TAKE1,
@@ -391,18 +386,8 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 25] = [
         cmd_trace_project,
         NGX_HTTP_LOC_CONF_OFFSET,
     ),
-    command(
-        ngx_string!("mesh_trace_response"),
-        MSL | NGX_CONF_FLAG,
-        cmd_trace_response,
-        NGX_HTTP_LOC_CONF_OFFSET,
-    ),
-    command(
-        ngx_string!("mesh_forward_identity"),
-        MSL | NGX_CONF_FLAG,
-        cmd_forward_identity,
-        NGX_HTTP_LOC_CONF_OFFSET,
-    ),
+    flag_command!("mesh_trace_response", trace_response),
+    flag_command!("mesh_forward_identity", forward_identity),
     command(
         ngx_string!("mesh_outbound_token"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE2,
@@ -685,45 +670,32 @@ unsafe extern "C" fn cmd_deny(
     rule_directive(cf, conf, Effect::Deny)
 }
 
-/// `on|off` directives, worded as nginx's own flag directives are.
-fn flag(name: &str, a: &[ngx_str_t], slot: &mut Option<bool>) -> Result<(), ConfErr> {
-    if slot.is_some() {
-        return Err(ConfErr::Duplicate);
-    }
-    let v = word(&a[1])?;
-    *slot = Some(parse_on_off(v).ok_or_else(|| {
-        format!("invalid value \"{v}\" in \"{name}\" directive, it must be \"on\" or \"off\"")
-    })?);
-    Ok(())
-}
-
-unsafe extern "C" fn cmd_policy_dry_run(
+/// Every `on|off` directive: like nginx's `ngx_conf_set_flag_slot`, the command's `offset`
+/// names the `Option<bool>` field of `LocConf` it sets.
+unsafe extern "C" fn cmd_flag(
     cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
+    cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
+    // SAFETY: the command table pairs this handler only with offsets of `Option<bool>` fields
+    // of `LocConf` (`offset_of!`), and nginx passes that command.
+    let (name, offset) = unsafe { ((*cmd).name.to_string(), (*cmd).offset) };
     directive(cf, conf, |lcf: &mut LocConf, a| {
-        flag("mesh_policy_dry_run", a, &mut lcf.policy_dry_run)
-    })
-}
-
-unsafe extern "C" fn cmd_rate_limit_headers(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    directive(cf, conf, |lcf: &mut LocConf, a| {
-        flag("mesh_rate_limit_headers", a, &mut lcf.rate_headers)
-    })
-}
-
-unsafe extern "C" fn cmd_rate_limit_dry_run(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    directive(cf, conf, |lcf: &mut LocConf, a| {
-        flag("mesh_rate_limit_dry_run", a, &mut lcf.rate_dry_run)
+        // SAFETY: see above; `lcf` is the LocConf nginx passed for this directive.
+        let slot = unsafe {
+            &mut *(lcf as *mut LocConf)
+                .cast::<u8>()
+                .add(offset)
+                .cast::<Option<bool>>()
+        };
+        if slot.is_some() {
+            return Err(ConfErr::Duplicate);
+        }
+        let v = word(&a[1])?;
+        *slot = Some(parse_on_off(v).ok_or_else(|| {
+            format!("invalid value \"{v}\" in \"{name}\" directive, it must be \"on\" or \"off\"")
+        })?);
+        Ok(())
     })
 }
 
@@ -746,36 +718,6 @@ unsafe extern "C" fn cmd_rate_limit_status(
             }
         }
         Ok(())
-    })
-}
-
-unsafe extern "C" fn cmd_trace(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    directive(cf, conf, |lcf: &mut LocConf, a| {
-        flag("mesh_trace", a, &mut lcf.trace)
-    })
-}
-
-unsafe extern "C" fn cmd_trace_response(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    directive(cf, conf, |lcf: &mut LocConf, a| {
-        flag("mesh_trace_response", a, &mut lcf.trace_response)
-    })
-}
-
-unsafe extern "C" fn cmd_forward_identity(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    directive(cf, conf, |lcf: &mut LocConf, a| {
-        flag("mesh_forward_identity", a, &mut lcf.forward_identity)
     })
 }
 
