@@ -1,0 +1,45 @@
+-- wrk script: each request carries the next token of a file as "Authorization: Bearer TOKEN".
+--
+--   wrk -s tokens.lua URL -- TOKENS_FILE THREADS
+--
+-- TOKENS_FILE holds one token a line (one line: the same token on every request). THREADS is
+-- wrk's -t, so each thread starts at its own offset in the list. The requests are formatted
+-- once, in init(), so a request costs wrk one table lookup whatever the token.
+-- done() prints one machine-readable line for run.sh:
+--   BENCH requests=N duration_us=N connect=N read=N write=N status=N timeout=N
+-- where status counts responses with a status of 400 or more (wrk does not count 3xx, which
+-- run.sh rules out by checking each variant once with curl: 200 and the file).
+
+local next_id = 0
+
+function setup(thread)
+   thread:set("id", next_id)
+   next_id = next_id + 1
+end
+
+function init(args)
+   local path = args[1] or error("usage: wrk -s tokens.lua URL -- TOKENS_FILE THREADS")
+   local threads = tonumber(args[2] or "1")
+   requests = {}
+   for line in io.lines(path) do
+      if #line > 0 then
+         requests[#requests + 1] = wrk.format("GET", nil, { ["Authorization"] = "Bearer " .. line })
+      end
+   end
+   count = #requests
+   if count == 0 then error(path .. ": no tokens") end
+   -- Thread k starts k/THREADS of the way through the list (0-based index into requests).
+   index = math.floor(id * count / threads) % count
+end
+
+function request()
+   index = index + 1
+   if index > count then index = 1 end
+   return requests[index]
+end
+
+function done(summary, latency, requests)
+   local e = summary.errors
+   io.write(string.format("BENCH requests=%d duration_us=%d connect=%d read=%d write=%d status=%d timeout=%d\n",
+      summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout))
+end
