@@ -10,6 +10,8 @@
 #   rs256   10 000 distinct RS256 tokens in turn: more than `mesh_token_cache 4096` holds, so
 #           the LRU misses on every request and each request is a signature check
 #   es256   the same with ES256 tokens
+#   full    the cached token on a location with everything on: identity, RBAC (10 rules, the
+#           last one matching), a rate limit that never refuses, and mesh_trace
 # and verify_rate (core/examples/verify_rate.rs): one core's verifications per second.
 # Besides wrk's requests/s, each run records the nginx worker's CPU time per request (from
 # /proc/PID/schedstat), which other load on a shared machine disturbs far less.
@@ -38,7 +40,7 @@ verify_secs=1
 issuer=https://bench.local
 audience=bench
 cache_size=4096 # mesh_token_cache (the default)
-variants=(stock cached rs256 es256)
+variants=(stock cached rs256 es256 full)
 
 # Cycling through N tokens, an LRU of C entries misses on every request only if N > C.
 [ "$ntokens" -gt "$cache_size" ] ||
@@ -133,7 +135,7 @@ free_port() {
 
 # write_conf DIR PORT with|without
 write_conf() {
-    local dir=$1 port=$2 load="" mesh_http="" mesh_loc=""
+    local dir=$1 port=$2 load="" mesh_http="" mesh_loc="" mesh_full=""
     if [ "$3" = with ]; then
         load="load_module $module_copy;"
         mesh_http="mesh_provider demo {
@@ -141,8 +143,27 @@ write_conf() {
         keys $work/keys/jwks.json;
         audience $audience;
     }
-    mesh_token_cache $cache_size;"
+    mesh_token_cache $cache_size;
+    mesh_rate_limit_zone bench 10m;
+    mesh_role readers svc-rs-*@bench.local;"
         mesh_loc="mesh_auth demo;"
+        # Nine rules that do not match the caller, then the one that does.
+        mesh_full="location /full/ {
+            alias $work/www/;
+            mesh_auth demo;
+            mesh_deny ~^blocked- role:nobody claim:tier=banned;
+            mesh_allow admin@bench.local methods=DELETE;
+            mesh_allow role:nobody;
+            mesh_allow claim:tier=gold methods=POST;
+            mesh_allow ~^batch-.*@other\\.local\$;
+            mesh_allow ops-*@bench.local methods=PUT,PATCH;
+            mesh_deny anonymous;
+            mesh_allow claim:team=payments;
+            mesh_allow svc-es-*@bench.local methods=POST;
+            mesh_allow role:readers methods=GET,HEAD;
+            mesh_rate_limit zone=bench rate=1000000r/s burst=1000000;
+            mesh_trace on;
+        }"
     fi
     mkdir -p "$dir/tmp"
     cat > "$dir/nginx.conf" <<CONF
@@ -173,6 +194,7 @@ http {
         location / {
             $mesh_loc
         }
+        $mesh_full
     }
 }
 CONF
@@ -211,15 +233,17 @@ start_nginx stock "$port_stock"
 start_nginx mesh "$port_mesh"
 
 declare -A url tokens instance
-instance=([stock]=stock [cached]=mesh [rs256]=mesh [es256]=mesh)
+instance=([stock]=stock [cached]=mesh [rs256]=mesh [es256]=mesh [full]=mesh)
 url[stock]=http://127.0.0.1:$port_stock/hello.txt
 url[cached]=http://127.0.0.1:$port_mesh/hello.txt
 url[rs256]=${url[cached]}
 url[es256]=${url[cached]}
+url[full]=http://127.0.0.1:$port_mesh/full/hello.txt
 tokens[stock]=$work/keys/cached.txt # the same header as `cached`; stock nginx ignores it
 tokens[cached]=$work/keys/cached.txt
 tokens[rs256]=$work/keys/rs256.txt
 tokens[es256]=$work/keys/es256.txt
+tokens[full]=$work/keys/cached.txt
 
 # --- Sanity: the module refuses a request without a token, and every variant's token
 # (the first of each file) gets the file.
