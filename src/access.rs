@@ -387,8 +387,11 @@ pub unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         let Some(lcf) = MeshModule::location_conf(r) else {
             return Status::NGX_DECLINED.into();
         };
-        if lcf.auth().is_none() && lcf.rules.is_none() && lcf.rate_limit.is_none() {
-            // Nothing to decide here; trace and identity headers are the precontent phase's.
+        let decides = lcf.auth().is_some() || lcf.rules.is_some() || lcf.rate_limit.is_some();
+        let forwards = lcf.trace == Some(true) || lcf.forward_identity == Some(true);
+        if !r.is_main() || (!decides && !forwards) {
+            // nginx skips the access phase for subrequests; a main request with nothing to
+            // decide or forward costs nothing more.
             return Status::NGX_DECLINED.into();
         }
         pipeline(r, lcf)
@@ -462,9 +465,12 @@ fn pipeline(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
         }
     }
 
-    if ctx.decision.is_none() {
+    let decided = lcf.auth().is_some() || lcf.rules.is_some() || lcf.rate_limit.is_some();
+    if decided && ctx.decision.is_none() {
         ctx.decision = Some(Decision::Allow);
     }
+    // SAFETY: `raw` is the live main request; nothing else holds its header list now.
+    forward::rewrite_upstream_headers(unsafe { &mut *raw }, lcf, ctx);
     if ctx.status == AuthStatus::Verified || allowed_by_rule {
         Status::NGX_OK.into()
     } else {

@@ -1,11 +1,11 @@
 //! What travels with the request: trace context toward the upstream (and `traceresponse`
 //! back to the client), and the verified identity (`mesh_forward_identity`).
 //!
-//! Headers are rewritten in the precontent phase, after every access decision and before the
-//! content handler (`proxy_pass`, `grpc_pass`, `fastcgi_pass`) builds the upstream request
-//! from `r->headers_in`. The phase runs again after an internal redirect; since the request
-//! context (and so the span) survives the redirect and the old headers are removed before the
-//! new ones are added, the upstream sees each header exactly once.
+//! Headers are rewritten at the end of the access phase, once the request is allowed, and
+//! before anything builds an upstream request from `r->headers_in`. The phase runs again
+//! after an internal redirect; since the request context (and so the span) survives the
+//! redirect and the old headers are removed before the new ones are added, the upstream sees
+//! each header exactly once.
 
 use std::cell::RefCell;
 use std::ptr;
@@ -104,51 +104,38 @@ fn is_mesh_header(name: &[u8]) -> bool {
     name.len() >= 7 && name[..7].eq_ignore_ascii_case(b"x-mesh-")
 }
 
-/// The precontent-phase handler: rewrites the headers the upstream will receive.
-pub unsafe extern "C" fn precontent_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    no_panic(Status::NGX_DECLINED.into(), || {
-        // SAFETY: nginx calls phase handlers with a live request.
-        let req = unsafe { Request::from_ngx_http_request(r) };
-        let Some(lcf) = MeshModule::location_conf(req) else {
-            return Status::NGX_DECLINED.into();
-        };
-        let trace_on = lcf.trace == Some(true);
-        let forward = lcf.forward_identity == Some(true);
-        if !trace_on && !forward {
-            return Status::NGX_DECLINED.into();
+/// Rewrites the headers the upstream will receive: this hop's trace context, and the verified
+/// identity (client `X-Mesh-*` headers dropped). Called from the access handler for the main
+/// request once it is allowed: before `auth_request` (whose handler runs after ours) copies
+/// the headers into its subrequest, and before the content phase (`proxy_pass`, `grpc_pass`,
+/// `fastcgi_pass`, `mirror`) builds anything from them. Never for a subrequest: it holds a
+/// by-value copy of its parent's `headers_in` that shares the parent's list, and editing it
+/// would corrupt the main request's headers. Idempotent, so a second pass after an internal
+/// redirect leaves each header once.
+pub fn rewrite_upstream_headers(r: &mut ngx_http_request_t, lcf: &LocConf, ctx: &mut RequestCtx) {
+    if lcf.trace == Some(true) {
+        if ctx.trace.is_none() {
+            // SAFETY: the live request `r`, read-only.
+            ctx.trace = start(unsafe { Request::from_ngx_http_request(r) }, lcf);
         }
-        let Some(ctx) = request_ctx(req) else {
-            return Status::NGX_DECLINED.into();
-        };
-        // SAFETY: the context lives in the request pool apart from the request's own
-        // fields, which are all this function changes below.
-        let ctx: &mut RequestCtx = unsafe { &mut *(ctx as *mut RequestCtx) };
-        // SAFETY: `r` is the live request.
-        let raw = unsafe { &mut *r };
-        if trace_on {
-            if ctx.trace.is_none() {
-                ctx.trace = start(req, lcf);
+        if let Some(t) = &ctx.trace {
+            remove_headers_in(r, is_trace_header);
+            add_header_in(r, "traceparent", t.traceparent.as_bytes());
+            if let Some(ts) = &t.tracestate {
+                add_header_in(r, "tracestate", ts);
             }
-            if let Some(t) = &ctx.trace {
-                remove_headers_in(raw, is_trace_header);
-                add_header_in(raw, "traceparent", t.traceparent.as_bytes());
-                if let Some(ts) = &t.tracestate {
-                    add_header_in(raw, "tracestate", ts);
-                }
-                add_header_in(raw, "X-Cloud-Trace-Context", t.cloud_trace.as_bytes());
-            }
+            add_header_in(r, "X-Cloud-Trace-Context", t.cloud_trace.as_bytes());
         }
-        if forward {
-            remove_headers_in(raw, is_mesh_header);
-            if let Some(v) = &ctx.verified {
-                add_header_in(raw, "X-Mesh-Caller", v.principal.as_bytes());
-                add_header_in(raw, "X-Mesh-Provider", v.provider.as_bytes());
-                let claims = URL_SAFE_NO_PAD.encode(v.claims_json.as_bytes());
-                add_header_in(raw, "X-Mesh-Claims", claims.as_bytes());
-            }
+    }
+    if lcf.forward_identity == Some(true) {
+        remove_headers_in(r, is_mesh_header);
+        if let Some(v) = &ctx.verified {
+            add_header_in(r, "X-Mesh-Caller", v.principal.as_bytes());
+            add_header_in(r, "X-Mesh-Provider", v.provider.as_bytes());
+            let claims = URL_SAFE_NO_PAD.encode(v.claims_json.as_bytes());
+            add_header_in(r, "X-Mesh-Claims", claims.as_bytes());
         }
-        Status::NGX_DECLINED.into()
-    })
+    }
 }
 
 /// The next header filter in nginx's chain.

@@ -15,8 +15,7 @@ use std::ptr;
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_array_push, ngx_conf_t, ngx_http_handler_pt, ngx_http_module_t,
-    ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE, ngx_int_t,
-    ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE,
+    ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_int_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
@@ -162,13 +161,6 @@ impl HttpModule for MeshModule {
             }
             *h = Some(access::access_handler);
 
-            let h = ngx_array_push(
-                &mut cmcf.phases[ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE as usize].handlers,
-            ) as *mut ngx_http_handler_pt;
-            if h.is_null() {
-                return Status::NGX_ERROR.into();
-            }
-            *h = Some(forward::precontent_handler);
             forward::install_header_filter();
         }
         Status::NGX_OK.into()

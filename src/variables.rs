@@ -303,7 +303,10 @@ unsafe extern "C" fn var_trace(
     data: usize,
 ) -> ngx_int_t {
     no_panic(Status::NGX_ERROR.into(), || {
-        // SAFETY: nginx calls variable getters with a live request and value slot.
+        // A subrequest shares its parent's variable cache, and its trace is the parent's:
+        // read the main request's context. SAFETY: nginx calls variable getters with a live
+        // request (whose `main` is live too) and value slot.
+        let r = unsafe { (*r).main };
         let (req, v) = unsafe { (Request::from_ngx_http_request(r), &mut *v) };
         let Some(lcf) = MeshModule::location_conf(req) else {
             return Status::NGX_ERROR.into();

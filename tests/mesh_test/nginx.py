@@ -255,3 +255,12 @@ def nginx_t(conf_text: str, tmp: Path) -> tuple[int, str, Path]:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30,
     )
     return proc.returncode, proc.stdout, conf
+
+
+def nginx_built_with(flag: str) -> bool:
+    """Whether `nginx -V` lists a configure flag (e.g. --with-http_auth_request_module)."""
+    try:
+        proc = subprocess.run([NGINX_BIN, "-V"], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return False
+    return flag in proc.stdout + proc.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -104,3 +105,61 @@ class Tripwire:
         self._stop.set()
         self._thread.join(timeout=5)
         self.sock.close()
+
+
+class RecordingUpstream(ThreadingHTTPServer):
+    """An upstream for subrequests (auth_request, mirror): answers 204 and keeps every request's
+    header list ([[name, value], ...], duplicates and order kept) by request path."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        seen: dict[str, list] = {}
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _record(self) -> None:
+                with lock:
+                    seen.setdefault(self.path, []).append([[n, v] for n, v in self.headers.items()])
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                self.send_response(204)
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _record
+
+            def log_message(self, format, *args):  # noqa: A002
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self._seen = seen
+        self._lock = lock
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def received(self, path: str, timeout: float = 3.0) -> list:
+        """The header list of the one request received for `path` (waits for it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                got = list(self._seen.get(path, []))
+            if got or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        assert len(got) == 1, f"the recording upstream got {len(got)} requests for {path}"
+        return got[0]
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self._thread.join(timeout=5)
