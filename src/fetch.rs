@@ -100,9 +100,16 @@ impl MeshProvider {
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
         {
-            self.refetch_wanted.store(true, Ordering::Release);
-            if let Some(f) = FETCHER.get() {
-                f.wake.notify_one();
+            // Flag and wake under the thread's lock, which it holds from checking the flags
+            // until it waits: a wake-up can then never fall in between and be lost. The
+            // thread holds the lock only for that (never while fetching).
+            match FETCHER.get() {
+                Some(f) => {
+                    let _guard = f.lock.lock();
+                    self.refetch_wanted.store(true, Ordering::Release);
+                    f.wake.notify_one();
+                }
+                None => self.refetch_wanted.store(true, Ordering::Release),
             }
         }
     }
@@ -260,6 +267,10 @@ fn run(f: &Fetcher) {
         .collect();
     let agent = new_agent(None);
     loop {
+        let guard = match f.lock.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
         // Unknown-kid refetches move their provider's job to now.
         for job in &mut jobs {
             if let JobKind::Keys(i) = job.kind {
@@ -274,6 +285,7 @@ fn run(f: &Fetcher) {
             .filter(|j| j.due <= now)
             .min_by_key(|j| j.due)
         {
+            drop(guard);
             match job.kind {
                 JobKind::Keys(i) => refresh_keys(f, &f.providers[i], job),
                 JobKind::Token(i) => refresh_token(f, &agent, &f.outbound[i], job),
@@ -285,10 +297,6 @@ fn run(f: &Fetcher) {
             .map(|j| j.due)
             .min()
             .unwrap_or(now + Duration::from_secs(3600));
-        let guard = match f.lock.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
         let _ = f
             .wake
             .wait_timeout(guard, next.saturating_duration_since(now));

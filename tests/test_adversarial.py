@@ -481,7 +481,3 @@ def test_a_token_of_exactly_16KiB_is_accepted_and_one_byte_more_is_malformed(sit
     over = _token_of_length(keyring, 16 * 1024 + 1)
     site.refused("/limit", bearer(over), "malformed", token=over)
 
-
-@pytest.mark.skip(reason="no_keys/503 needs URL keys (not implemented yet): a key file always has keys")
-def test_provider_without_keys_yet_answers_503_with_retry_after():
-    raise AssertionError("write me when `keys https://...` exists")

@@ -216,14 +216,18 @@ def test_after_the_burst_the_rate_is_sustained(site, keyring):
     conn = Connection(site.port)
     try:
         ok = 0
+        first = time.monotonic()
         while True:
             r = conn.request("/sustain/x", bearer(token))
             if r.status != 200:
                 assert r.status == 429, r
                 break
             ok += 1
-            assert ok <= 6, "more than burst+1 passed at once"
-        assert ok == 6, f"expected burst+1 = 6 to pass at once, got {ok}"
+            assert ok <= 20, "the burst never ended"
+        # Sequential requests take time: at 10r/s one more may pass per 100 ms they took
+        # (on a loaded machine); exactly burst+1 when they were quick.
+        refill = int((time.monotonic() - first) * 10)
+        assert 6 <= ok <= 6 + refill, f"expected burst+1 = 6 (+{refill} refilled) to pass, got {ok}"
         start = time.monotonic()
         counts = collections.Counter()
         while time.monotonic() - start < 1.0:

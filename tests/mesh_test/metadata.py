@@ -1,0 +1,185 @@
+"""A fake GCE/Cloud Run metadata server on loopback (plain HTTP) that hands out ID tokens.
+
+Like the real one it answers `GET /computeMetadata/v1/instance/service-accounts/default/identity
+?audience=AUD` only with the header `Metadata-Flavor: Google` (403 otherwise). The token is a
+JWT-shaped string (not really signed) whose `exp` is now + `lifetime`; each token is different
+(`seq`). Every request is recorded: when, the raw query, the audience, the flavor header, and
+the nginx process that sent it. `down()`/`up()` as the key server's.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .procs import peer_pid
+from .tokens import b64url, b64url_decode, json_bytes
+
+IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/default/identity"
+SERVICE_ACCOUNT = "orders-caller@shop-prod.iam.gserviceaccount.com"
+
+
+@dataclass
+class MetaRequest:
+    at: float
+    path: str
+    raw_query: str
+    audience: str | None
+    flavor: str | None
+    pid: int | None
+    status: int
+    token: str | None  # the token handed out, if any
+
+
+def make_id_token(audience: str, lifetime: float, seq: int) -> tuple[str, int]:
+    """A Google-shaped ID token (signature random bytes) and its exp."""
+    now = int(time.time())
+    exp = int(now + lifetime)
+    header = {"alg": "RS256", "kid": "meta-test-kid", "typ": "JWT"}
+    payload = {
+        "aud": audience,
+        "azp": "104011001100110011001",
+        "email": SERVICE_ACCOUNT,
+        "email_verified": True,
+        "exp": exp,
+        "iat": now,
+        "iss": "https://accounts.google.com",
+        "sub": "104011001100110011001",
+        "seq": seq,
+    }
+    token = f"{b64url(json_bytes(header))}.{b64url(json_bytes(payload))}.{b64url(secrets.token_bytes(64))}"
+    return token, exp
+
+
+def token_claims(token: str) -> dict:
+    return json.loads(b64url_decode(token.split(".")[1]))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "_Server"
+
+    def do_GET(self) -> None:  # noqa: N802
+        owner = self.server.owner
+        path, _, query = self.path.partition("?")
+        values = urllib.parse.parse_qs(query, keep_blank_values=True).get("audience")
+        audience = values[0] if values else None
+        flavor = self.headers.get("Metadata-Flavor")
+        pid = peer_pid(self.client_address[1], self.server.server_address[1])
+        token = None
+        if flavor != "Google":
+            status, body = 403, b"Missing Metadata-Flavor:Google header.\n"
+        elif path != IDENTITY_PATH or not audience:
+            status, body = (404, b"not found\n") if path != IDENTITY_PATH else (400, b"no audience\n")
+        else:
+            status, body, token = owner._answer(audience)
+        owner._record(MetaRequest(time.monotonic(), path, query, audience, flavor, pid, status, token))
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Metadata-Flavor", "Google")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, owner: "MetadataServer", port: int) -> None:
+        self.owner = owner
+        super().__init__(("127.0.0.1", port), _Handler)
+
+
+class MetadataServer:
+    def __init__(self, *, lifetime: float = 3600, start_up: bool = True) -> None:
+        self.lifetime = lifetime
+        self.status = 200  # anything else: answered with that status and no token
+        self.body: bytes | None = None  # set: answered with these bytes instead of a token
+        self._lock = threading.Lock()
+        self._requests: list[MetaRequest] = []
+        self._seq = 0
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        if start_up:
+            self.up()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _answer(self, audience: str) -> tuple[int, bytes, str | None]:
+        with self._lock:
+            if self.status != 200:
+                return self.status, b"metadata server says no\n", None
+            if self.body is not None:
+                return 200, self.body, None
+            self._seq += 1
+            token, _exp = make_id_token(audience, self.lifetime, self._seq)
+            return 200, token.encode("ascii"), token
+
+    def _record(self, req: MetaRequest) -> None:
+        with self._lock:
+            self._requests.append(req)
+
+    def requests(self, since: float = 0.0) -> list[MetaRequest]:
+        with self._lock:
+            return [r for r in self._requests if r.at >= since]
+
+    def tokens_of(self, pid: int, audience: str | None = None) -> list[str]:
+        return [r.token for r in self.requests()
+                if r.pid == pid and r.token and (audience is None or r.audience == audience)]
+
+    def wait(self, predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.requests()):
+                return True
+            time.sleep(0.02)
+        return predicate(self.requests())
+
+    def up(self) -> None:
+        assert self._server is None
+        last: OSError | None = None
+        for _ in range(50):
+            try:
+                self._server = _Server(self, self.port)
+                break
+            except OSError as e:
+                last = e
+                time.sleep(0.1)
+        else:
+            raise AssertionError(f"cannot listen on 127.0.0.1:{self.port}: {last}")
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+
+    def down(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread:
+            self._thread.join(timeout=5)
+        self._server = None
+        self._thread = None
+
+    def close(self) -> None:
+        self.down()

@@ -1,0 +1,346 @@
+"""`mesh_outbound_token $VAR AUDIENCE;` and `mesh_metadata_server URL;`: each worker's background
+thread asks the metadata server for an ID token, keeps it renewed, and `$VAR` carries it upstream.
+
+The metadata server is a loopback fake (mesh_test/metadata.py) that, like Google's, answers only
+with `Metadata-Flavor: Google` and records every request and the nginx worker that sent it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from mesh_test.live import (
+    TOKEN_EMPTY_WARN,
+    TOKEN_INFO,
+    TOKEN_WARN,
+    close_all,
+    matching,
+    pid_of,
+    wait_until,
+    wait_workers,
+    worker_connections,
+)
+from mesh_test.metadata import IDENTITY_PATH, MetadataServer, make_id_token, token_claims
+from mesh_test.nginx import MESH_WORKERS, line_of, nginx_t, render
+from mesh_test.tokens import b64url, json_bytes
+
+ORDERS_AUD = "https://orders-abc123-uc.a.run.app"
+# every kind of byte a query value must have encoded (none of them whitespace: nginx -t refuses that)
+ODD_AUD = "https://odd.mesh.test/p?x=1&y=a+b;c=d/é%~_.-#f"
+
+
+def outbound_conf(metadata_url: str | None) -> str:
+    server_line = f"mesh_metadata_server {metadata_url};" if metadata_url else ""
+    return f"""
+{server_line}
+mesh_outbound_token $orders_token {ORDERS_AUD};
+mesh_outbound_token $odd_token "{ODD_AUD}";
+server {{
+    listen 127.0.0.1:@PORT@ reuseport;
+    add_header X-Pid $pid always;
+    location /orders/ {{ proxy_set_header Authorization "Bearer $orders_token"; proxy_pass http://@UPSTREAM@; }}
+    location /odd/    {{ proxy_set_header Authorization "Bearer $odd_token"; proxy_pass http://@UPSTREAM@; }}
+    location /open/   {{ return 200 "open\\n"; }}
+}}
+"""
+
+
+@pytest.fixture
+def metadata_servers():
+    made: list[MetadataServer] = []
+
+    def make(**kw) -> MetadataServer:
+        md = MetadataServer(**kw)
+        made.append(md)
+        return md
+
+    yield make
+    for md in made:
+        md.close()
+
+
+def start(launcher_fn, md: MetadataServer):
+    site = launcher_fn.start(outbound_conf(md.url))
+    wait_workers(site.ngx)
+    return site
+
+
+def expected_query(audience: str) -> str:
+    return "audience=" + urllib.parse.quote(audience, safe="")
+
+
+def upstream_authorization(conn, path: str = "/orders/x"):
+    resp = conn.request(path)
+    assert resp.status == 200, resp
+    return pid_of(resp), resp.upstream_header("Authorization")
+
+
+def is_empty_bearer(value: str | None) -> bool:
+    return value is None or value.strip() in ("", "Bearer")
+
+
+def wait_fetched(md: MetadataServer, pids, audiences, n: int = 1, timeout: float = 5.0) -> bool:
+    def done(reqs):
+        return all(sum(1 for r in reqs if r.pid == pid and r.audience == aud and r.token) >= n
+                   for pid in pids for aud in audiences)
+    return md.wait(done, timeout)
+
+
+# ---------------------------------------------------------------- the fake metadata server itself
+
+def test_fake_metadata_server_requires_the_flavor_header(metadata_servers):
+    md = metadata_servers(lifetime=120)
+    url = f"{md.url}{IDENTITY_PATH}?{expected_query(ORDERS_AUD)}"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url, timeout=5)
+    assert e.value.code == 403
+    req = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        token = resp.read().decode()
+    c = token_claims(token)
+    assert c["aud"] == ORDERS_AUD and abs(c["exp"] - (time.time() + 120)) < 3
+    assert [r.status for r in md.requests()] == [403, 200]
+
+
+# ---------------------------------------------------------------- the token reaches the upstream
+
+def test_the_outbound_token_is_fetched_by_each_worker_and_sent_upstream(module_path, metadata_servers, launcher_fn):
+    md = metadata_servers(lifetime=3600)
+    site = start(launcher_fn, md)
+    workers = wait_workers(site.ngx)
+    assert wait_fetched(md, workers, [ORDERS_AUD, ODD_AUD]), (
+        f"not every worker fetched both tokens within 5 s: {md.requests()}\n{site.ngx.read_error_log()[-2000:]}"
+    )
+    time.sleep(0.5)
+    reqs = md.requests()
+    assert len(reqs) == 2 * MESH_WORKERS, f"expected one request per worker and audience: {reqs}"
+    for r in reqs:
+        assert r.path == IDENTITY_PATH, r
+        assert r.flavor == "Google", f"the module did not send Metadata-Flavor: Google: {r}"
+        assert r.status == 200, r
+        assert r.raw_query == expected_query(r.audience), (
+            f"audience not percent-encoded as a query value: got {r.raw_query!r}, "
+            f"expected {expected_query(r.audience)!r}"
+        )
+    assert {r.audience for r in reqs} == {ORDERS_AUD, ODD_AUD}
+
+    # the [info] lines: one per worker and audience, renewal 5 minutes before exp
+    lines = wait_until(lambda: len(matching(site.ngx.read_error_log(), TOKEN_INFO)) >= 2 * MESH_WORKERS, 3.0)
+    assert lines, site.ngx.read_error_log()[-2000:]
+    infos = matching(site.ngx.read_error_log(), TOKEN_INFO)
+    assert sorted((int(m.group(1)), m.group(2)) for m in infos) == sorted(
+        (pid, aud) for pid in workers for aud in (ORDERS_AUD, ODD_AUD)
+    ), infos
+    for m in infos:
+        assert 3298 <= int(m.group(3)) <= 3300, f"a 1 h token renewed in {m.group(3)}s, expected 3300s"
+
+    conns = worker_connections(site.ngx)
+    try:
+        for pid, conn in conns.items():
+            for path, aud in (("/orders/x", ORDERS_AUD), ("/odd/x", ODD_AUD)):
+                got_pid, auth = upstream_authorization(conn, path)
+                assert got_pid == pid
+                mine = md.tokens_of(pid, aud)
+                assert len(mine) == 1
+                assert auth == f"Bearer {mine[0]}", f"worker {pid} {path}: upstream got {auth!r}"
+    finally:
+        close_all(conns)
+    assert len(md.requests()) == 2 * MESH_WORKERS, "requests made the workers fetch again"
+
+
+def test_the_outbound_token_is_renewed_halfway_through_a_short_life(module_path, metadata_servers, launcher_fn):
+    lifetime = 20
+    md = metadata_servers(lifetime=lifetime)
+    site = start(launcher_fn, md)
+    workers = wait_workers(site.ngx)
+    assert wait_fetched(md, workers, [ORDERS_AUD]), md.requests()
+    first = {pid: [r for r in md.requests() if r.pid == pid and r.audience == ORDERS_AUD][0] for pid in workers}
+    infos = wait_until(lambda: [m for m in matching(site.ngx.read_error_log(), TOKEN_INFO)
+                                if m.group(2) == ORDERS_AUD], 3.0)
+    assert infos and all(9 <= int(m.group(3)) <= 10 for m in infos), (
+        f"a {lifetime} s token should be renewed halfway (in 10s): {[m.group(0) for m in infos]}"
+    )
+    conns = worker_connections(site.ngx)
+    try:
+        for pid, conn in conns.items():
+            assert upstream_authorization(conn)[1] == f"Bearer {first[pid].token}"
+        # renewal at ~10 s: wait at most 15 s from the first fetch
+        deadline = min(r.at for r in first.values()) + 15.0
+        renewed = wait_fetched(md, workers, [ORDERS_AUD], n=2, timeout=max(0.0, deadline - time.monotonic()))
+        assert renewed, f"no renewal within 15 s of a {lifetime} s token: {md.requests()}"
+        for pid, conn in conns.items():
+            mine = [r for r in md.requests() if r.pid == pid and r.audience == ORDERS_AUD and r.token]
+            gap = mine[1].at - mine[0].at
+            assert 8.5 <= gap <= 11.5, f"worker {pid} renewed after {gap:.1f}s, expected ~10s (halfway)"
+            assert mine[1].token != mine[0].token
+            # the new token is in use before the old one expires
+            _, auth = upstream_authorization(conn)
+            old_exp = token_claims(mine[0].token)["exp"]
+            assert time.time() < old_exp, "the check ran too late to tell"
+            assert auth == f"Bearer {mine[1].token}", f"worker {pid} still sends the old token: {auth!r}"
+    finally:
+        close_all(conns)
+
+
+# ---------------------------------------------------------------- no token available
+
+def test_while_the_metadata_server_is_down_the_variable_is_empty_and_a_warning_is_logged(
+        module_path, metadata_servers, launcher_fn):
+    md = metadata_servers(start_up=False)
+    site = start(launcher_fn, md)
+    workers = wait_workers(site.ngx)
+    conns = worker_connections(site.ngx)
+    try:
+        for pid, conn in conns.items():
+            mark = site.ngx.log_mark()
+            for _ in range(4):
+                got_pid, auth = upstream_authorization(conn)
+                assert got_pid == pid
+                assert is_empty_bearer(auth), f"worker {pid}: upstream got {auth!r} with no token available"
+            text = site.ngx.wait_log(mark, lambda t: bool(matching(t, TOKEN_EMPTY_WARN)), timeout=2.0)
+            time.sleep(0.1)
+            text = site.ngx.log_since(mark)
+            empty = [m for m in matching(text, TOKEN_EMPTY_WARN) if int(m.group(1)) == pid]
+            assert len(empty) == 1 and empty[0].group(2) == ORDERS_AUD, (
+                f"worker {pid}: expected one [warn] that the variable is empty (at most once a minute), got:\n{text}"
+            )
+        # the fetch thread says why, and retries with backoff
+        for pid in workers:
+            got = wait_until(lambda: [m for m in matching(site.ngx.read_error_log(), TOKEN_WARN)
+                                      if int(m.group(1)) == pid and m.group(2) == ORDERS_AUD], 3.0)
+            assert got and got[0].group(4) == "1", f"worker {pid}: {got}\n{site.ngx.read_error_log()[-2000:]}"
+            assert "refused" in got[0].group(3).lower(), got[0].group(0)
+        md.up()
+        t_up = time.monotonic()
+        for pid, conn in conns.items():
+            auth = wait_until(lambda: (a := upstream_authorization(conn)[1]) and not is_empty_bearer(a) and a, 15.0,
+                              interval=0.2)
+            assert auth, f"worker {pid} has no token 15 s after the metadata server came up"
+            assert auth == f"Bearer {md.tokens_of(pid, ORDERS_AUD)[-1]}", auth
+        assert time.monotonic() - t_up < 10.0
+    finally:
+        close_all(conns)
+
+
+ERRORS = {
+    "status-500": ({"status": 500}, "status 500"),
+    "not-a-jwt": ({"body": b"this is not a token\n"}, "not a JWT"),
+    "jwt-without-exp": ({"body": (b64url(json_bytes({"alg": "RS256"})) + "." + b64url(json_bytes({"aud": "x"}))
+                                  + ".c2ln").encode()}, "not a JWT"),
+    "expired-token": ({"lifetime": -120}, "expired"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_a_bad_answer_from_the_metadata_server_is_retried(module_path, metadata_servers, launcher_fn, case):
+    settings, reason = ERRORS[case]
+    md = metadata_servers(lifetime=3600)
+    for name, value in settings.items():
+        setattr(md, name, value)
+    site = start(launcher_fn, md)
+    workers = wait_workers(site.ngx)
+    for pid in workers:
+        got = wait_until(lambda: [m for m in matching(site.ngx.read_error_log(), TOKEN_WARN)
+                                  if int(m.group(1)) == pid and m.group(2) == ORDERS_AUD], 3.0)
+        assert got, f"worker {pid}: no [warn] after a bad answer ({case}):\n{site.ngx.read_error_log()[-2000:]}"
+        assert reason in got[0].group(3), f"{case}: reason {got[0].group(3)!r} does not say {reason!r}"
+        assert got[0].group(4) == "1", got[0].group(0)
+    conns = worker_connections(site.ngx)
+    try:
+        for conn in conns.values():
+            assert is_empty_bearer(upstream_authorization(conn)[1])
+        md.status, md.body, md.lifetime = 200, None, 3600
+        for pid, conn in conns.items():
+            auth = wait_until(lambda: (a := upstream_authorization(conn)[1]) and not is_empty_bearer(a) and a, 8.0,
+                              interval=0.2)
+            assert auth == f"Bearer {md.tokens_of(pid, ORDERS_AUD)[-1]}", f"worker {pid}: {auth!r}"
+    finally:
+        close_all(conns)
+
+
+def test_a_token_fetched_before_is_kept_while_the_metadata_server_fails(module_path, metadata_servers, launcher_fn):
+    # a 6 s token is renewed at 3 s; the server fails then: the variable keeps the token until it expires
+    md = metadata_servers(lifetime=6)
+    site = start(launcher_fn, md)
+    workers = wait_workers(site.ngx)
+    assert wait_fetched(md, workers, [ORDERS_AUD]), md.requests()
+    md.status = 503
+    conns = worker_connections(site.ngx)
+    try:
+        first = {pid: md.tokens_of(pid, ORDERS_AUD)[0] for pid in workers}
+        failed = md.wait(lambda reqs: all(any(r.pid == pid and r.status == 503 for r in reqs) for pid in workers),
+                         5.0)
+        assert failed, f"no renewal attempt within 5 s: {md.requests()}"
+        for pid, conn in conns.items():
+            assert time.time() < token_claims(first[pid])["exp"]
+            assert upstream_authorization(conn)[1] == f"Bearer {first[pid]}", f"worker {pid} dropped its token"
+        # past its exp the token is no longer sent: the variable is empty, and says so once
+        latest_exp = max(token_claims(t)["exp"] for t in first.values())
+        time.sleep(max(0.0, latest_exp + 1.1 - time.time()))
+        for pid, conn in conns.items():
+            mark = site.ngx.log_mark()
+            auth = upstream_authorization(conn)[1]
+            assert is_empty_bearer(auth), f"worker {pid} sent an expired token: {auth!r}"
+            text = site.ngx.wait_log(mark, lambda t: bool(matching(t, TOKEN_EMPTY_WARN)), timeout=2.0)
+            assert [int(m.group(1)) for m in matching(text, TOKEN_EMPTY_WARN)] == [pid], text
+    finally:
+        close_all(conns)
+
+
+# ---------------------------------------------------------------- nginx -t
+
+BAD_CONFIGS = [
+    ("variable-without-dollar", "mesh_outbound_token orders_token https://a.example;  # BAD", ["orders_token"]),
+    ("variable-only-dollar", "mesh_outbound_token $ https://a.example;  # BAD", ['"$"']),
+    ("variable-bad-character", "mesh_outbound_token $orders-token https://a.example;  # BAD", ["$orders-token"]),
+    ("audience-missing", "mesh_outbound_token $orders_token;  # BAD", ["mesh_outbound_token"]),
+    ("metadata-server-ftp", "mesh_metadata_server ftp://x;  # BAD", ["ftp://x"]),
+    ("metadata-server-no-host", "mesh_metadata_server http://;  # BAD", ["http://"]),
+    ("metadata-server-not-a-url", "mesh_metadata_server metadata.google.internal;  # BAD",
+     ["metadata.google.internal"]),
+    ("metadata-server-twice",
+     "mesh_metadata_server http://127.0.0.1:1;\nmesh_metadata_server http://127.0.0.1:2;  # BAD",
+     ["mesh_metadata_server", "duplicate"]),
+    ("outbound-in-server",
+     "server {\n    listen 127.0.0.1:@PORT@;\n    mesh_outbound_token $t https://a.example;  # BAD\n}",
+     ["mesh_outbound_token"]),
+    ("metadata-server-in-location",
+     "server {\n    listen 127.0.0.1:@PORT@;\n    location / {\n        mesh_metadata_server http://127.0.0.1:1;  # BAD\n"
+     "    }\n}", ["mesh_metadata_server"]),
+]
+
+
+def _render(body: str, conf_dir, keyring) -> str:
+    return render(body, conf_dir, port=8, upstream="127.0.0.1:9", keys=keyring.dir)
+
+
+@pytest.mark.parametrize("body,words", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_outbound_config_fails_nginx_t_at_the_line(module_path, conf_dir, keyring, body, words):
+    conf_text = _render(body, conf_dir, keyring)
+    bad = line_of(conf_text, "# BAD")
+    rc, out, conf = nginx_t(conf_text, conf_dir)
+    assert rc != 0, f"nginx -t accepted a bad config:\n{out}"
+    pattern = re.compile(rf"{re.escape(str(conf))}:{bad}(?!\d)")
+    found = [l for l in out.splitlines() if "[emerg]" in l and pattern.search(l)]
+    assert found, f"no [emerg] at {conf}:{bad}:\n{out}"
+    assert any(w in found[0] for w in words), f"[emerg] names none of {words}: {found[0]}"
+
+
+@pytest.mark.parametrize("metadata", [None, "http://127.0.0.1:1", "http://metadata.google.internal/"],
+                         ids=["default-server", "loopback", "trailing-slash"])
+def test_outbound_config_passes_nginx_t(module_path, conf_dir, keyring, metadata):
+    rc, out, _ = nginx_t(_render(outbound_conf(metadata), conf_dir, keyring), conf_dir)
+    assert rc == 0 and "test is successful" in out, out
+    assert "[warn]" not in out and "[emerg]" not in out, out
+
+
+def test_make_id_token_is_google_shaped():
+    token, exp = make_id_token(ORDERS_AUD, 20, 1)
+    c = token_claims(token)
+    assert c["exp"] == exp and c["aud"] == ORDERS_AUD and token.count(".") == 2
