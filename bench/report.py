@@ -146,7 +146,7 @@ def main() -> None:
         f"- module: `{meta['MODULE']}`",
         f"- command: `{meta['COMMAND']}`",
         f"- load: wrk {meta['WRK_VERSION']} `{meta['WRK_ARGS']}`, {meta['ROUNDS']} rounds × "
-        f"4 variants × {meta['DURATION']} s in rotating order, median per variant; "
+        f"{len(VARIANTS)} variants × {meta['DURATION']} s in rotating order, median per variant; "
         f"verify_rate {meta['VERIFY_SECS']} s per measurement, once per round",
         f"- machine: {meta['MACHINE']}",
         "",
