@@ -916,26 +916,12 @@ unsafe extern "C" fn cmd_rate_limit(
             .map_err(|e| format!("mesh_rate_limit: {e}"))?;
         let key = match key {
             None => None,
-            Some((text, w)) => {
-                let skip = w.len - text.len();
-                let value = ngx_str_t {
-                    len: text.len(),
-                    data: unsafe { w.data.add(skip) },
-                };
-                Some(
-                    compile_complex(cf, value)
-                        .map_err(|_| format!("mesh_rate_limit: invalid key \"{text}\""))?,
-                )
-            }
+            Some((text, w)) => Some(
+                compile_complex(cf, value_part(&w, text))
+                    .map_err(|_| format!("mesh_rate_limit: invalid key \"{text}\""))?,
+            ),
         };
-        let name_value = {
-            let skip = zone_word.len - zone_name.len();
-            ngx_str_t {
-                len: zone_name.len(),
-                data: unsafe { zone_word.data.add(skip) },
-            }
-        };
-        let zone = shared_zone(cf, name_value, 0)?;
+        let zone = shared_zone(cf, value_part(&zone_word, zone_name), 0)?;
         lcf.rate_limit = Some(Rc::new(RateLimit {
             zone: NonNull::new(zone).ok_or("out of memory")?,
             zone_name: zone_name.to_string(),
@@ -945,6 +931,18 @@ unsafe extern "C" fn cmd_rate_limit(
         }));
         Ok(())
     })
+}
+
+/// The VALUE of a `name=VALUE` directive word, as an nginx string inside that word (nginx
+/// keeps the word, in the configuration pool, for as long as the configuration).
+fn value_part(word: &ngx_str_t, value: &str) -> ngx_str_t {
+    let skip = word.len - value.len();
+    ngx_str_t {
+        len: value.len(),
+        // SAFETY: `value` is a suffix of the word's bytes (it came from splitting them), so
+        // the pointer stays inside the word.
+        data: unsafe { word.data.add(skip) },
+    }
 }
 
 unsafe extern "C" fn cmd_rate_limit_caller(

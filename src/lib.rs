@@ -102,6 +102,7 @@ unsafe extern "C" fn init_process(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_
 /// How often a worker writes what its fetch thread queued.
 const LOG_INTERVAL_MS: ngx::ffi::ngx_msec_t = 500;
 
+// SAFETY: an all-zero `ngx_event_t` is a valid idle event (nginx allocates its own zeroed).
 static mut LOG_EVENT: ngx::ffi::ngx_event_t = unsafe { std::mem::zeroed() };
 
 /// Timer handler (on the worker's event loop): logs the fetch thread's lines.
