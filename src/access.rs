@@ -19,7 +19,8 @@ use mesh_core::policy::{decide, roles_of, Caller, Verdict};
 use mesh_core::ratetable::key_hash;
 use mesh_core::status::{AuthError, AuthStatus};
 use mesh_core::token::{
-    check_audience, is_signature_removed, verify, verify_platform, Provider, Verified,
+    check_audience, is_signature_removed, unverified_issuer, verify, verify_platform, Provider,
+    Verified,
 };
 use ngx::core::Status;
 use ngx::ffi::{
@@ -283,9 +284,15 @@ fn identify(r: &Request, lcf: &LocConf) -> Identity {
         Ok(v) => v,
         Err(e) => {
             if e.status == AuthStatus::UnknownKey {
-                // Maybe the issuer rotated its keys: fetch again (rate-limited, in the
-                // background; this request is answered now).
-                auth.providers.iter().for_each(|p| p.request_refetch());
+                // Maybe the issuer rotated its keys: fetch that provider's keys again
+                // (rate-limited, in the background; this request is answered now).
+                if let Some(iss) = unverified_issuer(token) {
+                    auth.providers
+                        .iter()
+                        .zip(&snapshots)
+                        .filter(|(_, p)| p.issuers.contains(&iss))
+                        .for_each(|(m, _)| m.request_refetch());
+                }
             }
             return id.refused(e);
         }

@@ -168,6 +168,17 @@ pub fn verify(token: &[u8], providers: &[&Provider], now: u64) -> Result<Verifie
     verify_impl(token, providers, now, false)
 }
 
+/// The `iss` of a token, read without verifying anything: only to tell which provider's
+/// keys to fetch again after an unknown `kid` (never to decide whom to trust).
+pub fn unverified_issuer(token: &[u8]) -> Option<String> {
+    if token.len() > MAX_TOKEN_LEN {
+        return None;
+    }
+    let payload = b64url(token.split(|&b| b == b'.').nth(1)?)?;
+    let claims: Value = serde_json::from_slice(&payload).ok()?;
+    claims.get("iss")?.as_str().map(str::to_owned)
+}
+
 /// Whether the token's signature segment is `SIGNATURE_REMOVED_BY_GOOGLE`
 /// (Cloud Run verified the token and stripped the signature). Cheap; for
 /// deciding between [`verify`] and [`verify_platform`], or for a warning.
@@ -510,6 +521,22 @@ fn numeric_date(v: &Value) -> Option<u64> {
     // Finite (JSON has no NaN/inf); `as` saturates.
     n.as_f64()
         .map(|f| if f <= 0.0 { 0 } else { f.floor() as u64 })
+}
+
+#[cfg(test)]
+mod issuer_tests {
+    use super::*;
+
+    #[test]
+    fn unverified_issuer_reads_iss_only_from_well_formed_payloads() {
+        let p = URL_SAFE_NO_PAD.encode(br#"{"iss":"https://a.example","exp":1}"#);
+        assert_eq!(
+            unverified_issuer(format!("e30.{p}.x").as_bytes()).as_deref(),
+            Some("https://a.example")
+        );
+        assert_eq!(unverified_issuer(b"e30.e30.x"), None);
+        assert_eq!(unverified_issuer(b"garbage"), None);
+    }
 }
 
 #[cfg(test)]
