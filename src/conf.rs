@@ -337,13 +337,13 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 25] = [
     command(
         ngx_string!("mesh_allow"),
         MSL | NGX_CONF_1MORE,
-        cmd_allow,
+        cmd_rule,
         NGX_HTTP_LOC_CONF_OFFSET,
     ),
     command(
         ngx_string!("mesh_deny"),
         MSL | NGX_CONF_1MORE,
-        cmd_deny,
+        cmd_rule,
         NGX_HTTP_LOC_CONF_OFFSET,
     ),
     flag_command!("mesh_policy_dry_run", policy_dry_run),
@@ -636,38 +636,27 @@ fn push<T>(list: &mut Option<Arc<Vec<T>>>, item: T) {
     }
 }
 
-unsafe fn rule_directive(cf: *mut ngx_conf_t, conf: *mut c_void, effect: Effect) -> *mut c_char {
-    // SAFETY: called while a directive is parsed.
-    let pos = unsafe { ConfPos::current(cf) };
+/// `mesh_allow` and `mesh_deny`: the command's name says which.
+unsafe extern "C" fn cmd_rule(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: called while a directive is parsed, with its command.
+    let (pos, name) = unsafe { (ConfPos::current(cf), (*cmd).name.to_string()) };
+    let effect = if name == "mesh_deny" {
+        Effect::Deny
+    } else {
+        Effect::Allow
+    };
     directive(cf, conf, |lcf: &mut LocConf, a| {
         let w = words(&a[1..])?;
         let args: Vec<&str> = w.iter().map(String::as_str).collect();
-        let name = if effect == Effect::Allow {
-            "mesh_allow"
-        } else {
-            "mesh_deny"
-        };
         let rule =
             parse_rule(effect, &args, rule_text(a, &pos)).map_err(|e| format!("{name}: {e}"))?;
         push(&mut lcf.rules, rule);
         Ok(())
     })
-}
-
-unsafe extern "C" fn cmd_allow(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    rule_directive(cf, conf, Effect::Allow)
-}
-
-unsafe extern "C" fn cmd_deny(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    rule_directive(cf, conf, Effect::Deny)
 }
 
 /// Every `on|off` directive: like nginx's `ngx_conf_set_flag_slot`, the command's `offset`
