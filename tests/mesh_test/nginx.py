@@ -257,6 +257,18 @@ def nginx_t(conf_text: str, tmp: Path) -> tuple[int, str, Path]:
     return proc.returncode, proc.stdout, conf
 
 
+def emerg_at_marked_line(conf_text: str, tmp: Path, marker: str = "# BAD") -> str:
+    """Runs `nginx -t` on a config whose bad line carries `marker`; asserts it fails with one
+    `[emerg]` line naming the config file and exactly that line, and returns that line."""
+    bad = line_of(conf_text, marker)
+    rc, out, conf = nginx_t(conf_text, tmp)
+    assert rc != 0, f"nginx -t accepted a bad config:\n{out}"
+    at_line = re.compile(rf"{re.escape(str(conf))}:{bad}(?!\d)")
+    found = [l for l in out.splitlines() if "[emerg]" in l and at_line.search(l)]
+    assert found, f"no single [emerg] line pointing at {conf}:{bad}:\n{out}"
+    return found[0]
+
+
 def nginx_built_with(flag: str) -> bool:
     """Whether `nginx -V` lists a configure flag (e.g. --with-http_auth_request_module)."""
     try:
