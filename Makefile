@@ -3,7 +3,9 @@
 #   make test   every test: core unit tests, then real nginx 1.22 (Debian) and 1.28 (vendored),
 #               each with 1 and 2 workers
 #   make bench  wrk against stock nginx and the module, in one run, printing ratios
-# Each target installs what it needs (Debian packages, a Python venv for the tests).
+#   make deps   the Debian packages the above need (run by run, test and bench; build never
+#               touches apt, so it can run without root once they are there)
+# Scripts the targets call live in scripts/.
 
 SHELL := /bin/bash
 ROOT := $(CURDIR)
@@ -36,18 +38,18 @@ deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (1.85 or newer)"; exit 1; }
 
 $(NGINX_TREE)/objs/ngx_auto_config.h:
-	build/nginx-tree.sh $(NGINX_TREE)
+	scripts/nginx-tree.sh $(NGINX_TREE)
 
 # The module for the machine's stock nginx (Debian 12: 1.22.1).
-build: deps $(NGINX_TREE)/objs/ngx_auto_config.h
+build: $(NGINX_TREE)/objs/ngx_auto_config.h
 	$(CARGO) build --release --locked
 	$(call install-module,target/release/libngx_http_mesh_module.so,$(MODULE))
 
 # The module and an nginx binary for nginx 1.28, from the ngx crate's bundled sources.
-build-vendored: deps
+build-vendored:
 	env -u NGINX_BUILD_DIR CARGO_TARGET_DIR=$(VENDORED_DIR) $(CARGO) build --release --locked --features vendored
 	$(call install-module,$(VENDORED_DIR)/release/libngx_http_mesh_module.so,$(VENDORED_MODULE))
-	build/find-vendored-nginx.sh $(VENDORED_DIR) $(VENDORED_NGINX)
+	scripts/find-vendored-nginx.sh $(VENDORED_DIR) $(VENDORED_NGINX)
 
 $(PYTEST): tests/requirements.txt
 	python3 -m venv $(VENV)
@@ -59,9 +61,9 @@ test-core:
 
 # Only the image build runs the real 1.85 toolchain; check every locked package fits it.
 msrv-check:
-	build/msrv-check.sh 1.85
+	scripts/msrv-check.sh 1.85
 
-test-nginx: build build-vendored $(PYTEST)
+test-nginx: deps build build-vendored $(PYTEST)
 	@set -e; for combo in "/usr/sbin/nginx $(MODULE) 1" "/usr/sbin/nginx $(MODULE) 2" \
 	                      "$(VENDORED_NGINX) $(VENDORED_MODULE) 1" "$(VENDORED_NGINX) $(VENDORED_MODULE) 2"; do \
 		set -- $$combo; \
@@ -71,10 +73,10 @@ test-nginx: build build-vendored $(PYTEST)
 
 test: deps msrv-check test-core test-nginx
 
-run: build
+run: deps build
 	nginx-conf/demo/run.sh $(MODULE)
 
-bench: build $(PYTEST)
+bench: deps build $(PYTEST)
 	bench/run.sh $(MODULE)
 
 clean:

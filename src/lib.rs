@@ -1,33 +1,32 @@
 //! `ngx_http_mesh_module`: service identity, policy and trace context for nginx.
 //!
-//! This file only registers the module with nginx: the module and context tables, the
-//! variables and the access-phase handler. The logic lives in the `mesh-core` crate; the
-//! files here are the thin FFI shell around it:
+//! This file only registers the module with nginx: the module and its context, the
+//! variables, the access-phase handler and the header filter, and what each worker starts.
+//! The logic lives in the `mesh-core` crate; the folders here are the thin FFI shell:
 //!
-//! - `conf`: the `mesh_*` directives, parsed into typed configuration;
-//! - `access`: the request pipeline (identify, then decide) in nginx's access phase;
-//! - `variables`: the `$mesh_*` variables;
-//! - `ngx_util`: the few unsafe helpers that touch nginx structures.
+//! - `conf/`: the `mesh_*` directives, parsed into typed configuration and merged;
+//! - `request/`: what happens to one request (context, pipeline, variables, headers);
+//! - `state/`: what outlives a request (rate zones, live keys, outbound tokens, refresher);
+//! - `nginx/`: the unsafe helpers that touch nginx structures.
 
-use std::ffi::{c_char, c_void};
 use std::ptr;
 
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_array_push, ngx_conf_t, ngx_http_handler_pt, ngx_http_module_t,
+    ngx_array_push, ngx_conf_t, ngx_cycle_t, ngx_http_handler_pt, ngx_http_module_t,
     ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_int_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE,
+    NGX_LOG_EMERG,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
-mod access;
 mod conf;
-mod fetch;
-mod forward;
-mod ngx_util;
-mod variables;
-mod zone;
+mod nginx;
+mod request;
+mod state;
 
+use ngx::ngx_log_error;
 use conf::{LocConf, MainConf};
+use state::refresher;
 
 pub(crate) struct MeshModule;
 
@@ -35,11 +34,11 @@ static NGX_HTTP_MESH_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
     preconfiguration: Some(MeshModule::preconfiguration),
     postconfiguration: Some(MeshModule::postconfiguration),
     create_main_conf: Some(MeshModule::create_main_conf),
-    init_main_conf: None,
+    init_main_conf: Some(conf::merge::init_main_conf),
     create_srv_conf: None,
     merge_srv_conf: None,
     create_loc_conf: Some(MeshModule::create_loc_conf),
-    merge_loc_conf: Some(merge_loc_conf),
+    merge_loc_conf: Some(conf::merge::merge_loc_conf),
 };
 
 // The `ngx_modules` table: needed to load a cdylib built outside nginx's build system.
@@ -53,75 +52,36 @@ pub static mut ngx_http_mesh_module: ngx_module_t = ngx_module_t {
     ctx: ptr::addr_of!(NGX_HTTP_MESH_MODULE_CTX).cast_mut().cast(),
     // SAFETY: the command table is a static that nginx only reads; taking its address
     // does not create a reference.
-    commands: unsafe { ptr::addr_of_mut!(conf::NGX_HTTP_MESH_COMMANDS[0]) },
+    commands: unsafe { ptr::addr_of_mut!(conf::commands::NGX_HTTP_MESH_COMMANDS[0]) },
     type_: NGX_HTTP_MODULE as ngx_uint_t,
     init_process: Some(init_process),
     ..ngx_module_t::default()
 };
 
 /// Runs in each worker after fork: seeds the trace-id generator from the OS, starts the
-/// thread that refreshes keys from URLs and outbound tokens, and the timer that writes what
-/// that thread has to log.
-unsafe extern "C" fn init_process(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_t {
+/// refresher thread (keys from URLs, outbound tokens) and the timer that writes its log.
+unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: nginx passes the live cycle.
     let log = unsafe { (*cycle).log };
-    if !forward::seed_worker() {
-        ngx::ngx_log_error!(
-            ngx::ffi::NGX_LOG_EMERG,
-            log,
-            "mesh: cannot read random bytes from the operating system"
-        );
+    if !request::trace::seed_worker() {
+        ngx_log_error!(NGX_LOG_EMERG, log, "mesh: cannot read random bytes from the operating system");
         return Status::NGX_ERROR.into();
     }
     // SAFETY: the cycle is live; its http main configuration (if any) outlives the worker.
     let Some(mcf) = (unsafe { MeshModule::main_conf(&*cycle) }) else {
         return Status::NGX_OK.into();
     };
-    let started = fetch::start_worker(
+    let started = refresher::start_worker(
         mcf.providers.clone(),
         mcf.outbound.clone(),
-        mcf.metadata_server().to_string(),
+        mcf.metadata_server.clone(),
     );
     if let Err(e) = started {
-        ngx::ngx_log_error!(ngx::ffi::NGX_LOG_EMERG, log, "mesh: {}", e);
+        ngx_log_error!(NGX_LOG_EMERG, log, "mesh: {}", e);
         return Status::NGX_ERROR.into();
     }
-    // SAFETY: the event is a static used only by this worker's event loop.
-    unsafe {
-        let ev = &mut *ptr::addr_of_mut!(LOG_EVENT);
-        ev.handler = Some(write_fetch_log);
-        ev.log = log;
-        ev.data = ptr::null_mut();
-        // Cancelable: it must not keep a worker alive during a graceful shutdown.
-        ev.set_cancelable(1);
-        ngx::ffi::ngx_add_timer(ev, LOG_INTERVAL_MS);
-    }
+    refresher::log::start_timer(log);
     Status::NGX_OK.into()
-}
-
-/// How often a worker writes what its fetch thread queued.
-const LOG_INTERVAL_MS: ngx::ffi::ngx_msec_t = 500;
-
-// SAFETY: an all-zero `ngx_event_t` is a valid idle event (nginx allocates its own zeroed).
-static mut LOG_EVENT: ngx::ffi::ngx_event_t = unsafe { std::mem::zeroed() };
-
-/// Timer handler (on the worker's event loop): logs the fetch thread's lines.
-unsafe extern "C" fn write_fetch_log(ev: *mut ngx::ffi::ngx_event_t) {
-    ngx_util::no_panic((), || {
-        // SAFETY: `ev` is LOG_EVENT, armed in `init_process` with the cycle's log.
-        let log = unsafe { (*ev).log };
-        for (level, line) in fetch::take_log() {
-            ngx::ngx_log_error!(level, log, "{}", line);
-        }
-    });
-    // SAFETY: nginx's process flags are plain globals, read on the worker's own thread.
-    let exiting = unsafe {
-        ngx::ffi::ngx_exiting != 0 || ngx::ffi::ngx_quit != 0 || ngx::ffi::ngx_terminate != 0
-    };
-    if !exiting {
-        // SAFETY: re-arming our own static event from its handler.
-        unsafe { ngx::ffi::ngx_add_timer(ev, LOG_INTERVAL_MS) };
-    }
 }
 
 unsafe impl HttpModuleMainConf for MeshModule {
@@ -141,7 +101,7 @@ impl HttpModule for MeshModule {
 
     unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         // SAFETY: nginx calls this with a valid configuration context.
-        match unsafe { variables::register(cf) } {
+        match unsafe { request::variables::register(cf) } {
             Ok(()) => Status::NGX_OK.into(),
             Err(()) => Status::NGX_ERROR.into(),
         }
@@ -160,28 +120,10 @@ impl HttpModule for MeshModule {
             if h.is_null() {
                 return Status::NGX_ERROR.into();
             }
-            *h = Some(access::access_handler);
+            *h = Some(request::access::access_handler);
 
-            forward::install_header_filter();
+            request::response::install_header_filter();
         }
         Status::NGX_OK.into()
-    }
-}
-
-/// Merges location configurations (the trait's default would require `Merge`, but merging
-/// here also resolves provider names, which needs the configuration context).
-unsafe extern "C" fn merge_loc_conf(
-    cf: *mut ngx_conf_t,
-    prev: *mut c_void,
-    conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: nginx passes the two location configurations this module created with
-    // `create_loc_conf`; they are distinct objects.
-    unsafe {
-        conf::merge_loc_conf(
-            cf,
-            &mut *prev.cast::<LocConf>(),
-            &mut *conf.cast::<LocConf>(),
-        )
     }
 }

@@ -6,6 +6,7 @@
 //! * [`extract`]: `Authorization: Bearer` parsing;
 //! * [`cache`]: per-worker cache of verified tokens;
 //! * [`policy`]: RBAC patterns, `mesh_role` bindings, `mesh_allow`/`mesh_deny` rules;
+//! * [`provider`]: `mesh_provider` blocks: lines, the Google preset, algorithm/key rules;
 //! * [`gcra`]: `rate=` parsing, GCRA (`limit_req ... nodelay` semantics), `RateLimit` headers;
 //! * [`ratetable`]: per-key rate state as plain data for nginx shared memory;
 //! * [`refresh`]: when fetched keys and outbound tokens are fetched again;
@@ -18,6 +19,7 @@ pub mod extract;
 pub mod gcra;
 pub mod keys;
 pub mod policy;
+pub mod provider;
 pub mod ratetable;
 pub mod refresh;
 pub mod status;

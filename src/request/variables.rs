@@ -1,21 +1,22 @@
 //! The `$mesh_*` variables. Each reads the request context (computing it on first use), so
 //! they work in any phase: `map`, `log_format`, `limit_req_zone`, `proxy_set_header`,
-//! `add_header`.
+//! `add_header`. Getters only read the request (nginx may call them while the access
+//! handler is running on the same request).
 
 use mesh_core::policy::roles_of;
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_conf_t, ngx_http_add_variable, ngx_http_get_variable_pt, ngx_http_request_t, ngx_int_t,
     ngx_str_t, ngx_uint_t, ngx_variable_value_t, NGX_HTTP_VAR_NOCACHEABLE, NGX_HTTP_VAR_PREFIX,
-    NGX_LOG_WARN,
 };
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, Request};
 use ngx::ngx_string;
 
-use crate::access::{request_ctx, RequestCtx};
-use crate::fetch::OutboundToken;
-use crate::forward;
-use crate::ngx_util::{no_panic, set_var, set_var_copy};
+use super::ctx::RequestCtx;
+use super::trace;
+use crate::nginx::no_panic;
+use crate::nginx::request::{main_of, shared};
+use crate::nginx::variable::{set_var, set_var_copy};
 use crate::MeshModule;
 
 const CLAIM_PREFIX: &str = "mesh_claim_";
@@ -122,71 +123,19 @@ pub unsafe fn register(cf: *mut ngx_conf_t) -> Result<(), ()> {
     Ok(())
 }
 
-/// Defines `$NAME` for `mesh_outbound_token`: its value is the token held by `token`.
-pub fn register_outbound(
-    cf: *mut ngx_conf_t,
-    name: &str,
-    token: &std::sync::Arc<OutboundToken>,
-) -> Result<(), ()> {
-    // SAFETY: nginx copies nothing it does not own: the name is copied into the
-    // configuration pool here, and `data` points at the token, which the main configuration
-    // keeps alive for as long as this variable exists.
-    unsafe {
-        let mut n = ngx_str_t::from_bytes((*cf).pool, name.as_bytes()).ok_or(())?;
-        let var = ngx_http_add_variable(cf, &mut n, 0);
-        if var.is_null() {
-            return Err(());
-        }
-        (*var).get_handler = Some(var_outbound);
-        (*var).data = std::sync::Arc::as_ptr(token) as usize;
-    }
-    Ok(())
-}
-
-unsafe extern "C" fn var_outbound(
-    r: *mut ngx_http_request_t,
-    v: *mut ngx_variable_value_t,
-    data: usize,
-) -> ngx_int_t {
-    no_panic(Status::NGX_ERROR.into(), || {
-        // SAFETY: `data` is the OutboundToken set in `register_outbound`, alive with the
-        // configuration; nginx passes a live request and value slot.
-        let (token, req, v) = unsafe { (&*(data as *const OutboundToken), &*r, &mut *v) };
-        let value = token.current();
-        if value.is_none() && token.should_warn() {
-            ngx::ngx_log_error!(
-                NGX_LOG_WARN,
-                // SAFETY: a live request has a live connection.
-                unsafe { (*req.connection).log },
-                "mesh_outbound_token \"{}\": no token from the metadata server yet, the variable is empty",
-                token.audience
-            );
-        }
-        // Copied: the thread may replace the token while the request still uses the value.
-        if set_var_copy(req, v, value.as_deref().unwrap_or("").as_bytes()) {
-            v.set_no_cacheable(1);
-            Status::NGX_OK.into()
-        } else {
-            Status::NGX_ERROR.into()
-        }
-    })
-}
-
 /// Common shape of a getter: run `f` on the request context, never unwinding into nginx.
 unsafe fn with_ctx(
     r: *mut ngx_http_request_t,
     v: *mut ngx_variable_value_t,
-    f: impl FnOnce(&ngx_http_request_t, &RequestCtx, &mut ngx_variable_value_t) -> bool,
+    f: impl FnOnce(&Request, &RequestCtx, &mut ngx_variable_value_t) -> bool,
 ) -> ngx_int_t {
     no_panic(Status::NGX_ERROR.into(), || {
         // SAFETY: nginx calls variable getters with a live request and value slot.
-        let (req, v) = unsafe { (Request::from_ngx_http_request(r), &mut *v) };
-        let Some(ctx) = request_ctx(req) else {
+        let (req, v) = unsafe { (shared(r), &mut *v) };
+        let Some(ctx) = RequestCtx::of(req) else {
             return Status::NGX_ERROR.into();
         };
-        // SAFETY: read-only view of the same live request.
-        let raw = unsafe { &*r };
-        if f(raw, ctx, v) {
+        if f(req, ctx, v) {
             Status::NGX_OK.into()
         } else {
             Status::NGX_ERROR.into()
@@ -201,8 +150,8 @@ unsafe extern "C" fn var_caller(
 ) -> ngx_int_t {
     // Copied: the context may be re-identified after an internal redirect, while nginx
     // keeps cached variable values.
-    with_ctx(r, v, |raw, ctx, v| {
-        set_var_copy(raw, v, ctx.caller().as_bytes())
+    with_ctx(r, v, |req, ctx, v| {
+        set_var_copy(req.as_ref(), v, ctx.identity().caller().as_bytes())
     })
 }
 
@@ -211,8 +160,8 @@ unsafe extern "C" fn var_provider(
     v: *mut ngx_variable_value_t,
     _data: usize,
 ) -> ngx_int_t {
-    with_ctx(r, v, |raw, ctx, v| {
-        set_var_copy(raw, v, ctx.provider().as_bytes())
+    with_ctx(r, v, |req, ctx, v| {
+        set_var_copy(req.as_ref(), v, ctx.identity().provider().as_bytes())
     })
 }
 
@@ -222,7 +171,7 @@ unsafe extern "C" fn var_auth_status(
     _data: usize,
 ) -> ngx_int_t {
     with_ctx(r, v, |_, ctx, v| {
-        set_var(v, ctx.status.as_str().as_bytes());
+        set_var(v, ctx.identity().status.as_str().as_bytes());
         true
     })
 }
@@ -244,19 +193,18 @@ unsafe extern "C" fn var_roles(
     v: *mut ngx_variable_value_t,
     _data: usize,
 ) -> ngx_int_t {
-    with_ctx(r, v, |raw, ctx, v| {
-        // SAFETY: a live request's location configuration.
-        let req = unsafe { Request::from_ngx_http_request(raw as *const _ as *mut _) };
+    with_ctx(r, v, |req, ctx, v| {
+        let id = ctx.identity();
         let roles = match MeshModule::location_conf(req) {
             Some(lcf) => roles_of(
-                lcf.roles(),
-                ctx.verified.as_ref().map(|v| v.principal.as_str()),
-                ctx.verified.as_ref().map(|v| &v.claims),
+                &lcf.roles,
+                id.principal(),
+                id.verified.as_ref().map(|v| &v.claims),
             )
             .join(","),
             None => String::new(),
         };
-        set_var_copy(raw, v, roles.as_bytes())
+        set_var_copy(req.as_ref(), v, roles.as_bytes())
     })
 }
 
@@ -265,8 +213,8 @@ unsafe extern "C" fn var_rule(
     v: *mut ngx_variable_value_t,
     _data: usize,
 ) -> ngx_int_t {
-    with_ctx(r, v, |raw, ctx, v| {
-        let ok = set_var_copy(raw, v, ctx.rule.as_bytes());
+    with_ctx(r, v, |req, ctx, v| {
+        let ok = set_var_copy(req.as_ref(), v, ctx.rule().as_bytes());
         v.set_no_cacheable(1);
         ok
     })
@@ -305,25 +253,19 @@ unsafe extern "C" fn var_trace(
     no_panic(Status::NGX_ERROR.into(), || {
         // A subrequest shares its parent's variable cache, and its trace is the parent's:
         // read the main request's context. SAFETY: nginx calls variable getters with a live
-        // request (whose `main` is live too) and value slot.
-        let r = unsafe { (*r).main };
-        let (req, v) = unsafe { (Request::from_ngx_http_request(r), &mut *v) };
+        // request and value slot.
+        let (req, v) = unsafe { (main_of(shared(r)), &mut *v) };
         let Some(lcf) = MeshModule::location_conf(req) else {
             return Status::NGX_ERROR.into();
         };
-        if lcf.trace != Some(true) {
+        if !lcf.trace {
             set_var(v, b"");
             return Status::NGX_OK.into();
         }
-        let Some(ctx) = request_ctx(req) else {
+        let Some(ctx) = RequestCtx::of(req) else {
             return Status::NGX_ERROR.into();
         };
-        if ctx.trace.is_none() {
-            // SAFETY: a live request.
-            let req = unsafe { Request::from_ngx_http_request(r) };
-            ctx.trace = forward::start(req, lcf);
-        }
-        let Some(t) = &ctx.trace else {
+        let Some(t) = ctx.trace(req, lcf) else {
             set_var(v, b"");
             return Status::NGX_OK.into();
         };
@@ -335,11 +277,10 @@ unsafe extern "C" fn var_trace(
                 String::from(if t.ctx.sampled { "1" } else { "0" })
             }
             x if x == TraceField::TraceParent as usize => t.traceparent.clone(),
-            x if x == TraceField::CloudTrace as usize => forward::cloud_logging(lcf, t),
+            x if x == TraceField::CloudTrace as usize => trace::cloud_logging(lcf, t),
             _ => String::new(),
         };
-        // SAFETY: a live request, read-only.
-        if set_var_copy(unsafe { &*r }, v, text.as_bytes()) {
+        if set_var_copy(req.as_ref(), v, text.as_bytes()) {
             Status::NGX_OK.into()
         } else {
             Status::NGX_ERROR.into()
@@ -355,16 +296,16 @@ unsafe extern "C" fn var_claim(
     // SAFETY: for a prefix variable nginx passes the full variable name (`ngx_str_t *`) as
     // `data`, owned by the configuration.
     let name = unsafe { &*(data as *const ngx_str_t) };
-    with_ctx(r, v, |raw, ctx, v| {
+    with_ctx(r, v, |req, ctx, v| {
         let claim = name
             .as_bytes()
             .get(CLAIM_PREFIX.len()..)
             .and_then(|n| std::str::from_utf8(n).ok());
-        let text = match (claim, &ctx.verified) {
+        let text = match (claim, &ctx.identity().verified) {
             (Some(c), Some(verified)) => verified.claim_text(c),
             _ => None,
         };
-        set_var_copy(raw, v, text.unwrap_or_default().as_bytes())
+        set_var_copy(req.as_ref(), v, text.unwrap_or_default().as_bytes())
     })
 }
 
@@ -375,11 +316,9 @@ unsafe extern "C" fn var_config_version(
 ) -> ngx_int_t {
     no_panic(Status::NGX_ERROR.into(), || {
         // SAFETY: nginx calls variable getters with a live request and value slot.
-        let (req, v) = unsafe { (Request::from_ngx_http_request(r), &mut *v) };
+        let (req, v) = unsafe { (shared(r), &mut *v) };
         // The label lives in the main configuration, which outlives every request.
-        let label = MeshModule::main_conf(req)
-            .and_then(|m| m.config_version.as_deref())
-            .unwrap_or("");
+        let label = MeshModule::main_conf(req).map_or("", |m| m.config_version.as_str());
         set_var(v, label.as_bytes());
         Status::NGX_OK.into()
     })

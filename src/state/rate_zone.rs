@@ -21,14 +21,27 @@ use ngx::ffi::{
 /// What `shm_zone->data` points at: this cycle's view of the zone (in the configuration pool).
 pub struct RateZone {
     pub name: String,
-    shpool: *mut ngx_slab_pool_t,
-    table: *mut Table,
+    state: ZoneState,
+}
+
+/// Where a zone is in its life: `mesh_rate_limit_zone` configures it; nginx maps the shared
+/// memory and calls `zone_init`, which makes it ready. Requests only ever see `Ready` (nginx
+/// does not start workers when a zone fails to initialise), but a `Configured` zone is still
+/// answered safely: as "not limited".
+enum ZoneState {
+    Configured,
+    Ready {
+        shpool: *mut ngx_slab_pool_t,
+        table: *mut Table,
+    },
 }
 
 /// The start of the allocation in shared memory: how many slots follow.
 #[repr(C)]
 struct Table {
     nslots: usize,
+    /// Live keys evicted to make room. Not read yet: kept (one add under the lock we hold
+    /// anyway) for `mesh_rate_limit_evictions_total`.
     evictions: u64,
     /// Requests seen by the zone: orders slot use for eviction.
     seq: u64,
@@ -39,25 +52,24 @@ impl RateZone {
     pub fn new(name: String) -> RateZone {
         RateZone {
             name,
-            shpool: ptr::null_mut(),
-            table: ptr::null_mut(),
+            state: ZoneState::Configured,
         }
     }
 
     /// Applies one request to `key`'s state. `None` if the zone is not ready (cannot happen
     /// after a successful start; treated as "not limited" by the caller).
     pub fn check(&self, key: [u64; 2], gcra: &Gcra, now: u64, dry_run: bool) -> Option<Outcome> {
-        if self.table.is_null() || self.shpool.is_null() {
+        let ZoneState::Ready { shpool, table } = self.state else {
             return None;
-        }
+        };
         // SAFETY: `table` points at a `Table` header followed by `nslots` zero-initialised
         // slots inside the shared zone, which lives as long as the cycle. Every worker takes
         // the zone's shared mutex around any access, so this is the only live reference.
         unsafe {
-            ngx_shmtx_lock(&mut (*self.shpool).mutex);
-            let t = &mut *self.table;
+            ngx_shmtx_lock(&mut (*shpool).mutex);
+            let t = &mut *table;
             let slots = std::slice::from_raw_parts_mut(
-                (self.table as *mut u8).add(size_of::<Table>()) as *mut Slot,
+                (table as *mut u8).add(size_of::<Table>()) as *mut Slot,
                 t.nslots,
             );
             t.seq += 1;
@@ -65,7 +77,7 @@ impl RateZone {
             if evicted {
                 t.evictions += 1;
             }
-            ngx_shmtx_unlock(&mut (*self.shpool).mutex);
+            ngx_shmtx_unlock(&mut (*shpool).mutex);
             Some(outcome)
         }
     }
@@ -82,15 +94,13 @@ pub unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
     unsafe {
         let zone = &mut *((*shm_zone).data as *mut RateZone);
         let shpool = (*shm_zone).shm.addr as *mut ngx_slab_pool_t;
-        zone.shpool = shpool;
-        if !data.is_null() {
-            // Reload with the same size: the memory, and the state in it, is kept.
-            let old = &*(data as *const RateZone);
-            zone.table = old.table;
-            return Status::NGX_OK.into();
-        }
-        if (*shm_zone).shm.exists != 0 {
-            zone.table = (*shpool).data as *mut Table;
+        if !data.is_null() || (*shm_zone).shm.exists != 0 {
+            // Reload with the same size (or a new master on existing memory): the memory,
+            // and the state in it, is kept; the table is where the slab pool's `data` says.
+            zone.state = ZoneState::Ready {
+                shpool,
+                table: (*shpool).data as *mut Table,
+            };
             return Status::NGX_OK.into();
         }
         // A new zone: take all the free pages for one table. The slab allocator logs a
@@ -125,7 +135,7 @@ pub unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
         );
         (*table).nslots = nslots;
         (*shpool).data = table.cast();
-        zone.table = table;
+        zone.state = ZoneState::Ready { shpool, table };
         ngx::ngx_log_error!(
             NGX_LOG_INFO,
             (*shm_zone).shm.log,

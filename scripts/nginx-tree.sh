@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare a configured copy of Debian's nginx-dev source tree, so that nginx-sys
 # generates bindings for exactly the stock nginx binary on this machine.
-# Usage: build/nginx-tree.sh OUTDIR   (prints the objs/ directory to use as NGINX_BUILD_DIR)
+# Usage: scripts/nginx-tree.sh OUTDIR   (prints the objs/ directory to use as NGINX_BUILD_DIR)
 set -euo pipefail
 out=${1:?usage: nginx-tree.sh OUTDIR}
 src=/usr/share/nginx/src

@@ -1,0 +1,331 @@
+//! `mesh_provider NAME { ... }`: the block's lines, and the provider they build.
+//!
+//! Everything here is a decision about configuration text, with no nginx types: the shell reads
+//! the words (and the key files, whose paths nginx resolves) and reports errors at the line
+//! they name. The rules: lines written in the block win over a `preset`; an HMAC `secret` is
+//! never combined with public `keys`; an algorithm must fit the configured keys (RFC 8725).
+
+use std::sync::Arc;
+
+use crate::keys::{algorithm_name, parse_algorithm, Algorithm, KeyKind, KeySet, ALL_ALGORITHMS};
+use crate::token::{Provider, Requirement};
+use crate::units::{parse_on_off, parse_time_secs};
+
+/// Issuers of Google-signed ID tokens (`preset google`).
+pub const GOOGLE_ISSUERS: [&str; 2] = ["https://accounts.google.com", "accounts.google.com"];
+/// Google's JWKS (`preset google`).
+pub const GOOGLE_KEYS_URL: &str = "https://www.googleapis.com/oauth2/v3/certs";
+/// `leeway` when the block does not set it, in seconds.
+pub const DEFAULT_LEEWAY: u64 = 30;
+/// `principal` when the block does not set it.
+pub const DEFAULT_PRINCIPAL: &str = "sub";
+
+/// Where a provider's public keys come from: keys read now, or a URL (of the shell's type
+/// `U`, which holds what it takes to fetch it) whose keys arrive later.
+pub enum KeySource<U> {
+    File(KeySet),
+    Url(U),
+}
+
+/// `preset NAME;`: defaults for a well-known issuer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// Google-signed ID tokens (Cloud Run service-to-service, `gcloud auth print-identity-token`).
+    Google,
+}
+
+/// The line a block-level error belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Line {
+    /// The block itself (its first line).
+    Block,
+    Secret,
+    Algorithms,
+}
+
+/// Why a block cannot become a provider, and which line to blame.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BlockError {
+    pub line: Line,
+    pub message: String,
+}
+
+/// A provider as built from its block.
+pub struct Built<U> {
+    pub provider: Provider,
+    /// `algorithms` as written (or preset); `None`: whatever the keys allow.
+    pub algorithms: Option<Vec<Algorithm>>,
+    pub platform_verified: bool,
+    /// Keys from a URL: they arrive later; until then `provider.keys` is empty.
+    pub url: Option<U>,
+}
+
+/// A `mesh_provider` block while it is being read.
+pub struct ProviderBlock<U> {
+    pub name: String,
+    issuers: Vec<String>,
+    keys: Option<KeySource<U>>,
+    secret: Option<KeySet>,
+    audiences: Option<Vec<String>>,
+    algorithms: Option<Vec<Algorithm>>,
+    leeway: Option<u64>,
+    principal: Option<String>,
+    require: Vec<Requirement>,
+    preset: Option<Preset>,
+    platform_verified: Option<bool>,
+}
+
+impl<U> ProviderBlock<U> {
+    pub fn new(name: String) -> Self {
+        ProviderBlock {
+            name,
+            issuers: Vec::new(),
+            keys: None,
+            secret: None,
+            audiences: None,
+            algorithms: None,
+            leeway: None,
+            principal: None,
+            require: Vec::new(),
+            preset: None,
+            platform_verified: None,
+        }
+    }
+
+    /// The error for a line given twice.
+    pub fn duplicate(&self, dir: &str) -> String {
+        format!("\"{dir}\" is duplicate in mesh_provider \"{}\"", self.name)
+    }
+
+    /// The error for a line with the wrong number of values.
+    pub fn arity(&self, dir: &str) -> String {
+        format!(
+            "invalid number of arguments in \"{dir}\" of mesh_provider \"{}\"",
+            self.name
+        )
+    }
+
+    /// Whether `keys` was given (the shell reads key files before calling `set_keys`).
+    pub fn has_keys(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    pub fn has_secret(&self) -> bool {
+        self.secret.is_some()
+    }
+
+    pub fn set_keys(&mut self, keys: KeySource<U>) {
+        self.keys = Some(keys);
+    }
+
+    pub fn set_secret(&mut self, secret: KeySet) {
+        self.secret = Some(secret);
+    }
+
+    /// One line of the block other than `keys` and `secret` (which read files). `dir` is the
+    /// line's first word, `vals` the rest.
+    pub fn line(&mut self, dir: &str, vals: &[String]) -> Result<(), String> {
+        let one = || match vals {
+            [v] => Ok(v.as_str()),
+            _ => Err(self.arity(dir)),
+        };
+        let many = || {
+            if vals.is_empty() {
+                Err(self.arity(dir))
+            } else {
+                Ok(vals)
+            }
+        };
+        let dup = |set: bool| if set { Err(self.duplicate(dir)) } else { Ok(()) };
+        match dir {
+            "issuer" => {
+                dup(!self.issuers.is_empty())?;
+                self.issuers = many()?.to_vec();
+            }
+            "audience" => {
+                dup(self.audiences.is_some())?;
+                self.audiences = Some(many()?.to_vec());
+            }
+            "preset" => {
+                dup(self.preset.is_some())?;
+                self.preset = Some(match one()? {
+                    "google" => Preset::Google,
+                    other => return Err(format!("preset: unknown preset \"{other}\" (known: google)")),
+                });
+            }
+            "platform_verified" => {
+                dup(self.platform_verified.is_some())?;
+                let v = one()?;
+                self.platform_verified = Some(parse_on_off(v).ok_or_else(|| {
+                    format!("platform_verified: invalid value \"{v}\", it must be \"on\" or \"off\"")
+                })?);
+            }
+            "algorithms" => {
+                dup(self.algorithms.is_some())?;
+                let mut algs = Vec::new();
+                for v in many()? {
+                    let alg = parse_algorithm(v).ok_or_else(|| {
+                        let known: Vec<&str> =
+                            ALL_ALGORITHMS.iter().map(|a| algorithm_name(*a)).collect();
+                        format!("algorithms: unknown algorithm \"{v}\" ({})", known.join(", "))
+                    })?;
+                    if !algs.contains(&alg) {
+                        algs.push(alg);
+                    }
+                }
+                self.algorithms = Some(algs);
+            }
+            "leeway" => {
+                dup(self.leeway.is_some())?;
+                let v = one()?;
+                self.leeway = Some(
+                    parse_time_secs(v).map_err(|e| format!("leeway: invalid value \"{v}\": {e}"))?,
+                );
+            }
+            "principal" => {
+                dup(self.principal.is_some())?;
+                let v = one()?;
+                if v.is_empty() {
+                    return Err("principal: empty claim name".into());
+                }
+                self.principal = Some(v.to_string());
+            }
+            "require" => {
+                for v in many()? {
+                    self.require
+                        .push(Requirement::parse(v).map_err(|e| format!("require: \"{v}\": {e}"))?);
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "unknown directive \"{dir}\" in mesh_provider \"{}\"",
+                    self.name
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the block as a whole, at its closing brace. `preset_url` turns the preset's key
+    /// URL into the shell's URL type.
+    pub fn finish(
+        mut self,
+        preset_url: impl FnOnce(&str) -> Result<U, String>,
+    ) -> Result<Built<U>, BlockError> {
+        let at = |line: Line, message: String| BlockError { line, message };
+        if let Some(Preset::Google) = self.preset {
+            // Lines written in the block win over the preset's defaults.
+            if self.issuers.is_empty() {
+                self.issuers = GOOGLE_ISSUERS.iter().map(|s| s.to_string()).collect();
+            }
+            if self.keys.is_none() && self.secret.is_none() {
+                let url = preset_url(GOOGLE_KEYS_URL)
+                    .map_err(|e| at(Line::Block, format!("preset google: {e}")))?;
+                self.keys = Some(KeySource::Url(url));
+            }
+            self.algorithms.get_or_insert_with(|| vec![Algorithm::RS256]);
+            self.principal.get_or_insert_with(|| "email".into());
+            if !self.require.iter().any(|r| r.path_text() == "email_verified") {
+                if let Ok(r) = Requirement::parse("email_verified=true") {
+                    self.require.push(r);
+                }
+            }
+        }
+        let name = self.name;
+        if self.issuers.is_empty() {
+            return Err(at(Line::Block, format!("mesh_provider \"{name}\": no \"issuer\"")));
+        }
+        let (keys, url) = match (self.keys, self.secret) {
+            (Some(_), Some(_)) => return Err(at(
+                Line::Secret,
+                format!("mesh_provider \"{name}\": \"secret\" cannot be combined with \"keys\" (an HMAC secret and public keys in one provider would let one stand in for the other)"),
+            )),
+            (None, None) => {
+                return Err(at(
+                    Line::Block,
+                    format!("mesh_provider \"{name}\": no \"keys\" or \"secret\""),
+                ))
+            }
+            (Some(KeySource::File(k)), None) | (None, Some(k)) => (k, None),
+            // Keys from a URL arrive later; until then requests get 503 `no_keys`.
+            (Some(KeySource::Url(u)), None) => (KeySet::default(), Some(u)),
+        };
+        let algorithms = allowed_algorithms(&keys, url.is_some(), self.algorithms.as_deref())
+            .map_err(|(bad, why)| {
+                at(
+                    Line::Algorithms,
+                    format!(
+                        "mesh_provider \"{name}\": algorithm \"{}\" cannot be used: {why}",
+                        algorithm_name(bad)
+                    ),
+                )
+            })?;
+        let provider = Provider {
+            name,
+            issuers: self.issuers,
+            audiences: self.audiences.unwrap_or_default(),
+            algorithms,
+            keys: Arc::new(keys),
+            leeway: self.leeway.unwrap_or(DEFAULT_LEEWAY),
+            principal: self.principal.unwrap_or_else(|| DEFAULT_PRINCIPAL.into()),
+            require: self.require,
+        };
+        Ok(Built {
+            provider,
+            algorithms: self.algorithms,
+            platform_verified: self.platform_verified.unwrap_or(false),
+            url,
+        })
+    }
+}
+
+/// The algorithms a provider accepts: the configured list, checked against the keys, or
+/// what the keys allow. Keys from a URL are not known yet: until they are, every public-key
+/// algorithm passes, so that requests get `no_keys` rather than `bad_signature`, and only
+/// HMAC can be ruled out. `Err`: the first configured algorithm that cannot be used, and why.
+pub fn allowed_algorithms(
+    keys: &KeySet,
+    from_url: bool,
+    configured: Option<&[Algorithm]>,
+) -> Result<Vec<Algorithm>, (Algorithm, &'static str)> {
+    let hmac = |a: &Algorithm| KeyKind::Hmac.fits(*a);
+    let Some(algs) = configured else {
+        return Ok(if from_url {
+            ALL_ALGORITHMS.iter().copied().filter(|a| !hmac(a)).collect()
+        } else {
+            keys.algorithms()
+        });
+    };
+    let allowed = keys.algorithms();
+    let bad = if from_url {
+        algs.iter().find(|a| hmac(a))
+    } else {
+        algs.iter().find(|a| !allowed.contains(a))
+    };
+    match bad {
+        Some(&bad) if hmac(&bad) => Err((bad, "HMAC algorithms need \"secret\"")),
+        Some(&bad) => Err((bad, "no configured key can verify it")),
+        None => Ok(algs.to_vec()),
+    }
+}
+
+/// Checks the shape of a key URL (`http://` or `https://`, a host, no whitespace or control
+/// characters) and that `ca=` is only given for `https://`.
+pub fn check_key_url(url: &str, has_ca: bool) -> Result<(), String> {
+    if !url.starts_with("https://") && has_ca {
+        return Err(format!("keys \"{url}\": \"ca=\" applies to https:// URLs only"));
+    }
+    let rest = url.split_once("://").map_or("", |(_, r)| r);
+    if rest.is_empty()
+        || rest.starts_with('/')
+        || url.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(format!("keys: invalid URL \"{url}\""));
+    }
+    Ok(())
+}
+
+/// Whether a `keys` source is a URL (else a file).
+pub fn is_key_url(src: &str) -> bool {
+    src.starts_with("https://") || src.starts_with("http://")
+}

@@ -1,0 +1,192 @@
+//! `mesh_provider` blocks: lines, the Google preset, algorithm/key-type rules, validation.
+
+mod common;
+
+use common::{JWKS, RSA_PUB, SECRET};
+use mesh_core::keys::{Algorithm, KeySet};
+use mesh_core::provider::{
+    allowed_algorithms, check_key_url, BlockError, KeySource, Line, ProviderBlock, DEFAULT_LEEWAY,
+    GOOGLE_ISSUERS, GOOGLE_KEYS_URL,
+};
+
+fn block() -> ProviderBlock<String> {
+    ProviderBlock::new("p".into())
+}
+
+fn words(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn err(r: Result<mesh_core::provider::Built<String>, BlockError>) -> BlockError {
+    match r {
+        Ok(_) => panic!("the block was accepted"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn google_preset_fills_what_the_block_leaves_out() {
+    let mut b = block();
+    b.line("preset", &words(&["google"])).unwrap();
+    b.line("audience", &words(&["https://svc.example"])).unwrap();
+    let built = b.finish(|u| Ok(u.to_string())).unwrap();
+    assert_eq!(built.url.as_deref(), Some(GOOGLE_KEYS_URL));
+    assert_eq!(built.provider.issuers, GOOGLE_ISSUERS.map(String::from).to_vec());
+    assert_eq!(built.provider.algorithms, vec![Algorithm::RS256]);
+    assert_eq!(built.algorithms, Some(vec![Algorithm::RS256]));
+    assert_eq!(built.provider.principal, "email");
+    assert_eq!(built.provider.require.len(), 1);
+    assert_eq!(built.provider.require[0].path_text(), "email_verified");
+    assert!(built.provider.keys.is_empty(), "URL keys arrive later");
+}
+
+#[test]
+fn lines_written_win_over_the_preset() {
+    let mut b = block();
+    b.line("preset", &words(&["google"])).unwrap();
+    b.line("issuer", &words(&["https://other.example"])).unwrap();
+    b.line("principal", &words(&["sub"])).unwrap();
+    b.line("require", &words(&["email_verified=false"])).unwrap();
+    b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
+    let built = b.finish(|_| panic!("the preset URL is not used when keys are given")).unwrap();
+    assert_eq!(built.provider.issuers, vec!["https://other.example".to_string()]);
+    assert_eq!(built.provider.principal, "sub");
+    assert_eq!(built.provider.require.len(), 1);
+    assert!(built.url.is_none());
+}
+
+#[test]
+fn preset_url_failure_blames_the_block() {
+    let mut b = block();
+    b.line("preset", &words(&["google"])).unwrap();
+    let e = err(b.finish(|_| Err("no CA".into())));
+    assert_eq!(e.line, Line::Block);
+    assert_eq!(e.message, "preset google: no CA");
+}
+
+#[test]
+fn defaults_without_preset() {
+    let mut b = block();
+    b.line("issuer", &words(&["https://p.example"])).unwrap();
+    b.set_keys(KeySource::File(KeySet::load(JWKS).unwrap()));
+    let built = b.finish(|_| unreachable!()).unwrap();
+    assert_eq!(built.provider.leeway, DEFAULT_LEEWAY);
+    assert_eq!(built.provider.principal, "sub");
+    assert!(built.provider.audiences.is_empty());
+    assert!(built.algorithms.is_none());
+    assert!(!built.platform_verified);
+    assert!(!built.provider.algorithms.is_empty());
+    assert!(built.provider.algorithms.iter().all(|a| !matches!(a, Algorithm::HS256)));
+}
+
+#[test]
+fn missing_issuer_and_missing_keys_blame_the_block() {
+    let mut b = block();
+    b.set_keys(KeySource::File(KeySet::load(JWKS).unwrap()));
+    let e = err(b.finish(|_| unreachable!()));
+    assert_eq!((e.line, e.message.as_str()), (Line::Block, "mesh_provider \"p\": no \"issuer\""));
+
+    let mut b = block();
+    b.line("issuer", &words(&["https://p.example"])).unwrap();
+    let e = err(b.finish(|_| unreachable!()));
+    assert_eq!(e.line, Line::Block);
+    assert!(e.message.contains("no \"keys\" or \"secret\""), "{}", e.message);
+}
+
+#[test]
+fn secret_with_keys_is_refused_at_the_secret() {
+    let mut b = block();
+    b.line("issuer", &words(&["https://p.example"])).unwrap();
+    b.set_keys(KeySource::File(KeySet::load(JWKS).unwrap()));
+    b.set_secret(KeySet::from_secret(SECRET));
+    let e = err(b.finish(|_| unreachable!()));
+    assert_eq!(e.line, Line::Secret);
+}
+
+#[test]
+fn algorithms_must_fit_the_keys() {
+    let rsa = KeySet::load(RSA_PUB).unwrap();
+    let hmac = KeySet::from_secret(SECRET);
+    assert_eq!(
+        allowed_algorithms(&rsa, false, Some(&[Algorithm::RS256, Algorithm::HS256])),
+        Err((Algorithm::HS256, "HMAC algorithms need \"secret\""))
+    );
+    assert_eq!(
+        allowed_algorithms(&hmac, false, Some(&[Algorithm::RS256])),
+        Err((Algorithm::RS256, "no configured key can verify it"))
+    );
+    assert_eq!(
+        allowed_algorithms(&rsa, false, Some(&[Algorithm::ES256])),
+        Err((Algorithm::ES256, "no configured key can verify it"))
+    );
+    assert_eq!(
+        allowed_algorithms(&hmac, false, Some(&[Algorithm::HS256])),
+        Ok(vec![Algorithm::HS256])
+    );
+    // URL keys: unknown yet, so only HMAC is ruled out; unconfigured = every public-key algorithm.
+    let empty = KeySet::default();
+    assert_eq!(
+        allowed_algorithms(&empty, true, Some(&[Algorithm::ES256])),
+        Ok(vec![Algorithm::ES256])
+    );
+    assert!(allowed_algorithms(&empty, true, Some(&[Algorithm::HS384])).is_err());
+    let all = allowed_algorithms(&empty, true, None).unwrap();
+    assert_eq!(all.len(), 9);
+    assert!(!all.contains(&Algorithm::HS512));
+}
+
+#[test]
+fn a_bad_algorithm_blames_the_algorithms_line() {
+    let mut b = block();
+    b.line("issuer", &words(&["https://p.example"])).unwrap();
+    b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
+    b.line("algorithms", &words(&["RS256", "HS256"])).unwrap();
+    let e = err(b.finish(|_| unreachable!()));
+    assert_eq!(e.line, Line::Algorithms);
+    assert_eq!(
+        e.message,
+        "mesh_provider \"p\": algorithm \"HS256\" cannot be used: HMAC algorithms need \"secret\""
+    );
+}
+
+#[test]
+fn line_errors() {
+    let mut b = block();
+    assert!(b.line("algorithms", &words(&["RS257"])).unwrap_err().contains("\"RS257\""));
+    assert!(b.line("algorithms", &words(&["none"])).unwrap_err().contains("\"none\""));
+    b.line("algorithms", &words(&["RS256", "RS256"])).unwrap();
+    assert_eq!(
+        b.line("algorithms", &words(&["RS384"])).unwrap_err(),
+        "\"algorithms\" is duplicate in mesh_provider \"p\""
+    );
+    assert_eq!(
+        b.line("issuer", &[]).unwrap_err(),
+        "invalid number of arguments in \"issuer\" of mesh_provider \"p\""
+    );
+    assert_eq!(
+        b.line("leeway", &words(&["1s", "2s"])).unwrap_err(),
+        "invalid number of arguments in \"leeway\" of mesh_provider \"p\""
+    );
+    assert!(b.line("leeway", &words(&["abc"])).unwrap_err().starts_with("leeway: invalid value \"abc\""));
+    assert!(b.line("require", &words(&["groups"])).unwrap_err().starts_with("require: \"groups\""));
+    assert!(b.line("require", &words(&["=admins"])).is_err());
+    assert_eq!(
+        b.line("colour", &words(&["blue"])).unwrap_err(),
+        "unknown directive \"colour\" in mesh_provider \"p\""
+    );
+    assert!(b.line("preset", &words(&["amazon"])).unwrap_err().contains("known: google"));
+    assert!(b.line("platform_verified", &words(&["maybe"])).is_err());
+    assert_eq!(b.line("principal", &words(&[""])).unwrap_err(), "principal: empty claim name");
+}
+
+#[test]
+fn key_urls() {
+    assert!(check_key_url("https://keys.example/jwks", true).is_ok());
+    assert!(check_key_url("http://127.0.0.1:8/jwks", false).is_ok());
+    assert!(check_key_url("http://keys.example/jwks", true)
+        .unwrap_err()
+        .contains("applies to https:// URLs only"));
+    assert!(check_key_url("https://", false).is_err());
+    assert!(check_key_url("https:///path", false).is_err());
+    assert!(check_key_url("https://a b", false).is_err());
+}

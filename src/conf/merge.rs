@@ -1,0 +1,142 @@
+//! Merging: what a level did not set is inherited, then everything is resolved into the
+//! plain values the request path reads (as `ngx_conf_merge_value` does in C).
+
+use std::ffi::{c_char, c_void};
+use std::sync::Arc;
+
+use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::ffi::ngx_conf_t;
+use ngx::http::HttpModuleMainConf;
+
+use super::directive::ConfError;
+use super::{Auth, AuthSpec, LocConf, MainConf, TRACE_PROJECT_ENV};
+use crate::MeshModule;
+
+/// `init_main_conf`: the http-level values in force.
+///
+/// # Safety
+/// Called by nginx with its configuration context and this module's main configuration.
+pub unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
+    crate::nginx::no_panic(NGX_CONF_ERROR, || {
+        // SAFETY: nginx passes the MainConf this module created.
+        let mcf = unsafe { &mut *conf.cast::<MainConf>() };
+        if let Some(v) = mcf.set.metadata_server.take() {
+            mcf.metadata_server = v;
+        }
+        if let Some(v) = mcf.set.token_cache {
+            mcf.token_cache = v;
+        }
+        if let Some(v) = mcf.set.config_version.take() {
+            mcf.config_version = v;
+        }
+        // Read once, here in the master: nginx clears the environment of its workers.
+        mcf.trace_project_env = std::env::var(TRACE_PROJECT_ENV).ok();
+        NGX_CONF_OK
+    })
+}
+
+/// Resolves the provider names of a `mesh_auth` against the `mesh_provider` blocks. Done at
+/// merge time so that `mesh_auth` may come before the blocks it names.
+fn resolve_auth(mcf: &MainConf, auth: &mut Option<Auth>) -> Result<(), ConfError> {
+    let Some(Auth::On(spec)) = auth else {
+        return Ok(());
+    };
+    if !spec.providers.is_empty() {
+        return Ok(());
+    }
+    let mut providers = Vec::with_capacity(spec.names.len());
+    for name in &spec.names {
+        match mcf.providers.iter().find(|p| &p.name == name) {
+            Some(p) => providers.push(p.clone()),
+            None => {
+                return Err(ConfError::At(
+                    spec.pos.clone(),
+                    format!("mesh_auth: unknown provider \"{name}\" (no mesh_provider block of that name)"),
+                ))
+            }
+        }
+    }
+    *spec = Arc::new(AuthSpec {
+        optional: spec.optional,
+        names: spec.names.clone(),
+        pos: spec.pos.clone(),
+        providers,
+    });
+    Ok(())
+}
+
+/// nginx's inheritance: a level that sets a directive replaces what it inherits.
+fn inherit<T: Clone>(conf: &mut Option<T>, prev: &Option<T>) {
+    if conf.is_none() {
+        conf.clone_from(prev);
+    }
+}
+
+/// `merge_loc_conf`.
+///
+/// # Safety
+/// Called by nginx with its configuration context and two distinct location configurations
+/// this module created.
+pub unsafe extern "C" fn merge_loc_conf(
+    cf: *mut ngx_conf_t,
+    prev: *mut c_void,
+    conf: *mut c_void,
+) -> *mut c_char {
+    crate::nginx::no_panic(NGX_CONF_ERROR, || {
+        // SAFETY: see the function's contract; merging happens inside the http block, where
+        // this module's main configuration exists.
+        let (prev, conf, mcf) = unsafe {
+            (
+                &mut *prev.cast::<LocConf>(),
+                &mut *conf.cast::<LocConf>(),
+                MeshModule::main_conf(&*cf),
+            )
+        };
+        let Some(mcf) = mcf else {
+            return NGX_CONF_ERROR;
+        };
+        match merge(mcf, prev, conf) {
+            Ok(()) => NGX_CONF_OK,
+            Err(e) => e.report(cf, ""),
+        }
+    })
+}
+
+fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), ConfError> {
+    // The http-level configuration is only ever `prev`, so resolve both sides.
+    resolve_auth(mcf, &mut prev.set.auth)?;
+    resolve_auth(mcf, &mut conf.set.auth)?;
+    let (s, p) = (&mut conf.set, &prev.set);
+    inherit(&mut s.auth, &p.auth);
+    inherit(&mut s.token, &p.token);
+    inherit(&mut s.audience, &p.audience);
+    inherit(&mut s.realm, &p.realm);
+    inherit(&mut s.roles, &p.roles);
+    inherit(&mut s.rules, &p.rules);
+    inherit(&mut s.policy_dry_run, &p.policy_dry_run);
+    inherit(&mut s.rate_limit, &p.rate_limit);
+    inherit(&mut s.rate_callers, &p.rate_callers);
+    inherit(&mut s.rate_status, &p.rate_status);
+    inherit(&mut s.rate_headers, &p.rate_headers);
+    inherit(&mut s.rate_dry_run, &p.rate_dry_run);
+    inherit(&mut s.trace, &p.trace);
+    inherit(&mut s.trace_sample, &p.trace_sample);
+    inherit(&mut s.trace_project, &p.trace_project);
+    inherit(&mut s.trace_response, &p.trace_response);
+    inherit(&mut s.forward_identity, &p.forward_identity);
+    for rl in [&prev.set.rate_limit, &conf.set.rate_limit].into_iter().flatten() {
+        if rl.zone().is_none() {
+            return Err(ConfError::At(
+                rl.pos.clone(),
+                format!(
+                    "mesh_rate_limit: unknown zone \"{}\" (no mesh_rate_limit_zone of that name)",
+                    rl.zone_name
+                ),
+            ));
+        }
+    }
+    let env = mcf.trace_project_env.as_deref();
+    prev.resolve(env);
+    conf.resolve(env);
+    Ok(())
+}

@@ -1,0 +1,210 @@
+//! The `mesh_*` directives, parsed at configuration time into typed structures, and merged
+//! into the values each location runs with.
+//!
+//! - `commands`: the command table (every directive, its contexts, its parser);
+//! - `directive`: the one handler wrapper and the typed `ConfError` it reports;
+//! - `identity`, `provider`, `policy`, `rate_limit`, `trace`, `outbound`: one file per
+//!   directive family;
+//! - `merge`: inheritance and resolution (`init_main_conf`, `merge_loc_conf`);
+//! - this file: the configuration structures and their defaults.
+//!
+//! As in nginx's C modules, parsing fills `set` (what a level wrote, `None` where it wrote
+//! nothing); merging inherits what a level did not set and resolves everything into plain
+//! fields with the defaults below, so the request path never looks at an `Option` it would
+//! have to default.
+
+pub mod commands;
+mod directive;
+mod identity;
+pub mod merge;
+mod outbound;
+mod policy;
+mod provider;
+mod rate_limit;
+mod trace;
+
+use std::ptr::NonNull;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use mesh_core::policy::{RoleBinding, Rule};
+use ngx::ffi::ngx_http_complex_value_t;
+
+pub use identity::{Auth, AuthSpec};
+pub use rate_limit::{CallerRate, RateLimit};
+
+use crate::state::outbound::OutboundToken;
+use crate::state::provider::MeshProvider;
+
+/// `mesh_token_cache` default.
+const DEFAULT_TOKEN_CACHE: usize = 4096;
+/// `mesh_metadata_server` default (Cloud Run, GCE, GKE).
+const DEFAULT_METADATA_SERVER: &str = "http://metadata.google.internal";
+/// `mesh_realm` default.
+const DEFAULT_REALM: &str = "mesh";
+/// `mesh_rate_limit_status` default.
+const DEFAULT_RATE_STATUS: u16 = 429;
+/// `mesh_rate_limit_headers` default.
+const DEFAULT_RATE_HEADERS: bool = true;
+/// `mesh_trace_sample` default.
+const DEFAULT_TRACE_SAMPLE: f64 = 1.0;
+/// Where `mesh_trace_project` comes from when not set.
+pub(crate) const TRACE_PROJECT_ENV: &str = "GOOGLE_CLOUD_PROJECT";
+
+/// http-level configuration.
+pub struct MainConf {
+    pub providers: Vec<Arc<MeshProvider>>,
+    /// `mesh_outbound_token` variables.
+    pub outbound: Vec<Arc<OutboundToken>>,
+    /// `mesh_rate_limit_zone` names.
+    pub zones: Vec<String>,
+    /// `mesh_metadata_server`.
+    pub metadata_server: String,
+    /// `mesh_token_cache`: 0 is `off`.
+    pub token_cache: usize,
+    /// `mesh_config_version`; empty when not set.
+    pub config_version: String,
+    /// `GOOGLE_CLOUD_PROJECT` as the master saw it at configuration time (nginx clears the
+    /// environment of its workers).
+    trace_project_env: Option<String>,
+    set: MainSet,
+}
+
+/// What the http block wrote.
+#[derive(Default)]
+struct MainSet {
+    metadata_server: Option<String>,
+    token_cache: Option<usize>,
+    config_version: Option<String>,
+}
+
+impl Default for MainConf {
+    fn default() -> Self {
+        MainConf {
+            providers: Vec::new(),
+            outbound: Vec::new(),
+            zones: Vec::new(),
+            metadata_server: DEFAULT_METADATA_SERVER.into(),
+            token_cache: DEFAULT_TOKEN_CACHE,
+            config_version: String::new(),
+            trace_project_env: None,
+            set: MainSet::default(),
+        }
+    }
+}
+
+/// server/location-level configuration: the values in force (after merging), and what this
+/// level wrote.
+pub struct LocConf {
+    /// `mesh_auth`; `None`: off.
+    pub auth: Option<Arc<AuthSpec>>,
+    /// `mesh_token`: a complex value in the configuration pool; `None`: the Bearer headers.
+    pub token: Option<NonNull<ngx_http_complex_value_t>>,
+    /// `mesh_audience`; `None`: each provider's `audience`.
+    pub audience: Option<Arc<Vec<String>>>,
+    pub realm: String,
+    pub roles: Arc<Vec<RoleBinding>>,
+    /// `mesh_allow` / `mesh_deny`, in order; empty: no rules.
+    pub rules: Arc<Vec<Rule>>,
+    pub policy_dry_run: bool,
+    /// `Rc`: holds nginx pointers, so it stays on the thread that owns the configuration.
+    pub rate_limit: Option<Rc<RateLimit>>,
+    pub rate_callers: Arc<Vec<CallerRate>>,
+    pub rate_status: u16,
+    pub rate_headers: bool,
+    pub rate_dry_run: bool,
+    pub trace: bool,
+    pub trace_sample: f64,
+    /// `mesh_trace_project`, else `GOOGLE_CLOUD_PROJECT`, else empty.
+    pub trace_project: String,
+    pub trace_response: bool,
+    pub forward_identity: bool,
+    set: LocSet,
+}
+
+/// What one level wrote (`None`: nothing), then, once merged, what it inherited.
+#[derive(Default)]
+struct LocSet {
+    auth: Option<Auth>,
+    token: Option<NonNull<ngx_http_complex_value_t>>,
+    audience: Option<Arc<Vec<String>>>,
+    realm: Option<String>,
+    /// `mesh_role` lines of this level (http or server).
+    roles: Option<Arc<Vec<RoleBinding>>>,
+    rules: Option<Arc<Vec<Rule>>>,
+    policy_dry_run: Option<bool>,
+    rate_limit: Option<Rc<RateLimit>>,
+    rate_callers: Option<Arc<Vec<CallerRate>>>,
+    rate_status: Option<u16>,
+    rate_headers: Option<bool>,
+    rate_dry_run: Option<bool>,
+    trace: Option<bool>,
+    trace_sample: Option<f64>,
+    trace_project: Option<String>,
+    trace_response: Option<bool>,
+    forward_identity: Option<bool>,
+}
+
+impl Default for LocConf {
+    fn default() -> Self {
+        let mut lcf = LocConf {
+            auth: None,
+            token: None,
+            audience: None,
+            realm: String::new(),
+            roles: Arc::default(),
+            rules: Arc::default(),
+            policy_dry_run: false,
+            rate_limit: None,
+            rate_callers: Arc::default(),
+            rate_status: 0,
+            rate_headers: false,
+            rate_dry_run: false,
+            trace: false,
+            trace_sample: 0.0,
+            trace_project: String::new(),
+            trace_response: false,
+            forward_identity: false,
+            set: LocSet::default(),
+        };
+        lcf.resolve(None);
+        lcf
+    }
+}
+
+impl LocConf {
+    /// Whether the access phase decides anything here.
+    pub fn decides(&self) -> bool {
+        self.auth.is_some() || !self.rules.is_empty() || self.rate_limit.is_some()
+    }
+
+    /// Fills the values in force from what is set, with the defaults.
+    pub(crate) fn resolve(&mut self, env_project: Option<&str>) {
+        let s = &self.set;
+        self.auth = match &s.auth {
+            Some(Auth::On(spec)) => Some(spec.clone()),
+            Some(Auth::Off) | None => None,
+        };
+        self.token = s.token;
+        self.audience = s.audience.clone();
+        self.realm = s.realm.as_deref().unwrap_or(DEFAULT_REALM).to_string();
+        self.roles = s.roles.clone().unwrap_or_default();
+        self.rules = s.rules.clone().unwrap_or_default();
+        self.policy_dry_run = s.policy_dry_run.unwrap_or(false);
+        self.rate_limit = s.rate_limit.clone();
+        self.rate_callers = s.rate_callers.clone().unwrap_or_default();
+        self.rate_status = s.rate_status.unwrap_or(DEFAULT_RATE_STATUS);
+        self.rate_headers = s.rate_headers.unwrap_or(DEFAULT_RATE_HEADERS);
+        self.rate_dry_run = s.rate_dry_run.unwrap_or(false);
+        self.trace = s.trace.unwrap_or(false);
+        self.trace_sample = s.trace_sample.unwrap_or(DEFAULT_TRACE_SAMPLE);
+        self.trace_project = s
+            .trace_project
+            .as_deref()
+            .or(env_project)
+            .unwrap_or("")
+            .to_string();
+        self.trace_response = s.trace_response.unwrap_or(false);
+        self.forward_identity = s.forward_identity.unwrap_or(false);
+    }
+}

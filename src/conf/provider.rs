@@ -1,0 +1,139 @@
+//! `mesh_provider NAME { ... }`: a trusted token issuer. The block's lines are read by the
+//! same directive wrapper as every other directive; what they mean, the Google preset and the
+//! algorithm/key rules are `mesh_core::provider`'s. This file only reads what needs nginx:
+//! key and secret files (paths relative to the configuration prefix) and CA bundles.
+
+use std::ffi::{c_char, c_void};
+use std::ptr;
+use std::sync::Arc;
+
+use mesh_core::keys::KeySet;
+use mesh_core::provider::{is_key_url, KeySource, Line, ProviderBlock};
+use ngx::core::NGX_CONF_OK;
+use ngx::ffi::{ngx_command_t, ngx_conf_parse, ngx_conf_t};
+
+use super::directive::{directive, invalid, ConfError, Directive};
+use crate::nginx::conf::{full_path, ConfPos};
+use crate::state::provider::{KeyUrl, MeshProvider};
+
+/// A block while it is read: the core's, plus where the lines an error may blame stand.
+struct Block {
+    core: ProviderBlock<KeyUrl>,
+    pos: ConfPos,
+    secret_pos: Option<ConfPos>,
+    algorithms_pos: Option<ConfPos>,
+}
+
+/// `mesh_provider NAME { ... }`
+pub fn block(providers: &mut Vec<Arc<MeshProvider>>, d: &Directive) -> Result<(), ConfError> {
+    let name = d.word(1)?;
+    if name.is_empty() {
+        return Err(invalid("empty name"));
+    }
+    if providers.iter().any(|p| p.name == name) {
+        return Err(format!("mesh_provider \"{name}\" is defined twice").into());
+    }
+    let mut block = Block {
+        core: ProviderBlock::new(name.to_string()),
+        pos: d.pos.clone(),
+        secret_pos: None,
+        algorithms_pos: None,
+    };
+    // SAFETY: the block is parsed with a copy of `cf` whose handler reads each line into
+    // `block`, which outlives the call (the same technique as nginx's `map` and `types`).
+    let rv = unsafe {
+        let mut block_cf: ngx_conf_t = *d.cf;
+        block_cf.handler = Some(line);
+        block_cf.handler_conf = ptr::addr_of_mut!(block).cast();
+        ngx_conf_parse(&mut block_cf, ptr::null_mut())
+    };
+    if rv != NGX_CONF_OK {
+        // The line at fault was reported already.
+        return Err(ConfError::Reported);
+    }
+    let Block {
+        core,
+        pos,
+        secret_pos,
+        algorithms_pos,
+    } = block;
+    let built = core
+        .finish(|url| KeyUrl::new(url, None))
+        .map_err(|e| {
+            let at = match e.line {
+                Line::Block => None,
+                Line::Secret => secret_pos,
+                Line::Algorithms => algorithms_pos,
+            };
+            ConfError::At(at.unwrap_or(pos), e.message)
+        })?;
+    providers.push(Arc::new(MeshProvider::new(built)));
+    Ok(())
+}
+
+/// One line inside the block (nginx's `cf->handler`).
+unsafe extern "C" fn line(
+    cf: *mut ngx_conf_t,
+    _dummy: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `conf` is the `handler_conf` set in `block`: a live Block, only used here.
+    unsafe { directive(cf, conf, |b: &mut Block, d| b.line(d)) }
+}
+
+impl Block {
+    fn line(&mut self, d: &Directive) -> Result<(), ConfError> {
+        let w = d.values()?;
+        let dir = d.word(0)?;
+        match dir {
+            "keys" => {
+                if self.core.has_keys() {
+                    return Err(self.core.duplicate(dir).into());
+                }
+                let (src, ca) = match w.as_slice() {
+                    [src] => (src.as_str(), None),
+                    [src, ca] => match ca.strip_prefix("ca=") {
+                        Some(ca) if !ca.is_empty() => (src.as_str(), Some(full_path(d.cf, ca))),
+                        _ => return Err(invalid(format!("invalid parameter \"{ca}\""))),
+                    },
+                    _ => return Err(self.core.arity(dir).into()),
+                };
+                let source = if is_key_url(src) {
+                    KeySource::Url(KeyUrl::new(src, ca.as_deref())?)
+                } else {
+                    if ca.is_some() {
+                        return Err(format!("keys \"{src}\": \"ca=\" applies to https:// URLs only").into());
+                    }
+                    let path = full_path(d.cf, src);
+                    let bytes = std::fs::read(&path)
+                        .map_err(|e| invalid(format!("cannot read \"{path}\": {e}")))?;
+                    KeySource::File(KeySet::load(&bytes).map_err(|e| format!("keys \"{path}\": {e}"))?)
+                };
+                self.core.set_keys(source);
+            }
+            "secret" => {
+                if self.core.has_secret() {
+                    return Err(self.core.duplicate(dir).into());
+                }
+                let [file] = w.as_slice() else {
+                    return Err(self.core.arity(dir).into());
+                };
+                let path = full_path(d.cf, file);
+                let bytes = std::fs::read(&path)
+                    .map_err(|e| invalid(format!("cannot read \"{path}\": {e}")))?;
+                if bytes.iter().all(u8::is_ascii_whitespace) {
+                    return Err(format!("secret \"{path}\" is empty").into());
+                }
+                self.core.set_secret(KeySet::from_secret(&bytes));
+                self.secret_pos = Some(d.pos.clone());
+            }
+            _ => {
+                self.core.line(dir, &w)?;
+                if dir == "algorithms" {
+                    self.algorithms_pos = Some(d.pos.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+}

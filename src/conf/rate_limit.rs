@@ -1,0 +1,150 @@
+//! Rate limits: `mesh_rate_limit_zone`, `mesh_rate_limit`, `mesh_rate_limit_caller`,
+//! `mesh_rate_limit_status` (`..._headers` and `..._dry_run` are plain flags).
+
+use std::ptr::NonNull;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use mesh_core::gcra::{parse_rate, Gcra};
+use mesh_core::policy::Pattern;
+use mesh_core::units::parse_size;
+use ngx::ffi::{ngx_http_complex_value_t, ngx_shm_zone_t};
+
+use super::directive::{invalid, push, ConfError, Directive};
+use crate::nginx::conf::{compile_complex, shared_zone, value_part, ConfPos};
+use crate::state::rate_zone::{zone_init, RateZone};
+
+/// The smallest zone: nginx's shared-memory modules refuse less than 8 pages.
+const MIN_ZONE_SIZE: usize = 8 * 4096;
+
+/// `mesh_rate_limit zone=NAME rate=R [burst=B] [key=VALUE];`
+pub struct RateLimit {
+    pub zone: NonNull<ngx_shm_zone_t>,
+    pub zone_name: String,
+    pub gcra: Gcra,
+    pub key: Option<NonNull<ngx_http_complex_value_t>>,
+    pub pos: ConfPos,
+}
+
+impl RateLimit {
+    /// This cycle's zone; set up by `mesh_rate_limit_zone` (checked when merging).
+    pub fn zone(&self) -> Option<&RateZone> {
+        // SAFETY: the shm zone entry lives in the cycle; its `data` is null or the RateZone
+        // allocated by `mesh_rate_limit_zone` in the configuration pool.
+        unsafe { ((*self.zone.as_ptr()).data as *const RateZone).as_ref() }
+    }
+}
+
+/// `mesh_rate_limit_caller PATTERN rate=R [burst=B];`
+pub struct CallerRate {
+    pub pattern: Pattern,
+    pub gcra: Gcra,
+}
+
+/// `mesh_rate_limit_zone NAME SIZE;`
+pub fn zone(zones: &mut Vec<String>, d: &Directive) -> Result<(), ConfError> {
+    let name = d.word(1)?.to_string();
+    if zones.contains(&name) {
+        return Err(format!("mesh_rate_limit_zone \"{name}\" is defined twice").into());
+    }
+    let size_text = d.word(2)?;
+    let size = parse_size(size_text)
+        .map_err(|_| format!("mesh_rate_limit_zone \"{name}\": invalid size \"{size_text}\""))?;
+    if size < MIN_ZONE_SIZE {
+        return Err(format!(
+            "mesh_rate_limit_zone \"{name}\": size \"{size_text}\" is too small, at least 32k"
+        )
+        .into());
+    }
+    let zone = shared_zone(d.cf, d.args[1], size)?.as_ptr();
+    // SAFETY: `zone` is nginx's entry for this name; `data` is ours to set once, to a
+    // RateZone in the configuration pool (which lives as long as the cycle).
+    unsafe {
+        if !(*zone).data.is_null() {
+            return Err(format!("mesh_rate_limit_zone \"{name}\" is defined twice").into());
+        }
+        let p = ngx::core::Pool::from_ngx_pool((*d.cf).pool).allocate(RateZone::new(name.clone()));
+        if p.is_null() {
+            return Err("out of memory".into());
+        }
+        (*zone).data = p.cast();
+        (*zone).init = Some(zone_init);
+    }
+    zones.push(name);
+    Ok(())
+}
+
+/// `rate=R` and `burst=B` of `mesh_rate_limit` and `mesh_rate_limit_caller`.
+fn gcra_of(rate: Option<&str>, burst: Option<&str>) -> Result<Gcra, String> {
+    let rate = parse_rate(rate.ok_or("\"rate=\" is required")?)?;
+    let burst = match burst {
+        None => 0,
+        Some(b) => b
+            .parse::<u64>()
+            .ok()
+            .filter(|&b| b <= 1_000_000)
+            .ok_or_else(|| format!("invalid burst \"{b}\""))?,
+    };
+    Ok(Gcra::new(rate, burst))
+}
+
+/// `mesh_rate_limit zone=NAME rate=R [burst=B] [key=VALUE];`
+pub fn limit(d: &Directive) -> Result<Rc<RateLimit>, ConfError> {
+    let (mut zone, mut rate, mut burst, mut key) = (None, None, None, None);
+    for w in &d.args[1..] {
+        let text = crate::nginx::conf::word(w)?;
+        let (k, v) = text.split_once('=').unwrap_or((text, ""));
+        let slot = match k {
+            "zone" => &mut zone,
+            "rate" => &mut rate,
+            "burst" => &mut burst,
+            "key" => &mut key,
+            _ => return Err(invalid(format!("invalid parameter \"{text}\""))),
+        };
+        if v.is_empty() || slot.replace((v, *w)).is_some() {
+            return Err(invalid(format!("invalid parameter \"{text}\"")));
+        }
+    }
+    let (zone_name, zone_word) = zone.ok_or_else(|| invalid("\"zone=\" is required"))?;
+    let gcra = gcra_of(rate.map(|r| r.0), burst.map(|b| b.0)).map_err(invalid)?;
+    let key = match key {
+        None => None,
+        Some((text, w)) => Some(
+            compile_complex(d.cf, value_part(&w, text))
+                .map_err(|_| invalid(format!("invalid key \"{text}\"")))?,
+        ),
+    };
+    let zone = shared_zone(d.cf, value_part(&zone_word, zone_name), 0)?;
+    Ok(Rc::new(RateLimit {
+        zone,
+        zone_name: zone_name.to_string(),
+        gcra,
+        key,
+        pos: d.pos.clone(),
+    }))
+}
+
+/// `mesh_rate_limit_caller PATTERN rate=R [burst=B];`
+pub fn caller(callers: &mut Option<Arc<Vec<CallerRate>>>, d: &Directive) -> Result<(), ConfError> {
+    let w = d.values()?;
+    let pattern = Pattern::parse(&w[0]).map_err(invalid)?;
+    let (mut rate, mut burst) = (None, None);
+    for p in &w[1..] {
+        match p.split_once('=') {
+            Some(("rate", v)) if rate.is_none() => rate = Some(v),
+            Some(("burst", v)) if burst.is_none() => burst = Some(v),
+            _ => return Err(invalid(format!("invalid parameter \"{p}\""))),
+        }
+    }
+    let gcra = gcra_of(rate, burst).map_err(invalid)?;
+    push(callers, CallerRate { pattern, gcra })
+}
+
+/// `mesh_rate_limit_status CODE;`
+pub fn status(d: &Directive) -> Result<u16, ConfError> {
+    let v = d.word(1)?;
+    match v.parse::<u16>() {
+        Ok(code) if (400..=599).contains(&code) => Ok(code),
+        _ => Err(invalid(format!("\"{v}\" must be between 400 and 599"))),
+    }
+}

@@ -1,0 +1,22 @@
+//! The helpers that touch nginx structures: every `unsafe` block that is not an FFI entry
+//! point's own (reading the arguments nginx passes) lives here, each with why it is sound.
+//!
+//! - `conf`: the words of a directive, where it stands, paths, complex values, shared zones;
+//! - `headers`: request and response header lists;
+//! - `request`: shared views of a request, its client address, nginx's clock;
+//! - `variable`: a variable getter's value slot;
+//! - `timer`: a worker's repeating timer on its event loop.
+
+pub mod conf;
+pub mod headers;
+pub mod request;
+pub mod timer;
+pub mod variable;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Runs `f`, turning a panic into `fallback`: a panic must never unwind into nginx (it would
+/// abort the worker).
+pub fn no_panic<T>(fallback: T, f: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(fallback)
+}

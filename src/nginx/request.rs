@@ -1,0 +1,37 @@
+//! Views of the request nginx passes to a handler, and the few request facts read raw.
+
+use std::ptr;
+
+use ngx::ffi::ngx_http_request_t;
+use ngx::http::Request;
+
+/// A shared view of a live request, for handlers that only read it (variable getters, which
+/// nginx may call while another handler of this module is reading the same request).
+///
+/// # Safety
+/// `r` must be a live request for `'a`, not mutated through another reference meanwhile.
+pub unsafe fn shared<'a>(r: *const ngx_http_request_t) -> &'a Request {
+    // SAFETY: `Request` is `repr(transparent)` over `ngx_http_request_t`; see the contract.
+    unsafe { &*r.cast::<Request>() }
+}
+
+/// The request's main request (itself unless it is a subrequest).
+pub fn main_of(r: &Request) -> &Request {
+    // SAFETY: a live request's `main` is a live request (possibly itself) that outlives it;
+    // only read here.
+    unsafe { shared(r.as_ref().main) }
+}
+
+/// The client address as text (`$remote_addr`).
+pub fn client_addr(r: &Request) -> &[u8] {
+    // SAFETY: a live request has a live connection; `addr_text` is set when it is accepted.
+    unsafe { (*r.connection()).addr_text.as_bytes() }
+}
+
+/// Microseconds of nginx's cached monotonic clock (the same in every worker).
+pub fn now_us() -> u64 {
+    // SAFETY: `ngx_current_msec` is a word-sized global that nginx updates on this thread
+    // (the worker's event loop); reading it is a plain load.
+    let ms = unsafe { ptr::read_volatile(ptr::addr_of!(ngx::ffi::ngx_current_msec)) };
+    (ms as u64).saturating_mul(1000)
+}

@@ -1,0 +1,130 @@
+//! The access-phase handler: identify → authorize → limit → trace, on one screen.
+//!
+//! Returns what nginx's `satisfy` expects: `NGX_OK` when this module positively allowed the
+//! request, `NGX_DECLINED` when it has no opinion, 401/403 for refusals that `satisfy any`
+//! may overrule, and the rate-limit status, which it may not. A request refused at one step
+//! is not counted by the next.
+
+use mesh_core::policy::{decide, roles_of, Caller, Verdict};
+use mesh_core::status::AuthStatus;
+use ngx::core::Status;
+use ngx::ffi::{
+    ngx_http_request_t, ngx_int_t, NGX_HTTP_FORBIDDEN, NGX_HTTP_INTERNAL_SERVER_ERROR,
+    NGX_HTTP_SERVICE_UNAVAILABLE, NGX_HTTP_UNAUTHORIZED,
+};
+use ngx::http::{HttpModuleLocationConf, Request};
+
+use super::ctx::{Decision, RequestCtx};
+use super::identify::Identity;
+use super::limit::limit;
+use super::log::log_refusal;
+use super::upstream;
+use crate::conf::LocConf;
+use crate::nginx::headers::add_header_out;
+use crate::nginx::no_panic;
+use crate::MeshModule;
+
+/// Seconds a client is told to wait when a provider has no keys yet.
+const NO_KEYS_RETRY_AFTER: &str = "10";
+
+pub unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
+        // SAFETY: nginx calls phase handlers with a live request, used only through `r`.
+        let r = unsafe { Request::from_ngx_http_request(r) };
+        let Some(lcf) = MeshModule::location_conf(r) else {
+            return Status::NGX_DECLINED.into();
+        };
+        // nginx skips the access phase for subrequests; a main request with nothing to
+        // decide or forward costs nothing more.
+        if !r.is_main() || !(lcf.decides() || lcf.trace || lcf.forward_identity) {
+            return Status::NGX_DECLINED.into();
+        }
+        pipeline(r, lcf)
+    })
+}
+
+fn pipeline(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
+    let Some(ctx) = RequestCtx::of(r) else {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    };
+    // Started first, so that a refusal's log line names the trace.
+    ctx.trace(r, lcf);
+    // 1. identify
+    let id = ctx.identity();
+    if !id.passes() {
+        ctx.decide(Decision::Unauthenticated);
+        let code = refuse_unauthenticated(r, &id, &lcf.realm);
+        log_refusal(r, ctx, code, id.status.as_str());
+        return code;
+    }
+    // 2. authorize
+    let roles = roles_of(&lcf.roles, id.principal(), id.verified.as_ref().map(|v| &v.claims));
+    let caller = Caller {
+        principal: id.principal(),
+        claims: id.verified.as_ref().map(|v| &v.claims),
+        roles: &roles,
+    };
+    let allowed_by_rule = match authorize(r, ctx, lcf, &caller) {
+        Ok(allowed) => allowed,
+        Err(code) => return code,
+    };
+    // 3. limit
+    if let Some(rl) = &lcf.rate_limit {
+        if let Some(code) = limit(r, ctx, lcf, rl, &caller) {
+            return code;
+        }
+    }
+    if lcf.decides() && !ctx.decided() {
+        ctx.decide(Decision::Allow);
+    }
+    // 4. trace (and identity) toward the upstream
+    upstream::rewrite(r, lcf, ctx);
+    if id.status == AuthStatus::Verified || allowed_by_rule {
+        Status::NGX_OK.into()
+    } else {
+        // Anonymous, or no authentication configured: no opinion for `satisfy any`.
+        Status::NGX_DECLINED.into()
+    }
+}
+
+/// The rules: `Ok(true)` if a rule allowed the caller, `Ok(false)` if none applies (or a
+/// dry run would deny), `Err(403)` if refused.
+fn authorize(r: &Request, ctx: &RequestCtx, lcf: &LocConf, caller: &Caller) -> Result<bool, ngx_int_t> {
+    let method = r.method();
+    let denied = match decide(&lcf.rules, caller, method.as_str()) {
+        Verdict::NoRules => return Ok(false),
+        Verdict::Allowed(rule) => {
+            ctx.set_rule(&rule.text);
+            return Ok(true);
+        }
+        Verdict::Denied(rule) => rule.text.as_str(),
+        Verdict::NoMatch => "no rule matched",
+    };
+    ctx.set_rule(denied);
+    if lcf.policy_dry_run {
+        ctx.decide(Decision::WouldDeny);
+        log_refusal(r, ctx, 0, "would deny (dry run)");
+        return Ok(false);
+    }
+    ctx.decide(Decision::Deny);
+    log_refusal(r, ctx, NGX_HTTP_FORBIDDEN as ngx_int_t, "denied");
+    Err(NGX_HTTP_FORBIDDEN as ngx_int_t)
+}
+
+/// 401 with the challenge, or 503 while the provider has no keys yet.
+fn refuse_unauthenticated(r: &mut Request, id: &Identity, realm: &str) -> ngx_int_t {
+    if id.status == AuthStatus::NoKeys {
+        add_header_out(r, "Retry-After", NO_KEYS_RETRY_AFTER);
+        return NGX_HTTP_SERVICE_UNAVAILABLE as ngx_int_t;
+    }
+    let challenge = if id.status == AuthStatus::Missing {
+        format!("Bearer realm=\"{realm}\"")
+    } else {
+        format!(
+            "Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{}\"",
+            id.reason
+        )
+    };
+    add_header_out(r, "WWW-Authenticate", &challenge);
+    NGX_HTTP_UNAUTHORIZED as ngx_int_t
+}

@@ -1,0 +1,217 @@
+//! The request context: everything the module learned about one request, with one owner
+//! (the request pool) and one accessor (`RequestCtx::of`).
+//!
+//! It is computed on first use: by the access handler, or by a `$mesh_*` variable read
+//! earlier (in `map`, `set`, a rewrite-phase `if`), so every variable sees the same answer in
+//! every phase. It survives internal redirects (`error_page`, `try_files`, `index`): a
+//! request is charged against a rate-limit zone once, and keeps its span, however many
+//! locations it passes through. Handlers only ever hold shared references to it (nginx may
+//! call a variable getter while the access handler runs); what changes is in `Cell`s.
+
+use std::cell::{Cell, OnceCell, RefCell};
+use std::ffi::c_void;
+use std::ptr;
+use std::rc::Rc;
+
+use mesh_core::status::AuthStatus;
+use ngx::ffi::{ngx_http_request_t, ngx_pool_cleanup_add};
+use ngx::http::{HttpModule, HttpModuleLocationConf, Request};
+
+use super::identify::{identify, same_identity_settings, Identity};
+use super::trace::{self, Trace};
+use crate::conf::LocConf;
+use crate::MeshModule;
+
+/// What the module decided for a request (`$mesh_decision`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny,
+    Unauthenticated,
+    RateLimited,
+    WouldDeny,
+    WouldRateLimit,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::Unauthenticated => "unauthenticated",
+            Decision::RateLimited => "rate_limited",
+            Decision::WouldDeny => "would_deny",
+            Decision::WouldRateLimit => "would_rate_limit",
+        }
+    }
+}
+
+pub struct RequestCtx {
+    /// The request this context belongs to (subrequests share the pool, not the context).
+    owner: *const ngx_http_request_t,
+    /// Who the caller is, under the location configuration it was computed for.
+    identity: RefCell<Rc<Identity>>,
+    /// Set by the access phase; before it, derived from the identity.
+    decision: Cell<Option<Decision>>,
+    /// The rule that decided (`$mesh_rule`), as written with its file:line.
+    rule: RefCell<String>,
+    /// Rate-limit zones this request was already charged in (by address).
+    charged: RefCell<Vec<*const c_void>>,
+    /// This hop's trace (`mesh_trace on`), started on first use; kept across redirects.
+    trace: OnceCell<Option<Trace>>,
+}
+
+/// Drops the context when the request pool is freed.
+unsafe extern "C" fn cleanup(data: *mut c_void) {
+    // SAFETY: `data` is the RequestCtx written in `RequestCtx::of`, dropped exactly once here.
+    unsafe { ptr::drop_in_place(data.cast::<RequestCtx>()) }
+}
+
+impl RequestCtx {
+    /// The context of `r`: found again after an internal redirect (nginx clears `r->ctx`
+    /// then, so it is looked up through the pool's cleanup list, as nginx's realip module
+    /// does), or created with the caller identified. Re-identifies when the location's
+    /// identity settings differ from those it was computed under.
+    ///
+    /// The context lives in the request pool, outside `*r`, until the request is freed: the
+    /// reference is valid for the handler call that asked for it, and must not be kept
+    /// longer (hence no lifetime tied to the borrow of `r`, which the caller may need to
+    /// borrow mutably meanwhile).
+    pub fn of<'a>(r: &Request) -> Option<&'a RequestCtx> {
+        let lcf = MeshModule::location_conf(r)?;
+        let ctx = match Self::find(r) {
+            Some(ctx) => ctx,
+            None => return Self::create(r, lcf),
+        };
+        let old = ctx.identity.borrow().conf;
+        if !ptr::eq(old, lcf) {
+            // SAFETY: configurations live for the whole cycle.
+            let same = unsafe { old.as_ref() }.is_some_and(|o| same_identity_settings(o, lcf));
+            if !same {
+                // Identified with no borrow held: the token may come from a variable.
+                let id = identify(r, lcf);
+                ctx.set_identity(id);
+            }
+        }
+        Some(ctx)
+    }
+
+    fn find<'a>(r: &Request) -> Option<&'a RequestCtx> {
+        let module = MeshModule::module();
+        if let Some(ctx) = r.get_module_ctx::<RequestCtx>(module) {
+            // SAFETY: as in `of`: the context is in the pool, alive until the request is freed.
+            return Some(unsafe { &*(ctx as *const RequestCtx) });
+        }
+        let raw: *const ngx_http_request_t = r.into();
+        // SAFETY: the cleanup list of the live request pool is a well-formed linked list;
+        // a handler equal to `cleanup` marks data written by this module as a RequestCtx.
+        unsafe {
+            let mut cln = (*r.as_ref().pool).cleanup;
+            while !cln.is_null() {
+                let ours = (*cln)
+                    .handler
+                    .is_some_and(|h| ptr::fn_addr_eq(h, cleanup as unsafe extern "C" fn(*mut c_void)));
+                if ours && (*(*cln).data.cast::<RequestCtx>()).owner == raw {
+                    r.set_module_ctx((*cln).data, module);
+                    return Some(&*(*cln).data.cast::<RequestCtx>());
+                }
+                cln = (*cln).next;
+            }
+        }
+        None
+    }
+
+    fn create<'a>(r: &Request, lcf: &LocConf) -> Option<&'a RequestCtx> {
+        let id = identify(r, lcf);
+        // SAFETY: the cleanup entry gets a properly sized, aligned block from the request
+        // pool; it is initialised before the handler is set, and dropped by that handler only.
+        unsafe {
+            let cln = ngx_pool_cleanup_add(r.as_ref().pool, size_of::<RequestCtx>());
+            if cln.is_null() {
+                return None;
+            }
+            let p = (*cln).data.cast::<RequestCtx>();
+            ptr::write(
+                p,
+                RequestCtx {
+                    owner: r.into(),
+                    identity: RefCell::new(Rc::new(id)),
+                    decision: Cell::new(None),
+                    rule: RefCell::new(String::new()),
+                    charged: RefCell::new(Vec::new()),
+                    trace: OnceCell::new(),
+                },
+            );
+            (*cln).handler = Some(cleanup);
+            r.set_module_ctx(p.cast(), MeshModule::module());
+            Some(&*p)
+        }
+    }
+
+    fn set_identity(&self, id: Identity) {
+        *self.identity.borrow_mut() = Rc::new(id);
+        self.decision.set(None);
+        self.rule.borrow_mut().clear();
+    }
+
+    /// Who the caller is (a snapshot: no borrow is held).
+    pub fn identity(&self) -> Rc<Identity> {
+        self.identity.borrow().clone()
+    }
+
+    pub fn decision(&self) -> Option<Decision> {
+        if let Some(d) = self.decision.get() {
+            return Some(d);
+        }
+        let id = self.identity.borrow();
+        match id.status {
+            AuthStatus::Off => None,
+            AuthStatus::Verified => Some(Decision::Allow),
+            AuthStatus::Missing if id.optional => Some(Decision::Allow),
+            _ => Some(Decision::Unauthenticated),
+        }
+    }
+
+    /// Whether the access phase decided already (not merely derived from the identity).
+    pub fn decided(&self) -> bool {
+        self.decision.get().is_some()
+    }
+
+    pub fn decide(&self, d: Decision) {
+        self.decision.set(Some(d));
+    }
+
+    pub fn rule(&self) -> String {
+        self.rule.borrow().clone()
+    }
+
+    pub fn set_rule(&self, rule: &str) {
+        let mut r = self.rule.borrow_mut();
+        r.clear();
+        r.push_str(rule);
+    }
+
+    /// Charges the request in a zone once: `false` if it was charged there already.
+    pub fn charge_once(&self, zone: *const c_void) -> bool {
+        let mut charged = self.charged.borrow_mut();
+        if charged.contains(&zone) {
+            return false;
+        }
+        charged.push(zone);
+        true
+    }
+
+    /// This hop's trace, started from the request's headers on first use: the one place a
+    /// trace is started. `None` where `mesh_trace` is off.
+    pub fn trace(&self, r: &Request, lcf: &LocConf) -> Option<&Trace> {
+        if !lcf.trace {
+            return None;
+        }
+        self.trace.get_or_init(|| trace::start(r, lcf)).as_ref()
+    }
+
+    /// The trace if one was started (for logging), without starting one.
+    pub fn started_trace(&self) -> Option<&Trace> {
+        self.trace.get().and_then(Option::as_ref)
+    }
+}

@@ -1,0 +1,217 @@
+//! Who is calling: the token of the request, verified against the location's providers
+//! (through this worker's cache of verified tokens), and its audience checked.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use mesh_core::cache::TokenCache;
+use mesh_core::extract::{bearer, strip_bearer, Bearer};
+use mesh_core::status::{AuthError, AuthStatus};
+use mesh_core::token::{
+    check_audience, is_signature_removed, unverified_issuer, verify, verify_platform, Provider,
+    Verified,
+};
+use ngx::ffi::NGX_LOG_WARN;
+use ngx::http::{HttpModuleMainConf, Request};
+
+use crate::conf::{AuthSpec, LocConf};
+use crate::nginx::headers::header_in;
+use crate::MeshModule;
+
+/// The result of identifying the caller under one location's configuration.
+pub struct Identity {
+    /// The location configuration it was computed under.
+    pub conf: *const LocConf,
+    pub status: AuthStatus,
+    /// Why a token was refused: the `error_description` (never holds token or claims).
+    pub reason: String,
+    pub verified: Option<Arc<Verified>>,
+    /// `mesh_auth optional` is in force.
+    pub optional: bool,
+}
+
+impl Identity {
+    fn new(lcf: &LocConf, status: AuthStatus, optional: bool) -> Self {
+        Identity {
+            conf: lcf,
+            status,
+            reason: String::new(),
+            verified: None,
+            optional,
+        }
+    }
+
+    fn refused(mut self, e: AuthError) -> Self {
+        self.status = e.status;
+        self.reason = e.reason;
+        self
+    }
+
+    pub fn principal(&self) -> Option<&str> {
+        self.verified.as_ref().map(|v| v.principal.as_str())
+    }
+
+    /// `$mesh_caller`: the principal, or empty.
+    pub fn caller(&self) -> &str {
+        self.principal().unwrap_or("")
+    }
+
+    /// `$mesh_provider`: the provider that verified the caller, or empty.
+    pub fn provider(&self) -> &str {
+        self.verified.as_ref().map_or("", |v| v.provider.as_str())
+    }
+
+    /// Whether the request may go on to be authorized (verified, anonymous under `optional`,
+    /// or no authentication here).
+    pub fn passes(&self) -> bool {
+        match self.status {
+            AuthStatus::Off | AuthStatus::Verified => true,
+            AuthStatus::Missing => self.optional,
+            _ => false,
+        }
+    }
+}
+
+thread_local! {
+    /// Verified tokens of this worker. nginx runs request handlers on one thread per worker
+    /// process, so a thread-local is the worker's own cache, shared by nothing else.
+    static TOKEN_CACHE: RefCell<Option<TokenCache>> = const { RefCell::new(None) };
+}
+
+/// Whether two locations would identify a caller the same way.
+pub fn same_identity_settings(a: &LocConf, b: &LocConf) -> bool {
+    let names = |c: &LocConf| c.auth.as_ref().map(|s| (s.optional, s.names.clone()));
+    names(a) == names(b) && a.audience == b.audience && a.token == b.token
+}
+
+pub fn identify(r: &Request, lcf: &LocConf) -> Identity {
+    let Some(auth) = lcf.auth.as_deref() else {
+        return Identity::new(lcf, AuthStatus::Off, false);
+    };
+    let Some(mcf) = MeshModule::main_conf(r) else {
+        return Identity::new(lcf, AuthStatus::Off, false);
+    };
+    let id = Identity::new(lcf, AuthStatus::Missing, auth.optional);
+    let token = match token_of(r, lcf) {
+        Ok(Some(t)) => t,
+        Ok(None) => return id,
+        Err(e) => return id.refused(e),
+    };
+    let now = ngx::ffi::ngx_time().max(0) as u64;
+    // Snapshots: keys fetched from URLs may change between requests.
+    let snapshots: Vec<Arc<Provider>> = auth.providers.iter().map(|p| p.snapshot()).collect();
+    let verified: Result<Arc<Verified>, AuthError> = TOKEN_CACHE.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let cache = cell.get_or_insert_with(|| TokenCache::new(mcf.token_cache));
+        if let Some(v) = cache.get(token, now) {
+            if auth.providers.iter().any(|p| p.name == v.provider) {
+                return Ok(v);
+            }
+        }
+        let v = Arc::new(verify_any(r, token, auth, &snapshots, now)?);
+        cache.put(token, v.clone());
+        Ok(v)
+    });
+    let verified = match verified {
+        Ok(v) => v,
+        Err(e) => {
+            if e.status == AuthStatus::UnknownKey {
+                // Maybe the issuer rotated its keys: fetch that provider's keys again
+                // (rate-limited, in the background; this request is answered now).
+                if let Some(iss) = unverified_issuer(token) {
+                    auth.providers
+                        .iter()
+                        .zip(&snapshots)
+                        .filter(|(_, p)| p.issuers.contains(&iss))
+                        .for_each(|(m, _)| m.request_refetch());
+                }
+            }
+            return id.refused(e);
+        }
+    };
+    let accepted = match &lcf.audience {
+        Some(a) => a.as_slice(),
+        None => snapshots
+            .iter()
+            .find(|p| p.name == verified.provider)
+            .map_or(&[][..], |p| p.audiences.as_slice()),
+    };
+    if let Err(e) = check_audience(&verified, accepted) {
+        return id.refused(e);
+    }
+    Identity {
+        status: AuthStatus::Verified,
+        verified: Some(verified),
+        ..id
+    }
+}
+
+/// Verifies a token against the location's providers. A token whose signature Cloud Run
+/// removed (it checked the token before the request arrived) is accepted only by providers
+/// with `platform_verified on`; with none, it is refused and the first such token of the
+/// worker logs how to deploy.
+fn verify_any(
+    r: &Request,
+    token: &[u8],
+    auth: &AuthSpec,
+    snapshots: &[Arc<Provider>],
+    now: u64,
+) -> Result<Verified, AuthError> {
+    let all: Vec<&Provider> = snapshots.iter().map(|p| &**p).collect();
+    if !is_signature_removed(token) {
+        return verify(token, &all, now);
+    }
+    let trusted: Vec<&Provider> = auth
+        .providers
+        .iter()
+        .zip(snapshots)
+        .filter(|(m, _)| m.platform_verified)
+        .map(|(_, p)| &**p)
+        .collect();
+    if !trusted.is_empty() {
+        return verify_platform(token, &trusted, now);
+    }
+    if !PLATFORM_WARNED.swap(true, Ordering::Relaxed) {
+        ngx::ngx_log_error!(
+            NGX_LOG_WARN,
+            r.log(),
+            "mesh: a token arrived with its signature removed by Google (SIGNATURE_REMOVED_BY_GOOGLE): Cloud Run's invoker check verified it before it reached nginx and stripped the signature. Either turn the invoker check off (gcloud run services update SERVICE --no-invoker-iam-check) so nginx verifies every token itself, or trust the platform with \"platform_verified on;\" in the mesh_provider block"
+        );
+    }
+    Err(AuthError {
+        status: AuthStatus::BadSignature,
+        reason: "signature removed by the platform; platform_verified is off".into(),
+    })
+}
+
+/// Whether this worker already explained `SIGNATURE_REMOVED_BY_GOOGLE` (once per worker).
+static PLATFORM_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// The token of the request: `mesh_token` if set, else the Bearer token of
+/// `X-Serverless-Authorization` (what Cloud Run forwards when `Authorization` carries the
+/// app's own credentials), else of `Authorization`.
+fn token_of<'a>(r: &'a Request, lcf: &LocConf) -> Result<Option<&'a [u8]>, AuthError> {
+    if let Some(cv) = lcf.token {
+        // SAFETY: the complex value was compiled at configuration time into the configuration
+        // pool, which outlives every request.
+        let value = r.get_complex_value(unsafe { cv.as_ref() });
+        let token = value.map_or(&[][..], |v| strip_bearer(v.as_bytes()));
+        return Ok((!token.is_empty()).then_some(token));
+    }
+    for name in ["X-Serverless-Authorization", "Authorization"] {
+        if let Some(v) = header_in(r, name) {
+            match bearer(v) {
+                Bearer::Token(t) => return Ok(Some(t)),
+                Bearer::Empty => {
+                    return Err(AuthError {
+                        status: AuthStatus::Malformed,
+                        reason: "empty bearer token".into(),
+                    })
+                }
+                Bearer::OtherScheme => {}
+            }
+        }
+    }
+    Ok(None)
+}

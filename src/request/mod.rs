@@ -1,0 +1,21 @@
+//! What happens to one request.
+//!
+//! - `access`: the access-phase handler, identify → authorize → limit → trace on one screen;
+//! - `ctx`: the request context, its one owner and one accessor;
+//! - `identify`: the token, verified (with the worker's token cache) and its audience checked;
+//! - `limit`: charging the rate-limit zone;
+//! - `log`: the one log line per refusal;
+//! - `trace`: this hop's trace, started in one place;
+//! - `upstream`: the headers the upstream receives;
+//! - `response`: the header filter (`traceresponse`);
+//! - `variables`: the `$mesh_*` variables.
+
+pub mod access;
+mod ctx;
+mod identify;
+mod limit;
+mod log;
+pub mod response;
+pub mod trace;
+mod upstream;
+pub mod variables;

@@ -1,0 +1,57 @@
+//! What the upstream receives: this hop's trace context, and the verified identity
+//! (`mesh_forward_identity`, with every client-sent `X-Mesh-*` header dropped).
+//!
+//! Headers are rewritten at the end of the access phase, once the request is allowed, and
+//! before anything builds an upstream request from `r->headers_in`. The phase runs again
+//! after an internal redirect; since the request context (and so the span) survives the
+//! redirect and the old headers are removed before the new ones are added, the upstream sees
+//! each header exactly once.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ngx::ffi::ngx_http_request_t;
+use ngx::http::Request;
+
+use super::ctx::RequestCtx;
+use crate::conf::LocConf;
+use crate::nginx::headers::{add_header_in, remove_headers_in};
+
+fn is_trace_header(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"traceparent")
+        || name.eq_ignore_ascii_case(b"tracestate")
+        || name.eq_ignore_ascii_case(b"x-cloud-trace-context")
+}
+
+fn is_mesh_header(name: &[u8]) -> bool {
+    name.len() >= 7 && name[..7].eq_ignore_ascii_case(b"x-mesh-")
+}
+
+/// Rewrites the headers the upstream will receive: this hop's trace context, and the verified
+/// identity (client `X-Mesh-*` headers dropped). Called from the access handler for the main
+/// request once it is allowed: before `auth_request` (whose handler runs after ours) copies
+/// the headers into its subrequest, and before the content phase (`proxy_pass`, `grpc_pass`,
+/// `fastcgi_pass`, `mirror`) builds anything from them. Never for a subrequest: it holds a
+/// by-value copy of its parent's `headers_in` that shares the parent's list, and editing it
+/// would corrupt the main request's headers. Idempotent, so a second pass after an internal
+/// redirect leaves each header once.
+pub fn rewrite(r: &mut Request, lcf: &LocConf, ctx: &RequestCtx) {
+    if let Some(t) = ctx.trace(r, lcf) {
+        let r: &mut ngx_http_request_t = r.as_mut();
+        remove_headers_in(r, is_trace_header);
+        add_header_in(r, "traceparent", t.traceparent.as_bytes());
+        if let Some(ts) = &t.tracestate {
+            add_header_in(r, "tracestate", ts);
+        }
+        add_header_in(r, "X-Cloud-Trace-Context", t.cloud_trace.as_bytes());
+    }
+    if lcf.forward_identity {
+        let r: &mut ngx_http_request_t = r.as_mut();
+        remove_headers_in(r, is_mesh_header);
+        if let Some(v) = &ctx.identity().verified {
+            add_header_in(r, "X-Mesh-Caller", v.principal.as_bytes());
+            add_header_in(r, "X-Mesh-Provider", v.provider.as_bytes());
+            let claims = URL_SAFE_NO_PAD.encode(v.claims_json.as_bytes());
+            add_header_in(r, "X-Mesh-Claims", claims.as_bytes());
+        }
+    }
+}

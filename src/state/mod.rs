@@ -1,0 +1,23 @@
+//! What outlives a request: rate-limit zones in shared memory, live key sets, outbound
+//! tokens, and the refresher thread that keeps the last two current.
+//!
+//! - `rate_zone`: `mesh_rate_limit_zone`, an explicit `Configured → Ready` state;
+//! - `provider`: a provider whose keys the refresher may replace; trusted roots for key URLs;
+//! - `outbound`: a `mesh_outbound_token` and its current token;
+//! - `wakeup`: how a worker wakes its refresher;
+//! - `refresher/`: the background thread, its HTTP client and its log queue.
+
+pub mod outbound;
+pub mod provider;
+pub mod rate_zone;
+pub mod refresher;
+pub mod wakeup;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds since the epoch, from the OS clock (usable off nginx's thread).
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,66 @@
+//! The refresher's HTTP client: bounded GETs, no redirect to another scheme or host.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest a fetch may take, connect to last byte.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest response body read (a JWKS is a few KiB).
+const MAX_BODY: u64 = 1 << 20;
+
+pub fn new_agent(roots: Option<&Arc<Vec<ureq::tls::Certificate<'static>>>>) -> ureq::Agent {
+    let mut tls = ureq::tls::TlsConfig::builder().provider(ureq::tls::TlsProvider::Rustls);
+    if let Some(roots) = roots {
+        tls = tls.root_certs(ureq::tls::RootCerts::Specific(roots.clone()));
+    }
+    ureq::Agent::config_builder()
+        .timeout_global(Some(FETCH_TIMEOUT))
+        .http_status_as_error(false)
+        .max_redirects(3)
+        .user_agent("ngx-mesh")
+        .tls_config(tls.build())
+        .build()
+        .into()
+}
+
+/// GET `url`; the body and `Cache-Control` of a 200, else why not.
+pub fn get(
+    agent: &ureq::Agent,
+    url: &str,
+    header: Option<(&str, &str)>,
+) -> Result<(Vec<u8>, Option<String>), String> {
+    let mut req = agent.get(url);
+    if let Some((k, v)) = header {
+        req = req.header(k, v);
+    }
+    let mut resp = req.call().map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    if status != 200 {
+        return Err(format!("status {status}"));
+    }
+    let cache_control = resp
+        .headers()
+        .get("cache-control")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_BODY)
+        .read_to_vec()
+        .map_err(|e| e.to_string())?;
+    Ok((body, cache_control))
+}
+
+/// RFC 3986 percent-encoding of a query value.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
