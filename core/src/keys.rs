@@ -116,40 +116,33 @@ impl KeySet {
     /// certificate is only a container: its validity and chain are not
     /// checked). Other blocks are ignored; any private key is refused.
     pub fn from_pem(bytes: &[u8]) -> Result<KeySet, String> {
-        use rustls_pemfile::Item;
+        use rustls_pki_types::pem::{PemObject, SectionKind};
 
         const PRIVATE: &str = "private keys do not belong here: \
                                give the public key or a certificate";
-        // Catches every flavour, including those rustls-pemfile does not
+        // Catches every flavour, including those the PEM reader does not
         // decode ("ENCRYPTED PRIVATE KEY", "OPENSSH PRIVATE KEY").
         if contains(bytes, b"PRIVATE KEY-----") {
             return Err(PRIVATE.into());
         }
         let mut keys = Vec::new();
-        let mut rest = bytes;
         let mut n = 0;
-        loop {
-            let item = match rustls_pemfile::read_one_from_slice(rest) {
-                Ok(Some((item, next))) => {
-                    rest = next;
-                    item
-                }
-                Ok(None) => break,
-                Err(e) => return Err(format!("invalid PEM: {}", pem_error(&e))),
-            };
-            let found = match item {
-                Item::SubjectPublicKeyInfo(spki) => {
+        for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(bytes) {
+            let (kind, der) =
+                section.map_err(|e| format!("invalid PEM: {}", pem_error(&e)))?;
+            let found = match kind {
+                SectionKind::PublicKey => {
                     n += 1;
-                    key_from_spki(spki.as_ref())
+                    key_from_spki(&der)
                         .map_err(|e| format!("PEM block #{n} (PUBLIC KEY): {e}"))?
                 }
-                Item::X509Certificate(cert) => {
+                SectionKind::Certificate => {
                     n += 1;
-                    spki_of_certificate(cert.as_ref())
+                    spki_of_certificate(&der)
                         .and_then(key_from_spki)
                         .map_err(|e| format!("PEM block #{n} (CERTIFICATE): {e}"))?
                 }
-                Item::Pkcs1Key(_) | Item::Pkcs8Key(_) | Item::Sec1Key(_) => {
+                SectionKind::RsaPrivateKey | SectionKind::PrivateKey | SectionKind::EcPrivateKey => {
                     return Err(PRIVATE.into())
                 }
                 _ => None,
@@ -248,11 +241,13 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-fn pem_error(e: &rustls_pemfile::Error) -> &'static str {
+fn pem_error(e: &rustls_pki_types::pem::Error) -> &'static str {
+    use rustls_pki_types::pem::Error;
     match e {
-        rustls_pemfile::Error::MissingSectionEnd { .. } => "a section has no END line",
-        rustls_pemfile::Error::IllegalSectionStart { .. } => "bad BEGIN line",
-        rustls_pemfile::Error::Base64Decode(_) => "bad base64 in a section",
+        Error::MissingSectionEnd { .. } => "a section has no END line",
+        Error::IllegalSectionStart { .. } => "bad BEGIN line",
+        Error::Base64Decode(_) => "bad base64 in a section",
+        _ => "unreadable",
     }
 }
 
