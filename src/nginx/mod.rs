@@ -1,5 +1,7 @@
-//! The helpers that touch nginx structures: every `unsafe` block that is not an FFI entry
-//! point's own (reading the arguments nginx passes) lives here, each with why it is sound.
+//! The generic helpers that touch nginx structures, each `unsafe` block with why it is sound.
+//! The other `unsafe` blocks of the shell are FFI entry points reading what nginx passes, or
+//! sit beside the one structure they own (the request context in `request/ctx.rs`, a rate zone
+//! in `state/rate_zone.rs`), also each with its `SAFETY` note.
 //!
 //! - `conf`: the words of a directive, where it stands, paths, complex values, shared zones;
 //! - `headers`: request and response header lists;
