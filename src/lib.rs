@@ -24,8 +24,8 @@ mod nginx;
 mod request;
 mod state;
 
-use ngx::ngx_log_error;
 use conf::{LocConf, MainConf};
+use ngx::ngx_log_error;
 use state::refresher;
 
 pub(crate) struct MeshModule;
@@ -64,7 +64,11 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: nginx passes the live cycle.
     let log = unsafe { (*cycle).log };
     if !request::trace::seed_worker() {
-        ngx_log_error!(NGX_LOG_EMERG, log, "mesh: cannot read random bytes from the operating system");
+        ngx_log_error!(
+            NGX_LOG_EMERG,
+            log,
+            "mesh: cannot read random bytes from the operating system"
+        );
         return Status::NGX_ERROR.into();
     }
     // SAFETY: the cycle is live; its http main configuration (if any) outlives the worker.

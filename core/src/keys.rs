@@ -128,13 +128,11 @@ impl KeySet {
         let mut keys = Vec::new();
         let mut n = 0;
         for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(bytes) {
-            let (kind, der) =
-                section.map_err(|e| format!("invalid PEM: {}", pem_error(&e)))?;
+            let (kind, der) = section.map_err(|e| format!("invalid PEM: {}", pem_error(&e)))?;
             let found = match kind {
                 SectionKind::PublicKey => {
                     n += 1;
-                    key_from_spki(&der)
-                        .map_err(|e| format!("PEM block #{n} (PUBLIC KEY): {e}"))?
+                    key_from_spki(&der).map_err(|e| format!("PEM block #{n} (PUBLIC KEY): {e}"))?
                 }
                 SectionKind::Certificate => {
                     n += 1;
@@ -142,9 +140,9 @@ impl KeySet {
                         .and_then(key_from_spki)
                         .map_err(|e| format!("PEM block #{n} (CERTIFICATE): {e}"))?
                 }
-                SectionKind::RsaPrivateKey | SectionKind::PrivateKey | SectionKind::EcPrivateKey => {
-                    return Err(PRIVATE.into())
-                }
+                SectionKind::RsaPrivateKey
+                | SectionKind::PrivateKey
+                | SectionKind::EcPrivateKey => return Err(PRIVATE.into()),
                 _ => None,
             };
             keys.extend(found);

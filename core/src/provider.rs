@@ -136,7 +136,13 @@ impl<U> ProviderBlock<U> {
                 Ok(vals)
             }
         };
-        let dup = |set: bool| if set { Err(self.duplicate(dir)) } else { Ok(()) };
+        let dup = |set: bool| {
+            if set {
+                Err(self.duplicate(dir))
+            } else {
+                Ok(())
+            }
+        };
         match dir {
             "issuer" => {
                 dup(!self.issuers.is_empty())?;
@@ -150,14 +156,20 @@ impl<U> ProviderBlock<U> {
                 dup(self.preset.is_some())?;
                 self.preset = Some(match one()? {
                     "google" => Preset::Google,
-                    other => return Err(format!("preset: unknown preset \"{other}\" (known: google)")),
+                    other => {
+                        return Err(format!(
+                            "preset: unknown preset \"{other}\" (known: google)"
+                        ))
+                    }
                 });
             }
             "platform_verified" => {
                 dup(self.platform_verified.is_some())?;
                 let v = one()?;
                 self.platform_verified = Some(parse_on_off(v).ok_or_else(|| {
-                    format!("platform_verified: invalid value \"{v}\", it must be \"on\" or \"off\"")
+                    format!(
+                        "platform_verified: invalid value \"{v}\", it must be \"on\" or \"off\""
+                    )
                 })?);
             }
             "algorithms" => {
@@ -167,7 +179,10 @@ impl<U> ProviderBlock<U> {
                     let alg = parse_algorithm(v).ok_or_else(|| {
                         let known: Vec<&str> =
                             ALL_ALGORITHMS.iter().map(|a| algorithm_name(*a)).collect();
-                        format!("algorithms: unknown algorithm \"{v}\" ({})", known.join(", "))
+                        format!(
+                            "algorithms: unknown algorithm \"{v}\" ({})",
+                            known.join(", ")
+                        )
                     })?;
                     if !algs.contains(&alg) {
                         algs.push(alg);
@@ -179,7 +194,8 @@ impl<U> ProviderBlock<U> {
                 dup(self.leeway.is_some())?;
                 let v = one()?;
                 self.leeway = Some(
-                    parse_time_secs(v).map_err(|e| format!("leeway: invalid value \"{v}\": {e}"))?,
+                    parse_time_secs(v)
+                        .map_err(|e| format!("leeway: invalid value \"{v}\": {e}"))?,
                 );
             }
             "principal" => {
@@ -223,9 +239,14 @@ impl<U> ProviderBlock<U> {
                     .map_err(|e| at(Line::Block, format!("preset google: {e}")))?;
                 self.keys = Some(KeySource::Url(url));
             }
-            self.algorithms.get_or_insert_with(|| vec![Algorithm::RS256]);
+            self.algorithms
+                .get_or_insert_with(|| vec![Algorithm::RS256]);
             self.principal.get_or_insert_with(|| "email".into());
-            if !self.require.iter().any(|r| r.path_text() == "email_verified") {
+            if !self
+                .require
+                .iter()
+                .any(|r| r.path_text() == "email_verified")
+            {
                 if let Ok(r) = Requirement::parse("email_verified=true") {
                     self.require.push(r);
                 }
@@ -233,7 +254,10 @@ impl<U> ProviderBlock<U> {
         }
         let name = self.name;
         if self.issuers.is_empty() {
-            return Err(at(Line::Block, format!("mesh_provider \"{name}\": no \"issuer\"")));
+            return Err(at(
+                Line::Block,
+                format!("mesh_provider \"{name}\": no \"issuer\""),
+            ));
         }
         let (keys, url) = match (self.keys, self.secret) {
             (Some(_), Some(_)) => return Err(at(
@@ -291,7 +315,11 @@ pub fn allowed_algorithms(
     let hmac = |a: &Algorithm| KeyKind::Hmac.fits(*a);
     let Some(algs) = configured else {
         return Ok(if from_url {
-            ALL_ALGORITHMS.iter().copied().filter(|a| !hmac(a)).collect()
+            ALL_ALGORITHMS
+                .iter()
+                .copied()
+                .filter(|a| !hmac(a))
+                .collect()
         } else {
             keys.algorithms()
         });
@@ -313,12 +341,16 @@ pub fn allowed_algorithms(
 /// characters) and that `ca=` is only given for `https://`.
 pub fn check_key_url(url: &str, has_ca: bool) -> Result<(), String> {
     if !url.starts_with("https://") && has_ca {
-        return Err(format!("keys \"{url}\": \"ca=\" applies to https:// URLs only"));
+        return Err(format!(
+            "keys \"{url}\": \"ca=\" applies to https:// URLs only"
+        ));
     }
     let rest = url.split_once("://").map_or("", |(_, r)| r);
     if rest.is_empty()
         || rest.starts_with('/')
-        || url.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        || url
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
     {
         return Err(format!("keys: invalid URL \"{url}\""));
     }

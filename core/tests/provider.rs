@@ -28,10 +28,14 @@ fn err(r: Result<mesh_core::provider::Built<String>, BlockError>) -> BlockError 
 fn google_preset_fills_what_the_block_leaves_out() {
     let mut b = block();
     b.line("preset", &words(&["google"])).unwrap();
-    b.line("audience", &words(&["https://svc.example"])).unwrap();
+    b.line("audience", &words(&["https://svc.example"]))
+        .unwrap();
     let built = b.finish(|u| Ok(u.to_string())).unwrap();
     assert_eq!(built.url.as_deref(), Some(GOOGLE_KEYS_URL));
-    assert_eq!(built.provider.issuers, GOOGLE_ISSUERS.map(String::from).to_vec());
+    assert_eq!(
+        built.provider.issuers,
+        GOOGLE_ISSUERS.map(String::from).to_vec()
+    );
     assert_eq!(built.provider.algorithms, vec![Algorithm::RS256]);
     assert_eq!(built.algorithms, Some(vec![Algorithm::RS256]));
     assert_eq!(built.provider.principal, "email");
@@ -44,12 +48,19 @@ fn google_preset_fills_what_the_block_leaves_out() {
 fn lines_written_win_over_the_preset() {
     let mut b = block();
     b.line("preset", &words(&["google"])).unwrap();
-    b.line("issuer", &words(&["https://other.example"])).unwrap();
+    b.line("issuer", &words(&["https://other.example"]))
+        .unwrap();
     b.line("principal", &words(&["sub"])).unwrap();
-    b.line("require", &words(&["email_verified=false"])).unwrap();
+    b.line("require", &words(&["email_verified=false"]))
+        .unwrap();
     b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
-    let built = b.finish(|_| panic!("the preset URL is not used when keys are given")).unwrap();
-    assert_eq!(built.provider.issuers, vec!["https://other.example".to_string()]);
+    let built = b
+        .finish(|_| panic!("the preset URL is not used when keys are given"))
+        .unwrap();
+    assert_eq!(
+        built.provider.issuers,
+        vec!["https://other.example".to_string()]
+    );
     assert_eq!(built.provider.principal, "sub");
     assert_eq!(built.provider.require.len(), 1);
     assert!(built.url.is_none());
@@ -76,7 +87,11 @@ fn defaults_without_preset() {
     assert!(built.algorithms.is_none());
     assert!(!built.platform_verified);
     assert!(!built.provider.algorithms.is_empty());
-    assert!(built.provider.algorithms.iter().all(|a| !matches!(a, Algorithm::HS256)));
+    assert!(built
+        .provider
+        .algorithms
+        .iter()
+        .all(|a| !matches!(a, Algorithm::HS256)));
 }
 
 #[test]
@@ -84,13 +99,20 @@ fn missing_issuer_and_missing_keys_blame_the_block() {
     let mut b = block();
     b.set_keys(KeySource::File(KeySet::load(JWKS).unwrap()));
     let e = err(b.finish(|_| unreachable!()));
-    assert_eq!((e.line, e.message.as_str()), (Line::Block, "mesh_provider \"p\": no \"issuer\""));
+    assert_eq!(
+        (e.line, e.message.as_str()),
+        (Line::Block, "mesh_provider \"p\": no \"issuer\"")
+    );
 
     let mut b = block();
     b.line("issuer", &words(&["https://p.example"])).unwrap();
     let e = err(b.finish(|_| unreachable!()));
     assert_eq!(e.line, Line::Block);
-    assert!(e.message.contains("no \"keys\" or \"secret\""), "{}", e.message);
+    assert!(
+        e.message.contains("no \"keys\" or \"secret\""),
+        "{}",
+        e.message
+    );
 }
 
 #[test]
@@ -152,8 +174,14 @@ fn a_bad_algorithm_blames_the_algorithms_line() {
 #[test]
 fn line_errors() {
     let mut b = block();
-    assert!(b.line("algorithms", &words(&["RS257"])).unwrap_err().contains("\"RS257\""));
-    assert!(b.line("algorithms", &words(&["none"])).unwrap_err().contains("\"none\""));
+    assert!(b
+        .line("algorithms", &words(&["RS257"]))
+        .unwrap_err()
+        .contains("\"RS257\""));
+    assert!(b
+        .line("algorithms", &words(&["none"]))
+        .unwrap_err()
+        .contains("\"none\""));
     b.line("algorithms", &words(&["RS256", "RS256"])).unwrap();
     assert_eq!(
         b.line("algorithms", &words(&["RS384"])).unwrap_err(),
@@ -167,16 +195,28 @@ fn line_errors() {
         b.line("leeway", &words(&["1s", "2s"])).unwrap_err(),
         "invalid number of arguments in \"leeway\" of mesh_provider \"p\""
     );
-    assert!(b.line("leeway", &words(&["abc"])).unwrap_err().starts_with("leeway: invalid value \"abc\""));
-    assert!(b.line("require", &words(&["groups"])).unwrap_err().starts_with("require: \"groups\""));
+    assert!(b
+        .line("leeway", &words(&["abc"]))
+        .unwrap_err()
+        .starts_with("leeway: invalid value \"abc\""));
+    assert!(b
+        .line("require", &words(&["groups"]))
+        .unwrap_err()
+        .starts_with("require: \"groups\""));
     assert!(b.line("require", &words(&["=admins"])).is_err());
     assert_eq!(
         b.line("colour", &words(&["blue"])).unwrap_err(),
         "unknown directive \"colour\" in mesh_provider \"p\""
     );
-    assert!(b.line("preset", &words(&["amazon"])).unwrap_err().contains("known: google"));
+    assert!(b
+        .line("preset", &words(&["amazon"]))
+        .unwrap_err()
+        .contains("known: google"));
     assert!(b.line("platform_verified", &words(&["maybe"])).is_err());
-    assert_eq!(b.line("principal", &words(&[""])).unwrap_err(), "principal: empty claim name");
+    assert_eq!(
+        b.line("principal", &words(&[""])).unwrap_err(),
+        "principal: empty claim name"
+    );
 }
 
 #[test]

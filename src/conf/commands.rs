@@ -10,9 +10,8 @@ use std::ptr;
 
 use ngx::ffi::{
     ngx_command_t, ngx_conf_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_2MORE,
-    NGX_CONF_BLOCK, NGX_CONF_FLAG, NGX_CONF_TAKE1, NGX_CONF_TAKE2,
-    NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET,
-    NGX_HTTP_SRV_CONF,
+    NGX_CONF_BLOCK, NGX_CONF_FLAG, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_HTTP_LOC_CONF,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF,
 };
 use ngx::ngx_string;
 
@@ -45,7 +44,11 @@ macro_rules! once {
             conf: *mut c_void,
         ) -> *mut c_char {
             // SAFETY: nginx passes the object of this command's level, `$conf`.
-            unsafe { directive(cf, conf, |c: &mut $conf, d| set_once(&mut c.set.$field, || $parse(d))) }
+            unsafe {
+                directive(cf, conf, |c: &mut $conf, d| {
+                    set_once(&mut c.set.$field, || $parse(d))
+                })
+            }
         }
         command(ngx_string!($name), $type, set, <$conf as Level>::OFFSET)
     }};

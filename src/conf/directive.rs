@@ -116,7 +116,10 @@ pub unsafe fn directive<C>(
 }
 
 /// Sets an `Option` field once per level: given again, the directive is a duplicate.
-pub fn set_once<T>(slot: &mut Option<T>, parse: impl FnOnce() -> Result<T, ConfError>) -> Result<(), ConfError> {
+pub fn set_once<T>(
+    slot: &mut Option<T>,
+    parse: impl FnOnce() -> Result<T, ConfError>,
+) -> Result<(), ConfError> {
     if slot.is_some() {
         return Err(ConfError::Duplicate);
     }

@@ -56,7 +56,8 @@ pub fn auth(d: &Directive) -> Result<Auth, ConfError> {
 
 /// `mesh_token VALUE;` (variables allowed).
 pub fn token(d: &Directive) -> Result<NonNull<ngx_http_complex_value_t>, ConfError> {
-    compile_complex(d.cf, d.args[1]).map_err(|_| invalid(format!("invalid value \"{}\"", d.args[1])))
+    compile_complex(d.cf, d.args[1])
+        .map_err(|_| invalid(format!("invalid value \"{}\"", d.args[1])))
 }
 
 /// `mesh_audience AUD ...;`
@@ -82,7 +83,10 @@ pub fn token_cache(d: &Directive) -> Result<usize, ConfError> {
 /// `mesh_realm TEXT;` (it is quoted in `WWW-Authenticate`).
 pub fn realm(d: &Directive) -> Result<String, ConfError> {
     let realm = d.word(1)?;
-    if realm.bytes().any(|b| b == b'"' || b == b'\\' || b.is_ascii_control()) {
+    if realm
+        .bytes()
+        .any(|b| b == b'"' || b == b'\\' || b.is_ascii_control())
+    {
         return Err(invalid(format!(
             "\"{realm}\" may not hold quotes, backslashes or control characters"
         )));

@@ -49,10 +49,10 @@ fn resolve_auth(mcf: &MainConf, auth: &mut Option<Auth>) -> Result<(), ConfError
         match mcf.providers.iter().find(|p| &p.name == name) {
             Some(p) => providers.push(p.clone()),
             None => {
-                return Err(ConfError::At(
-                    spec.pos.clone(),
-                    format!("mesh_auth: unknown provider \"{name}\" (no mesh_provider block of that name)"),
-                ))
+                let msg = format!(
+                    "mesh_auth: unknown provider \"{name}\" (no mesh_provider block of that name)"
+                );
+                return Err(ConfError::At(spec.pos.clone(), msg));
             }
         }
     }
@@ -124,7 +124,10 @@ fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), C
     inherit(&mut s.trace_project, &p.trace_project);
     inherit(&mut s.trace_response, &p.trace_response);
     inherit(&mut s.forward_identity, &p.forward_identity);
-    for rl in [&prev.set.rate_limit, &conf.set.rate_limit].into_iter().flatten() {
+    for rl in [&prev.set.rate_limit, &conf.set.rate_limit]
+        .into_iter()
+        .flatten()
+    {
         if rl.zone().is_none() {
             return Err(ConfError::At(
                 rl.pos.clone(),

@@ -44,7 +44,9 @@ pub fn metadata_server(d: &Directive) -> Result<String, ConfError> {
         .or_else(|| url.strip_prefix("https://"))
         .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'));
     if !ok {
-        return Err(invalid(format!("invalid URL \"{url}\" (http://HOST[:PORT])")));
+        return Err(invalid(format!(
+            "invalid URL \"{url}\" (http://HOST[:PORT])"
+        )));
     }
     Ok(url.to_string())
 }

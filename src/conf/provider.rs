@@ -57,16 +57,14 @@ pub fn block(providers: &mut Vec<Arc<MeshProvider>>, d: &Directive) -> Result<()
         secret_pos,
         algorithms_pos,
     } = block;
-    let built = core
-        .finish(|url| KeyUrl::new(url, None))
-        .map_err(|e| {
-            let at = match e.line {
-                Line::Block => None,
-                Line::Secret => secret_pos,
-                Line::Algorithms => algorithms_pos,
-            };
-            ConfError::At(at.unwrap_or(pos), e.message)
-        })?;
+    let built = core.finish(|url| KeyUrl::new(url, None)).map_err(|e| {
+        let at = match e.line {
+            Line::Block => None,
+            Line::Secret => secret_pos,
+            Line::Algorithms => algorithms_pos,
+        };
+        ConfError::At(at.unwrap_or(pos), e.message)
+    })?;
     providers.push(Arc::new(MeshProvider::new(built)));
     Ok(())
 }
@@ -102,12 +100,17 @@ impl Block {
                     KeySource::Url(KeyUrl::new(src, ca.as_deref())?)
                 } else {
                     if ca.is_some() {
-                        return Err(format!("keys \"{src}\": \"ca=\" applies to https:// URLs only").into());
+                        return Err(format!(
+                            "keys \"{src}\": \"ca=\" applies to https:// URLs only"
+                        )
+                        .into());
                     }
                     let path = full_path(d.cf, src);
                     let bytes = std::fs::read(&path)
                         .map_err(|e| invalid(format!("cannot read \"{path}\": {e}")))?;
-                    KeySource::File(KeySet::load(&bytes).map_err(|e| format!("keys \"{path}\": {e}"))?)
+                    KeySource::File(
+                        KeySet::load(&bytes).map_err(|e| format!("keys \"{path}\": {e}"))?,
+                    )
                 };
                 self.core.set_keys(source);
             }

@@ -58,7 +58,11 @@ fn pipeline(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
         return code;
     }
     // 2. authorize
-    let roles = roles_of(&lcf.roles, id.principal(), id.verified.as_ref().map(|v| &v.claims));
+    let roles = roles_of(
+        &lcf.roles,
+        id.principal(),
+        id.verified.as_ref().map(|v| &v.claims),
+    );
     let caller = Caller {
         principal: id.principal(),
         claims: id.verified.as_ref().map(|v| &v.claims),
@@ -89,7 +93,12 @@ fn pipeline(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
 
 /// The rules: `Ok(true)` if a rule allowed the caller, `Ok(false)` if none applies (or a
 /// dry run would deny), `Err(403)` if refused.
-fn authorize(r: &Request, ctx: &RequestCtx, lcf: &LocConf, caller: &Caller) -> Result<bool, ngx_int_t> {
+fn authorize(
+    r: &Request,
+    ctx: &RequestCtx,
+    lcf: &LocConf,
+    caller: &Caller,
+) -> Result<bool, ngx_int_t> {
     let method = r.method();
     let denied = match decide(&lcf.rules, caller, method.as_str()) {
         Verdict::NoRules => return Ok(false),

@@ -108,9 +108,9 @@ impl RequestCtx {
         unsafe {
             let mut cln = (*r.as_ref().pool).cleanup;
             while !cln.is_null() {
-                let ours = (*cln)
-                    .handler
-                    .is_some_and(|h| ptr::fn_addr_eq(h, cleanup as unsafe extern "C" fn(*mut c_void)));
+                let ours = (*cln).handler.is_some_and(|h| {
+                    ptr::fn_addr_eq(h, cleanup as unsafe extern "C" fn(*mut c_void))
+                });
                 if ours && (*(*cln).data.cast::<RequestCtx>()).owner == raw {
                     r.set_module_ctx((*cln).data, module);
                     return Some(&*(*cln).data.cast::<RequestCtx>());

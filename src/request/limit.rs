@@ -7,8 +7,8 @@ use mesh_core::ratetable::key_hash;
 use ngx::ffi::ngx_int_t;
 use ngx::http::Request;
 
-use super::log::log_refusal;
 use super::ctx::{Decision, RequestCtx};
+use super::log::log_refusal;
 use crate::conf::{LocConf, RateLimit};
 use crate::nginx::headers::add_header_out;
 use crate::nginx::request::{client_addr, now_us};

@@ -8,7 +8,13 @@ use super::ctx::{Decision, RequestCtx};
 
 pub fn log_refusal(r: &Request, ctx: &RequestCtx, code: ngx_int_t, what: &str) {
     let id = ctx.identity();
-    let or_dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
     let caller = or_dash(id.caller());
     let rule = or_dash(&ctx.rule());
     let reason = or_dash(&id.reason);

@@ -53,4 +53,3 @@ impl OutboundToken {
         *slot = Some((Arc::from(token), exp));
     }
 }
-

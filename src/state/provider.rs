@@ -11,8 +11,8 @@ use mesh_core::token::Provider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
-use super::wakeup::WAKEUP;
 use super::unix_now;
+use super::wakeup::WAKEUP;
 
 /// Where the system's CA certificates are on Debian (and most Linux distributions).
 const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -134,4 +134,3 @@ pub fn load_roots(ca: Option<&str>) -> Result<Arc<Vec<ureq::tls::Certificate<'st
     }
     Ok(Arc::new(roots))
 }
-

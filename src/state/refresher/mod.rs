@@ -216,4 +216,3 @@ fn refresh_token(f: &Fetcher, agent: &ureq::Agent, t: &OutboundToken, job: &mut 
         }
     }
 }
-
