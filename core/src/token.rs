@@ -133,6 +133,9 @@ pub struct Verified {
     pub claims: Map<String, Value>,
     /// The payload JSON exactly as decoded.
     pub claims_json: String,
+    /// `claims_json` in base64url without padding (`X-Mesh-Claims`): the token's payload
+    /// segment as sent, which strict decoding makes the one encoding of `claims_json`.
+    pub claims_b64: String,
     /// The token's `aud` (a string or an array of strings).
     pub audiences: Vec<String>,
     /// `exp`, in seconds since the epoch.
@@ -313,6 +316,8 @@ pub struct Jwt<'t> {
     signing_input: &'t [u8],
     /// The signature segment, as sent (base64url).
     signature_b64: &'t [u8],
+    /// The payload segment, as sent (base64url of `claims_json`).
+    payload_b64: &'t [u8],
     /// The decoded signature.
     signature: Vec<u8>,
     sha256: Option<Digest>,
@@ -373,6 +378,7 @@ impl<'t> Jwt<'t> {
         Ok(Jwt {
             signing_input: &token[..signing_len],
             signature_b64: s64,
+            payload_b64: p64,
             signature,
             sha256: hashed.and_then(|h| h.signing_digest(signing_len)),
             alg: header.alg,
@@ -451,6 +457,8 @@ impl<'t> Jwt<'t> {
             principal,
             claims: self.claims,
             claims_json: self.claims_json,
+            // Base64url text is ASCII.
+            claims_b64: String::from_utf8_lossy(self.payload_b64).into_owned(),
             audiences,
             exp,
         }

@@ -143,6 +143,7 @@ fn decode_hashed_reuses_the_digest_and_agrees_with_decode() {
             .verify(&[p], NOW)
             .unwrap();
         assert_eq!(v, verify(t.as_bytes(), &[p], NOW).unwrap(), "{name}");
+        assert_eq!(v.claims_b64, b64(v.claims_json.as_bytes()), "{name}");
         // A changed payload under the same signature: refused on both paths.
         let mut c = claims(&iss);
         c["sub"] = json!("mallory@example.com");
@@ -290,6 +291,7 @@ fn cache_is_bounded() {
         principal: "a".into(),
         claims: serde_json::Map::new(),
         claims_json: "{}".into(),
+        claims_b64: "e30".into(),
         audiences: vec![],
         exp: 1000,
     });
