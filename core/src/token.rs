@@ -255,7 +255,7 @@ impl<'t> Hashed<'t> {
                 sha256: None,
             };
         }
-        let dot = token.iter().rposition(|&b| b == b'.');
+        let dot = memchr::memrchr(b'.', token);
         let signed = dot.map_or(token, |d| &token[..d]);
         Hashed {
             token,
