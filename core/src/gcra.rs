@@ -199,18 +199,64 @@ pub fn policy_header(name: &str, g: &Gcra) -> String {
     )
 }
 
+/// `NAME` as a Structured Field String, written without an intermediate `String`.
+struct SfString<'a>(&'a str);
+
+impl fmt::Display for SfString<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write;
+        f.write_char('"')?;
+        for c in self.0.chars() {
+            match c {
+                '"' | '\\' => {
+                    f.write_char('\\')?;
+                    f.write_char(c)?;
+                }
+                ' '..='~' => f.write_char(c)?,
+                _ => f.write_char('_')?,
+            }
+        }
+        f.write_char('"')
+    }
+}
+
+/// The value of `RateLimit` ([`ratelimit_header`]) as a `Display`, to write straight into
+/// a response buffer: nothing allocated. At most [`ratelimit_field_max_len`] bytes.
+pub struct RateLimitField<'a> {
+    name: &'a str,
+    outcome: &'a Outcome,
+}
+
+impl fmt::Display for RateLimitField<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{};r={};t={}",
+            SfString(self.name),
+            self.outcome.remaining.min(SF_INTEGER_MAX),
+            ceil_secs(self.outcome.next_us).min(SF_INTEGER_MAX)
+        )
+    }
+}
+
+/// [`ratelimit_header`] without allocating.
+pub fn ratelimit_field<'a>(name: &'a str, o: &'a Outcome) -> RateLimitField<'a> {
+    RateLimitField { name, outcome: o }
+}
+
+/// The longest `RateLimit` value for a zone name of `name_len` bytes (every byte escaped,
+/// 15-digit integers), for sizing a buffer once at configuration time.
+pub fn ratelimit_field_max_len(name_len: usize) -> usize {
+    2 * name_len + 2 + ";r=".len() + 15 + ";t=".len() + 15
+}
+
 /// The value of `RateLimit`: `"NAME";r=REMAINING;t=SECONDS`, where SECONDS
 /// is `ceil(next_us)` in seconds: within that time the client can use no
 /// more than REMAINING (draft -11, 4.1.2). On a refusal it equals
 /// [`retry_after_secs`], so `Retry-After` never points before the end of the
 /// effective window (draft -11, 6).
 pub fn ratelimit_header(name: &str, o: &Outcome) -> String {
-    format!(
-        "{};r={};t={}",
-        sf_string(name),
-        o.remaining.min(SF_INTEGER_MAX),
-        ceil_secs(o.next_us).min(SF_INTEGER_MAX)
-    )
+    ratelimit_field(name, o).to_string()
 }
 
 /// The `Retry-After` value (delay-seconds) for a refusal: at least 1.
@@ -227,6 +273,36 @@ mod tests {
         assert_eq!(sf_string("callers"), "\"callers\"");
         assert_eq!(sf_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
         assert_eq!(sf_string("é\n"), "\"__\"");
+    }
+
+    #[test]
+    fn sf_string_display_is_sf_string() {
+        for name in ["callers", "a\"b\\c", "é\n", ""] {
+            assert_eq!(SfString(name).to_string(), sf_string(name));
+        }
+        let g = Gcra::new(parse_rate("10r/s").unwrap(), 5);
+        let o = g.check(0, 1_000_000);
+        let name = "z\"one\u{1}";
+        let text = ratelimit_field(name, &o).to_string();
+        assert_eq!(
+            text,
+            format!(
+                "{};r={};t={}",
+                sf_string(name),
+                o.remaining,
+                ceil_secs(o.next_us)
+            )
+        );
+        assert!(text.len() <= ratelimit_field_max_len(name.len()));
+        let worst = Outcome {
+            remaining: u64::MAX,
+            next_us: u64::MAX,
+            ..o
+        };
+        let name = "\"".repeat(7);
+        assert!(
+            ratelimit_field(&name, &worst).to_string().len() <= ratelimit_field_max_len(name.len())
+        );
     }
 
     #[test]

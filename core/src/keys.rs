@@ -5,6 +5,11 @@
 //! come from `secret FILE` alone, so an HS* token can never be checked against
 //! a public key (RFC 8725 section 2.1 / 3.1: algorithm confusion).
 
+use std::fmt;
+
+use aws_lc_rs::digest::Digest;
+use aws_lc_rs::hmac;
+use aws_lc_rs::signature::{self as lc, ParsedPublicKey, VerificationAlgorithm};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::DecodingKey;
@@ -64,13 +69,148 @@ pub struct Key {
     /// The JWK `alg`, if given: then the key verifies that algorithm only.
     pub alg: Option<Algorithm>,
     pub key: DecodingKey,
+    /// The key parsed once, at load, for every algorithm it allows.
+    prepared: Prepared,
+}
+
+/// A key as the crypto library holds it, ready to verify: parsing a public key (and, for
+/// RSA, its Montgomery constants, which aws-lc caches in the parsed key on first use) costs
+/// about as much as a verification, so it is done once per key, not once per token.
+#[derive(Clone)]
+enum Prepared {
+    /// One parsed key per algorithm the key allows (aws-lc binds a parsed key to one).
+    Public(Vec<(Algorithm, ParsedPublicKey)>),
+    /// One HMAC key per HS* algorithm.
+    Hmac(Vec<(Algorithm, hmac::Key)>),
+}
+
+impl fmt::Debug for Prepared {
+    /// The algorithms only: never the key material.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let algs: Vec<&str> = match self {
+            Prepared::Public(v) => v.iter().map(|(a, _)| algorithm_name(*a)).collect(),
+            Prepared::Hmac(v) => v.iter().map(|(a, _)| algorithm_name(*a)).collect(),
+        };
+        write!(f, "Prepared({})", algs.join(","))
+    }
+}
+
+/// aws-lc's verification parameters for a public-key algorithm (those jsonwebtoken 10
+/// uses: RSA keys of 2048 to 8192 bits, fixed-size `r || s` ECDSA signatures, RFC 7518 3.4).
+fn lc_algorithm(alg: Algorithm) -> Option<&'static dyn VerificationAlgorithm> {
+    Some(match alg {
+        Algorithm::RS256 => &lc::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::RS384 => &lc::RSA_PKCS1_2048_8192_SHA384,
+        Algorithm::RS512 => &lc::RSA_PKCS1_2048_8192_SHA512,
+        Algorithm::PS256 => &lc::RSA_PSS_2048_8192_SHA256,
+        Algorithm::PS384 => &lc::RSA_PSS_2048_8192_SHA384,
+        Algorithm::PS512 => &lc::RSA_PSS_2048_8192_SHA512,
+        Algorithm::ES256 => &lc::ECDSA_P256_SHA256_FIXED,
+        Algorithm::ES384 => &lc::ECDSA_P384_SHA384_FIXED,
+        Algorithm::EdDSA => &lc::ED25519,
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => return None,
+    })
+}
+
+/// Whether `alg` signs the SHA-256 of the signing input (so a digest computed once can be
+/// checked directly).
+pub(crate) fn signs_sha256(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::RS256 | Algorithm::PS256 | Algorithm::ES256)
 }
 
 impl Key {
+    /// A key from its public key bytes as aws-lc parses them (`public` is PKCS#1
+    /// RSAPublicKey DER for RSA, the SEC 1 uncompressed point for EC, the 32 bytes for
+    /// Ed25519), parsed for every algorithm it allows. Refused when the crypto library
+    /// refuses it (as it would every token signed with it).
+    fn public(
+        kid: Option<String>,
+        kind: KeyKind,
+        alg: Option<Algorithm>,
+        public: &[u8],
+        key: DecodingKey,
+    ) -> Result<Key, String> {
+        let mut parsed = Vec::new();
+        for a in ALL_ALGORITHMS {
+            if !(kind.fits(a) && alg.is_none_or(|x| x == a)) {
+                continue;
+            }
+            let Some(params) = lc_algorithm(a) else {
+                continue;
+            };
+            let k = ParsedPublicKey::new(params, public)
+                .map_err(|e| format!("the key is refused by the verifier ({e})"))?;
+            parsed.push((a, k));
+        }
+        Ok(Key {
+            kid,
+            kind,
+            alg,
+            key,
+            prepared: Prepared::Public(parsed),
+        })
+    }
+
+    /// An HMAC key (`secret FILE`).
+    fn hmac(secret: &[u8]) -> Key {
+        let prepared = [
+            (Algorithm::HS256, hmac::HMAC_SHA256),
+            (Algorithm::HS384, hmac::HMAC_SHA384),
+            (Algorithm::HS512, hmac::HMAC_SHA512),
+        ]
+        .into_iter()
+        .map(|(a, h)| (a, hmac::Key::new(h, secret)))
+        .collect();
+        Key {
+            kid: None,
+            kind: KeyKind::Hmac,
+            alg: None,
+            key: DecodingKey::from_secret(secret),
+            prepared: Prepared::Hmac(prepared),
+        }
+    }
+
     /// Whether this key may verify a token signed with `alg`: its kind fits
     /// and, if the JWK names an algorithm, it is that one.
     pub fn allows(&self, alg: Algorithm) -> bool {
         self.kind.fits(alg) && self.alg.is_none_or(|a| a == alg)
+    }
+
+    /// Whether `signature` (the decoded bytes) is a valid `alg` signature of `message` by
+    /// this key. Always false for an algorithm the key does not allow ([`Key::allows`]:
+    /// RFC 8725 3.1, the algorithm must fit the key). HMAC tags are compared in constant time.
+    pub fn verify(&self, alg: Algorithm, message: &[u8], signature: &[u8]) -> bool {
+        self.verify_prehashed(alg, message, None, signature)
+    }
+
+    /// [`Key::verify`], with the SHA-256 of `message` when the caller already has it: used
+    /// for RS256, PS256 and ES256 instead of hashing `message` again. `sha256` must be the
+    /// digest of `message` (crate-private so no caller can pass another one).
+    pub(crate) fn verify_prehashed(
+        &self,
+        alg: Algorithm,
+        message: &[u8],
+        sha256: Option<&Digest>,
+        signature: &[u8],
+    ) -> bool {
+        if !self.allows(alg) {
+            return false;
+        }
+        match &self.prepared {
+            Prepared::Public(keys) => {
+                let Some((_, k)) = keys.iter().find(|(a, _)| *a == alg) else {
+                    return false;
+                };
+                match sha256 {
+                    Some(d) if signs_sha256(alg) => k.verify_digest_sig(d, signature).is_ok(),
+                    _ => k.verify_sig(message, signature).is_ok(),
+                }
+            }
+            Prepared::Hmac(keys) => keys
+                .iter()
+                .find(|(a, _)| *a == alg)
+                .is_some_and(|(_, k)| hmac::verify(k, message, signature).is_ok()),
+        }
     }
 }
 
@@ -185,12 +325,7 @@ impl KeySet {
             return KeySet::default();
         }
         KeySet {
-            keys: vec![Key {
-                kid: None,
-                kind: KeyKind::Hmac,
-                alg: None,
-                key: DecodingKey::from_secret(secret),
-            }],
+            keys: vec![Key::hmac(secret)],
         }
     }
 
@@ -286,7 +421,7 @@ fn jwk_to_key(jwk: &Value) -> Result<Option<Key>, String> {
         .and_then(Value::as_str)
         .ok_or("missing \"kty\"")?;
 
-    let (kind, key) = match kty {
+    let (kind, public, key) = match kty {
         // RFC 7518 6.3.1
         "RSA" => {
             let n = b64_member(obj, "n")?;
@@ -296,7 +431,13 @@ fn jwk_to_key(jwk: &Value) -> Result<Option<Key>, String> {
             if n.is_empty() || e.is_empty() {
                 return Err("RSA \"n\" and \"e\" must not be empty".into());
             }
-            (KeyKind::Rsa, DecodingKey::from_rsa_raw_components(n, e))
+            check_rsa_size(n)?;
+            let der = rsa_public_key_der(n, e);
+            (
+                KeyKind::Rsa,
+                der,
+                DecodingKey::from_rsa_raw_components(n, e),
+            )
         }
         // RFC 7518 6.2.1: coordinates are full-length octet strings.
         "EC" => {
@@ -316,7 +457,8 @@ fn jwk_to_key(jwk: &Value) -> Result<Option<Key>, String> {
             point.push(0x04);
             point.extend_from_slice(&x);
             point.extend_from_slice(&y);
-            (kind, DecodingKey::from_ec_der(&point))
+            let key = DecodingKey::from_ec_der(&point);
+            (kind, point, key)
         }
         // RFC 8037 2
         "OKP" => {
@@ -329,7 +471,8 @@ fn jwk_to_key(jwk: &Value) -> Result<Option<Key>, String> {
             if x.len() != 32 {
                 return Err("Ed25519 \"x\" must be 32 bytes".into());
             }
-            (KeyKind::Ed25519, DecodingKey::from_ed_der(&x))
+            let key = DecodingKey::from_ed_der(&x);
+            (KeyKind::Ed25519, x, key)
         }
         // "oct" and anything else: not accepted from a JWKS.
         _ => return Ok(None),
@@ -343,12 +486,53 @@ fn jwk_to_key(jwk: &Value) -> Result<Option<Key>, String> {
             ));
         }
     }
-    Ok(Some(Key {
-        kid,
-        kind,
-        alg,
-        key,
-    }))
+    Key::public(kid, kind, alg, &public, key).map(Some)
+}
+
+/// RSA keys outside 2048..=8192 bits are refused at load: the verifier (aws-lc, RFC 8725
+/// 3.5 asks for strong keys) would refuse every token signed with one.
+fn check_rsa_size(modulus: &[u8]) -> Result<(), String> {
+    let n = strip_leading_zeros(modulus);
+    let bits = n.len() * 8 - n.first().map_or(8, |b| b.leading_zeros() as usize);
+    if !(2048..=8192).contains(&bits) {
+        return Err(format!(
+            "RSA key of {bits} bits: the verifier accepts 2048 to 8192 bits"
+        ));
+    }
+    Ok(())
+}
+
+/// PKCS#1 `RSAPublicKey ::= SEQUENCE { modulus INTEGER, publicExponent INTEGER }` (RFC 8017
+/// A.1.1) in DER, from the unsigned big-endian magnitudes (leading zeros stripped).
+fn rsa_public_key_der(n: &[u8], e: &[u8]) -> Vec<u8> {
+    fn push_len(out: &mut Vec<u8>, len: usize) {
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let bytes = len.to_be_bytes();
+            let skip = bytes.iter().take_while(|&&b| b == 0).count();
+            out.push(0x80 | (bytes.len() - skip) as u8);
+            out.extend_from_slice(&bytes[skip..]);
+        }
+    }
+    fn push_integer(out: &mut Vec<u8>, magnitude: &[u8]) {
+        // A set high bit would read as negative: a zero byte in front.
+        let pad = magnitude.first().is_some_and(|&b| b & 0x80 != 0);
+        out.push(TAG_INTEGER);
+        push_len(out, magnitude.len() + usize::from(pad));
+        if pad {
+            out.push(0);
+        }
+        out.extend_from_slice(magnitude);
+    }
+    let mut body = Vec::with_capacity(n.len() + e.len() + 16);
+    push_integer(&mut body, n);
+    push_integer(&mut body, e);
+    let mut out = Vec::with_capacity(body.len() + 6);
+    out.push(TAG_SEQUENCE);
+    push_len(&mut out, body.len());
+    out.extend_from_slice(&body);
+    out
 }
 
 /// A base64url member (RFC 7515 2: no padding; trailing `=` tolerated).
@@ -487,6 +671,7 @@ fn key_from_spki(der: &[u8]) -> Result<Option<Key>, String> {
         if strip_leading_zeros(n).is_empty() || strip_leading_zeros(e).is_empty() {
             return Err("empty RSA modulus or exponent".into());
         }
+        check_rsa_size(n)?;
         (KeyKind::Rsa, DecodingKey::from_rsa_der(key))
     } else if oid == OID_EC_PUBLIC_KEY {
         // RFC 5480 2.1.1: parameters = namedCurve OID.
@@ -512,12 +697,7 @@ fn key_from_spki(der: &[u8]) -> Result<Option<Key>, String> {
     } else {
         return Ok(None);
     };
-    Ok(Some(Key {
-        kid: None,
-        kind,
-        alg: None,
-        key: decoding_key,
-    }))
+    Key::public(None, kind, None, key, decoding_key).map(Some)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 //!
 //! Rules are read in order and the first that matches decides ([`decide`]).
 
+use std::collections::HashMap;
 use std::fmt;
 
 use regex::Regex;
@@ -376,6 +377,128 @@ pub fn decide<'a>(rules: &'a [Rule], caller: &Caller, method: &str) -> Verdict<'
         Some(r) if r.effect == Effect::Allow => Verdict::Allowed(r),
         Some(r) => Verdict::Denied(r),
         None => Verdict::NoMatch,
+    }
+}
+
+/// A scope's rules, indexed for [`decide`]'s answer without reading every rule: exact
+/// principals and `role:` names are looked up in hash maps, and only rules with another
+/// kind of pattern (`any`, `anonymous`, `claim:`, `~REGEX`, globs) are read in order.
+/// First match wins exactly as in [`decide`]: the answer is the matching rule with the
+/// lowest position, wherever it was found. Build it once, at configuration time.
+#[derive(Clone, Debug, Default)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    /// An exact principal (a pattern without `*`): the rules naming it, in order.
+    by_principal: HashMap<String, Vec<u32>>,
+    /// A role name: the rules with `role:NAME`, in order.
+    by_role: HashMap<String, Vec<u32>>,
+    /// The rules with other patterns, in order: (rule, the positions of those patterns).
+    scanned: Vec<(u32, Vec<u32>)>,
+}
+
+impl RuleSet {
+    pub fn new(rules: Vec<Rule>) -> RuleSet {
+        let mut set = RuleSet {
+            rules: Vec::new(),
+            by_principal: HashMap::new(),
+            by_role: HashMap::new(),
+            scanned: Vec::new(),
+        };
+        for (i, rule) in rules.iter().enumerate() {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            let mut others = Vec::new();
+            for (j, p) in rule.patterns.iter().enumerate() {
+                let list = match p {
+                    Pattern::Principal(name) if !name.contains('*') => {
+                        set.by_principal.entry(name.clone()).or_default()
+                    }
+                    Pattern::Role(name) => set.by_role.entry(name.clone()).or_default(),
+                    _ => {
+                        others.push(u32::try_from(j).unwrap_or(u32::MAX));
+                        continue;
+                    }
+                };
+                if list.last() != Some(&i) {
+                    list.push(i);
+                }
+            }
+            if !others.is_empty() {
+                set.scanned.push((i, others));
+            }
+        }
+        set.rules = rules;
+        set
+    }
+
+    /// The rules, in order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// [`decide`] on these rules: the same verdict, the same rule.
+    pub fn decide(&self, caller: &Caller, method: &str) -> Verdict<'_> {
+        if self.rules.is_empty() {
+            return Verdict::NoRules;
+        }
+        let applies = |i: u32| {
+            self.rules[i as usize]
+                .methods
+                .as_ref()
+                .is_none_or(|ms| ms.iter().any(|m| m == method))
+        };
+        // The lowest position of a rule that matches, so far.
+        let mut best = u32::MAX;
+        let first_in = |list: Option<&Vec<u32>>, best: &mut u32| {
+            for &i in list.into_iter().flatten() {
+                if i >= *best {
+                    break;
+                }
+                if applies(i) {
+                    *best = i;
+                    break;
+                }
+            }
+        };
+        if let Some(p) = caller.principal {
+            first_in(self.by_principal.get(p), &mut best);
+        }
+        for role in caller.roles {
+            first_in(self.by_role.get(role.as_str()), &mut best);
+        }
+        for (i, patterns) in &self.scanned {
+            if *i >= best {
+                break;
+            }
+            let rule = &self.rules[*i as usize];
+            if applies(*i)
+                && patterns
+                    .iter()
+                    .any(|&j| rule.patterns[j as usize].matches(caller))
+            {
+                best = *i;
+                break;
+            }
+        }
+        match self.rules.get(best as usize) {
+            Some(r) if r.effect == Effect::Allow => Verdict::Allowed(r),
+            Some(r) => Verdict::Denied(r),
+            None => Verdict::NoMatch,
+        }
+    }
+}
+
+impl Verdict<'_> {
+    /// `$mesh_rule` for this verdict, borrowed from the rule (`None` for `NoRules`).
+    pub fn rule_text(&self) -> Option<&str> {
+        match self {
+            Verdict::NoRules => None,
+            Verdict::Allowed(r) | Verdict::Denied(r) => Some(&r.text),
+            Verdict::NoMatch => Some("no rule matched"),
+        }
     }
 }
 

@@ -1,12 +1,14 @@
 //! JWT verification (RFC 7515 JWS compact serialization, RFC 7519 JWT,
 //! RFC 8725 best practices).
 //!
-//! Only the signature check is delegated to `jsonwebtoken::crypto::verify`;
-//! the header and the claims are parsed and validated here, so that every
-//! failure maps to exactly one [`AuthStatus`].
+//! Only the signature check is delegated, to aws-lc on keys parsed once at load
+//! ([`Key::verify`]); the header and the claims are parsed and validated here, once per
+//! token ([`Jwt`]), so that every failure maps to exactly one [`AuthStatus`].
 
+use std::fmt;
 use std::sync::Arc;
 
+use aws_lc_rs::digest::{self, Digest};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{Map, Value};
@@ -131,6 +133,9 @@ pub struct Verified {
     pub claims: Map<String, Value>,
     /// The payload JSON exactly as decoded.
     pub claims_json: String,
+    /// `claims_json` in base64url without padding (`X-Mesh-Claims`): the token's payload
+    /// segment as sent, which strict decoding makes the one encoding of `claims_json`.
+    pub claims_b64: String,
     /// The token's `aud` (a string or an array of strings).
     pub audiences: Vec<String>,
     /// `exp`, in seconds since the epoch.
@@ -164,12 +169,18 @@ impl Verified {
 ///
 /// `providers` are the candidates (the location's `mesh_auth` list); the
 /// first whose issuers contain the token's `iss` is used.
+///
+/// A thin wrapper around [`Jwt::decode`] and [`Jwt::verify`]; a caller that wants the
+/// token's issuer after a refusal (to fetch keys again after an unknown `kid`) uses those.
 pub fn verify(token: &[u8], providers: &[&Provider], now: u64) -> Result<Verified, AuthError> {
-    verify_impl(token, providers, now, false)
+    Jwt::decode(token)?.verify(providers, now)
 }
 
 /// The `iss` of a token, read without verifying anything: only to tell which provider's
 /// keys to fetch again after an unknown `kid` (never to decide whom to trust).
+///
+/// This decodes the payload; a caller that already has the [`Jwt`] reads
+/// [`Jwt::issuer`] instead.
 pub fn unverified_issuer(token: &[u8]) -> Option<String> {
     if token.len() > MAX_TOKEN_LEN {
         return None;
@@ -199,7 +210,7 @@ pub fn verify_platform(
     providers: &[&Provider],
     now: u64,
 ) -> Result<Verified, AuthError> {
-    verify_impl(token, providers, now, true)
+    Jwt::decode(token)?.verify_platform(providers, now)
 }
 
 /// The `aud` check (RFC 7519 4.1.3): `accepted` empty means not checked;
@@ -220,229 +231,634 @@ fn fail<T>(status: AuthStatus, reason: impl AsRef<str>) -> Result<T, AuthError> 
     Err(AuthError::new(status, reason))
 }
 
-fn verify_impl(
-    token: &[u8],
-    providers: &[&Provider],
-    now: u64,
-    platform: bool,
-) -> Result<Verified, AuthError> {
-    // 1. Shape (RFC 7515 7.1: BASE64URL(header).BASE64URL(payload).BASE64URL(sig)).
-    if token.len() > MAX_TOKEN_LEN {
-        return fail(AuthStatus::Malformed, "token too large");
-    }
-    let mut segments = token.split(|&b| b == b'.');
-    let (h64, p64, s64) = match (
-        segments.next(),
-        segments.next(),
-        segments.next(),
-        segments.next(),
-    ) {
-        (Some(h), Some(p), Some(s), None) => (h, p, s),
-        _ => {
-            return fail(
-                AuthStatus::Malformed,
-                "token is not three dot-separated segments",
-            )
+/// A token as received, with the SHA-256 of its signing input (`HEADER.PAYLOAD`, as
+/// sent) computed once per request. That digest, with the signature segment compared byte
+/// for byte, is the key of the token cache ([`crate::cache::TokenCache::lookup`]), and for
+/// RS256, PS256 and ES256 it is the digest the signature is checked on, so a token is
+/// hashed once whether it is found in the cache or verified.
+#[derive(Clone)]
+pub struct Hashed<'t> {
+    token: &'t [u8],
+    /// Where the signature segment starts (after the last `.`); `None` without a `.`
+    /// (then the whole token is hashed).
+    sig_at: Option<usize>,
+    /// `None` for a token over [`MAX_TOKEN_LEN`] (never cached, refused by [`Jwt::decode`]).
+    sha256: Option<Digest>,
+}
+
+impl<'t> Hashed<'t> {
+    pub fn new(token: &'t [u8]) -> Hashed<'t> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Hashed {
+                token,
+                sig_at: None,
+                sha256: None,
+            };
         }
-    };
-    let header_bytes = b64url(h64).ok_or_else(|| bad_b64("header"))?;
-    let payload_bytes = b64url(p64).ok_or_else(|| bad_b64("payload"))?;
-    if b64url(s64).is_none() {
-        return Err(bad_b64("signature"));
-    }
-    let header = json_object(&header_bytes, "header")?;
-    let claims_json = String::from_utf8(payload_bytes)
-        .map_err(|_| AuthError::new(AuthStatus::Malformed, "payload is not UTF-8"))?;
-    let claims = json_object(claims_json.as_bytes(), "payload")?;
-
-    // 2. RFC 7515 4.1.11: we understand no extensions, so any `crit` is
-    // refused. `jku`, `x5u`, `jwk`, `x5c` are never looked at (RFC 8725 3.10).
-    if header.contains_key("crit") {
-        return fail(AuthStatus::Malformed, "unsupported crit header");
-    }
-
-    // 4. The issuer picks the provider (RFC 8725 3.8: validate the issuer,
-    // and use only that issuer's keys).
-    let iss = match claims.get("iss") {
-        Some(Value::String(s)) => s.as_str(),
-        _ => return fail(AuthStatus::WrongIssuer, "missing iss claim"),
-    };
-    let provider = match providers
-        .iter()
-        .find(|p| p.issuers.iter().any(|i| i == iss))
-    {
-        Some(p) => *p,
-        None => {
-            // The issuer is a claim: the description never repeats it (SPEC: no claims).
-            return fail(AuthStatus::WrongIssuer, "issuer not accepted");
+        let dot = memchr::memrchr(b'.', token);
+        let signed = dot.map_or(token, |d| &token[..d]);
+        Hashed {
+            token,
+            sig_at: dot.map(|d| d + 1),
+            sha256: Some(digest::digest(&digest::SHA256, signed)),
         }
-    };
+    }
 
-    // 3. The algorithm must be on the provider's allowlist; `none` never is
-    // (RFC 8725 3.1, 3.2).
-    let alg = match header.get("alg") {
-        Some(Value::String(s)) => match parse_algorithm(s) {
-            Some(a) if provider.algorithms.contains(&a) => a,
+    /// The token.
+    pub fn token(&self) -> &'t [u8] {
+        self.token
+    }
+
+    /// The SHA-256 of the signing input (of the whole token when it has no `.`); `None`
+    /// when the token is too long.
+    pub fn signing_input_sha256(&self) -> Option<&[u8; 32]> {
+        self.sha256
+            .as_ref()
+            .and_then(|d| d.as_ref().try_into().ok())
+    }
+
+    /// The signature segment (base64url text) as sent; `None` when there is no `.`.
+    pub fn signature(&self) -> Option<&'t [u8]> {
+        self.sig_at.map(|i| &self.token[i..])
+    }
+
+    /// The digest, when it is that of a signing input `HEADER.PAYLOAD` (for
+    /// [`Jwt::decode_hashed`]).
+    fn signing_digest(&self, signing_input_len: usize) -> Option<Digest> {
+        match self.sig_at {
+            Some(at) if at == signing_input_len + 1 => self.sha256,
+            _ => None,
+        }
+    }
+}
+
+/// The `alg` header, as read.
+#[derive(Clone, Debug)]
+enum AlgHeader {
+    Missing,
+    /// A string naming no supported algorithm (the text, sanitized, for the message).
+    Unsupported(String),
+    Named(Algorithm),
+}
+
+/// The `kid` header, as read.
+#[derive(Clone, Debug)]
+enum KidHeader {
+    Missing,
+    NotString,
+    Named(String),
+}
+
+/// A token decoded once: the header members the verification reads, the claims, the
+/// signature. Nothing in it is trusted until [`Jwt::verify`] (or [`Jwt::check`]) says so.
+pub struct Jwt<'t> {
+    /// `HEADER.PAYLOAD` as sent: what the signature covers.
+    signing_input: &'t [u8],
+    /// The signature segment, as sent (base64url).
+    signature_b64: &'t [u8],
+    /// The payload segment, as sent (base64url of `claims_json`).
+    payload_b64: &'t [u8],
+    /// The decoded signature.
+    signature: Vec<u8>,
+    sha256: Option<Digest>,
+    alg: AlgHeader,
+    kid: KidHeader,
+    claims: Map<String, Value>,
+    claims_json: String,
+}
+
+impl<'t> Jwt<'t> {
+    /// Steps 1 and 2: the shape (RFC 7515 7.1:
+    /// `BASE64URL(header).BASE64URL(payload).BASE64URL(signature)`, at most
+    /// [`MAX_TOKEN_LEN`] bytes), the header and payload JSON objects (nested at most
+    /// [`MAX_CLAIMS_DEPTH`] levels), and no `crit` header. Every failure is `Malformed`.
+    pub fn decode(token: &'t [u8]) -> Result<Jwt<'t>, AuthError> {
+        Jwt::decode_impl(token, None)
+    }
+
+    /// [`Jwt::decode`] of a token already hashed for the cache: its digest is reused for the
+    /// signature check.
+    pub fn decode_hashed(token: &Hashed<'t>) -> Result<Jwt<'t>, AuthError> {
+        Jwt::decode_impl(token.token, Some(token))
+    }
+
+    fn decode_impl(token: &'t [u8], hashed: Option<&Hashed<'t>>) -> Result<Jwt<'t>, AuthError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return fail(AuthStatus::Malformed, "token too large");
+        }
+        let mut segments = token.split(|&b| b == b'.');
+        let (h64, p64, s64) = match (
+            segments.next(),
+            segments.next(),
+            segments.next(),
+            segments.next(),
+        ) {
+            (Some(h), Some(p), Some(s), None) => (h, p, s),
             _ => {
                 return fail(
-                    AuthStatus::BadSignature,
-                    format!("algorithm {} not allowed", sanitize(s)),
+                    AuthStatus::Malformed,
+                    "token is not three dot-separated segments",
                 )
             }
-        },
-        _ => return fail(AuthStatus::BadSignature, "missing alg header"),
-    };
+        };
+        let header_bytes = b64url(h64).ok_or_else(|| bad_b64("header"))?;
+        let payload_bytes = b64url(p64).ok_or_else(|| bad_b64("payload"))?;
+        let signature = b64url(s64).ok_or_else(|| bad_b64("signature"))?;
+        let header = parse_header(&header_bytes)?;
+        let claims_json = String::from_utf8(payload_bytes)
+            .map_err(|_| AuthError::new(AuthStatus::Malformed, "payload is not UTF-8"))?;
+        let claims = json_object(claims_json.as_bytes(), "payload")?;
 
-    if platform {
-        if s64 != SIGNATURE_REMOVED_BY_GOOGLE.as_bytes() {
-            return fail(
-                AuthStatus::BadSignature,
-                "signature was expected to be removed",
-            );
+        // RFC 7515 4.1.11: we understand no extensions, so any `crit` is
+        // refused. `jku`, `x5u`, `jwk`, `x5c` are never looked at (RFC 8725 3.10).
+        if header.crit {
+            return fail(AuthStatus::Malformed, "unsupported crit header");
         }
-    } else {
-        // 5.
-        if provider.keys.is_empty() {
-            return fail(
-                AuthStatus::NoKeys,
-                format!("no keys for provider {}", sanitize(&provider.name)),
-            );
-        }
-        // 6. Key selection (RFC 7515 4.1.4 `kid`) and the signature.
-        let candidates = select_keys(&provider.keys, header.get("kid"), alg)?;
-        // Base64url text is ASCII, so this cannot fail.
-        let sig = std::str::from_utf8(s64).unwrap_or_default();
-        let signing_input = &token[..h64.len() + 1 + p64.len()];
-        let good = candidates.iter().any(|k| {
-            jsonwebtoken::crypto::verify(sig, signing_input, &k.key, alg).unwrap_or(false)
-        });
-        if !good {
-            return fail(AuthStatus::BadSignature, "signature does not verify");
+        let signing_len = h64.len() + 1 + p64.len();
+        Ok(Jwt {
+            signing_input: &token[..signing_len],
+            signature_b64: s64,
+            payload_b64: p64,
+            signature,
+            sha256: hashed.and_then(|h| h.signing_digest(signing_len)),
+            alg: header.alg,
+            kid: header.kid,
+            claims,
+            claims_json,
+        })
+    }
+
+    /// The `iss` claim, unverified: only to tell which provider's keys to fetch again after
+    /// an unknown `kid` (never to decide whom to trust).
+    pub fn issuer(&self) -> Option<&str> {
+        self.claims.get("iss").and_then(Value::as_str)
+    }
+
+    /// The claims, unverified.
+    pub fn claims(&self) -> &Map<String, Value> {
+        &self.claims
+    }
+
+    /// Whether the signature segment is `SIGNATURE_REMOVED_BY_GOOGLE`.
+    pub fn is_signature_removed(&self) -> bool {
+        self.signature_b64 == SIGNATURE_REMOVED_BY_GOOGLE.as_bytes()
+    }
+
+    /// Everything [`verify`] checks; on success the provider that accepts the token (turn it
+    /// into a [`Verified`] with [`Jwt::into_verified`]). The token is kept, so its issuer
+    /// can still be read after a refusal.
+    pub fn check<'p>(
+        &self,
+        providers: &[&'p Provider],
+        now: u64,
+    ) -> Result<&'p Provider, AuthError> {
+        self.check_impl(providers, now, false)
+    }
+
+    /// [`Jwt::check`] for [`verify_platform`].
+    pub fn check_platform<'p>(
+        &self,
+        providers: &[&'p Provider],
+        now: u64,
+    ) -> Result<&'p Provider, AuthError> {
+        self.check_impl(providers, now, true)
+    }
+
+    /// [`Jwt::check`], then [`Jwt::into_verified`].
+    pub fn verify(self, providers: &[&Provider], now: u64) -> Result<Verified, AuthError> {
+        let p = self.check(providers, now)?;
+        Ok(self.into_verified(p))
+    }
+
+    /// [`Jwt::check_platform`], then [`Jwt::into_verified`].
+    pub fn verify_platform(self, providers: &[&Provider], now: u64) -> Result<Verified, AuthError> {
+        let p = self.check_platform(providers, now)?;
+        Ok(self.into_verified(p))
+    }
+
+    /// The verified token, for the provider [`Jwt::check`] returned (the claims move, they
+    /// are not copied).
+    pub fn into_verified(self, provider: &Provider) -> Verified {
+        let principal = match self.claims.get(&provider.principal) {
+            Some(Value::String(s)) => s.clone(),
+            _ => String::new(),
+        };
+        let audiences = match self.claims.get("aud") {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|a| a.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let exp = self.claims.get("exp").and_then(numeric_date).unwrap_or(0);
+        Verified {
+            provider: provider.name.clone(),
+            principal,
+            claims: self.claims,
+            claims_json: self.claims_json,
+            // Base64url text is ASCII.
+            claims_b64: String::from_utf8_lossy(self.payload_b64).into_owned(),
+            audiences,
+            exp,
         }
     }
 
-    // 7. Time claims (RFC 7519 4.1.4, 4.1.5, 4.1.6); `exp` is required.
-    let exp = match claims.get("exp").and_then(numeric_date) {
-        Some(exp) => exp,
-        None => return fail(AuthStatus::Malformed, "missing exp claim"),
-    };
-    if now > exp.saturating_add(provider.leeway) {
-        return fail(AuthStatus::Expired, "token expired");
-    }
-    let latest_ok = now.saturating_add(provider.leeway);
-    for (name, reason) in [
-        ("nbf", "token not valid yet (nbf)"),
-        ("iat", "token issued in the future (iat)"),
-    ] {
-        if let Some(v) = claims.get(name) {
-            match numeric_date(v) {
-                Some(t) if t > latest_ok => return fail(AuthStatus::NotYetValid, reason),
-                Some(_) => {}
-                None => {
-                    return fail(
-                        AuthStatus::Malformed,
-                        format!("{name} claim is not a number"),
-                    )
+    fn check_impl<'p>(
+        &self,
+        providers: &[&'p Provider],
+        now: u64,
+        platform: bool,
+    ) -> Result<&'p Provider, AuthError> {
+        let claims = &self.claims;
+        // 4. The issuer picks the provider (RFC 8725 3.8: validate the issuer,
+        // and use only that issuer's keys).
+        let iss = match claims.get("iss") {
+            Some(Value::String(s)) => s.as_str(),
+            _ => return fail(AuthStatus::WrongIssuer, "missing iss claim"),
+        };
+        let provider = match providers
+            .iter()
+            .find(|p| p.issuers.iter().any(|i| i == iss))
+        {
+            Some(p) => *p,
+            None => {
+                // The issuer is a claim: the description never repeats it (SPEC: no claims).
+                return fail(AuthStatus::WrongIssuer, "issuer not accepted");
+            }
+        };
+
+        // 3. The algorithm must be on the provider's allowlist; `none` never is
+        // (RFC 8725 3.1, 3.2).
+        let alg = match &self.alg {
+            AlgHeader::Named(a) if provider.algorithms.contains(a) => *a,
+            AlgHeader::Named(a) => {
+                return fail(
+                    AuthStatus::BadSignature,
+                    format!("algorithm {} not allowed", algorithm_name(*a)),
+                )
+            }
+            AlgHeader::Unsupported(s) => {
+                return fail(
+                    AuthStatus::BadSignature,
+                    format!("algorithm {s} not allowed"),
+                )
+            }
+            AlgHeader::Missing => return fail(AuthStatus::BadSignature, "missing alg header"),
+        };
+
+        if platform {
+            if !self.is_signature_removed() {
+                return fail(
+                    AuthStatus::BadSignature,
+                    "signature was expected to be removed",
+                );
+            }
+        } else {
+            // 5.
+            if provider.keys.is_empty() {
+                return fail(
+                    AuthStatus::NoKeys,
+                    format!("no keys for provider {}", sanitize(&provider.name)),
+                );
+            }
+            // 6. Key selection (RFC 7515 4.1.4 `kid`) and the signature, on keys parsed
+            // at load.
+            let good = for_each_candidate(&provider.keys, &self.kid, alg, |k| {
+                k.verify_prehashed(
+                    alg,
+                    self.signing_input,
+                    self.sha256.as_ref(),
+                    &self.signature,
+                )
+            })?;
+            if !good {
+                return fail(AuthStatus::BadSignature, "signature does not verify");
+            }
+        }
+
+        // 7. Time claims (RFC 7519 4.1.4, 4.1.5, 4.1.6); `exp` is required.
+        let exp = match claims.get("exp").and_then(numeric_date) {
+            Some(exp) => exp,
+            None => return fail(AuthStatus::Malformed, "missing exp claim"),
+        };
+        if now > exp.saturating_add(provider.leeway) {
+            return fail(AuthStatus::Expired, "token expired");
+        }
+        let latest_ok = now.saturating_add(provider.leeway);
+        for (name, reason) in [
+            ("nbf", "token not valid yet (nbf)"),
+            ("iat", "token issued in the future (iat)"),
+        ] {
+            if let Some(v) = claims.get(name) {
+                match numeric_date(v) {
+                    Some(t) if t > latest_ok => return fail(AuthStatus::NotYetValid, reason),
+                    Some(_) => {}
+                    None => {
+                        return fail(
+                            AuthStatus::Malformed,
+                            format!("{name} claim is not a number"),
+                        )
+                    }
                 }
             }
         }
+
+        // 8. `require` lines.
+        for r in &provider.require {
+            if !r.holds(claims) {
+                return fail(
+                    AuthStatus::ClaimMismatch,
+                    format!("claim {} does not match", sanitize(&r.path_text())),
+                );
+            }
+        }
+
+        // 9. The principal: a non-empty string without control characters (it
+        // ends up in request headers and logs).
+        match claims.get(&provider.principal) {
+            Some(Value::String(s)) if !s.is_empty() && !s.chars().any(char::is_control) => {}
+            Some(Value::String(s)) if !s.is_empty() => {
+                return fail(
+                    AuthStatus::ClaimMismatch,
+                    format!(
+                        "principal claim {} has control characters",
+                        sanitize(&provider.principal)
+                    ),
+                )
+            }
+            _ => {
+                return fail(
+                    AuthStatus::ClaimMismatch,
+                    format!("principal claim {} missing", sanitize(&provider.principal)),
+                )
+            }
+        }
+        Ok(provider)
     }
-
-    // 8. `require` lines.
-    for r in &provider.require {
-        if !r.holds(&claims) {
-            return fail(
-                AuthStatus::ClaimMismatch,
-                format!("claim {} does not match", sanitize(&r.path_text())),
-            );
-        }
-    }
-
-    // 9. The principal: a non-empty string without control characters (it
-    // ends up in request headers and logs).
-    let principal = match claims.get(&provider.principal) {
-        Some(Value::String(s)) if !s.is_empty() && !s.chars().any(char::is_control) => s.clone(),
-        Some(Value::String(s)) if !s.is_empty() => {
-            return fail(
-                AuthStatus::ClaimMismatch,
-                format!(
-                    "principal claim {} has control characters",
-                    sanitize(&provider.principal)
-                ),
-            )
-        }
-        _ => {
-            return fail(
-                AuthStatus::ClaimMismatch,
-                format!("principal claim {} missing", sanitize(&provider.principal)),
-            )
-        }
-    };
-
-    let audiences = match claims.get("aud") {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter_map(|a| a.as_str().map(str::to_owned))
-            .collect(),
-        _ => Vec::new(),
-    };
-
-    Ok(Verified {
-        provider: provider.name.clone(),
-        principal,
-        claims,
-        claims_json,
-        audiences,
-        exp,
-    })
 }
 
-/// Step 6: the keys to try.
+/// The header members the verification reads (RFC 7515 4.1): `alg`, `kid`, and whether
+/// `crit` is present. Every other member is read as JSON and dropped.
+struct Header {
+    alg: AlgHeader,
+    kid: KidHeader,
+    crit: bool,
+}
+
+/// Parse the header: a JSON object (duplicate members keep the last one, as
+/// [`json_object`]), nested at most [`MAX_CLAIMS_DEPTH`] levels, read without building a
+/// map (each member's value is parsed and checked as `serde_json::Value` would, then
+/// dropped, unless it is `alg`, `kid` or `crit`).
+fn parse_header(bytes: &[u8]) -> Result<Header, AuthError> {
+    use serde::de::{self, Deserializer, MapAccess, Visitor};
+
+    /// A member's value: a string, or anything else (read in full, dropped).
+    enum Member {
+        Str(String),
+        Other,
+    }
+    struct MemberVisitor;
+    impl<'de> Visitor<'de> for MemberVisitor {
+        type Value = Member;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Member, E> {
+            Ok(Member::Str(v.to_owned()))
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Member, E> {
+            Ok(Member::Other)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Member, E> {
+            Ok(Member::Other)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Member, E> {
+            Ok(Member::Other)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Member, E> {
+            Ok(Member::Other)
+        }
+        fn visit_unit<E>(self) -> Result<Member, E> {
+            Ok(Member::Other)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Member, A::Error> {
+            while seq.next_element::<Checked>()?.is_some() {}
+            Ok(Member::Other)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Member, A::Error> {
+            while map.next_entry::<Checked, Checked>()?.is_some() {}
+            Ok(Member::Other)
+        }
+    }
+    impl<'de> de::Deserialize<'de> for Member {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Member, D::Error> {
+            d.deserialize_any(MemberVisitor)
+        }
+    }
+    /// Any JSON value, parsed (strings unescaped and checked) and dropped.
+    struct Checked;
+    impl<'de> de::Deserialize<'de> for Checked {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Checked, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Checked;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a JSON value")
+                }
+                fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+                    Ok(Checked)
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+                    Ok(Checked)
+                }
+                fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+                    Ok(Checked)
+                }
+                fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+                    Ok(Checked)
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+                    Ok(Checked)
+                }
+                fn visit_unit<E>(self) -> Result<Checked, E> {
+                    Ok(Checked)
+                }
+                fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+                    while seq.next_element::<Checked>()?.is_some() {}
+                    Ok(Checked)
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+                    while map.next_entry::<Checked, Checked>()?.is_some() {}
+                    Ok(Checked)
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+    /// A member name, unescaped (borrowed when it has no escapes).
+    struct Name<'de>(std::borrow::Cow<'de, str>);
+    impl<'de> de::Deserialize<'de> for Name<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Name<'de>, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Name<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a member name")
+                }
+                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Name<'de>, E> {
+                    Ok(Name(std::borrow::Cow::Borrowed(v)))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Name<'de>, E> {
+                    Ok(Name(std::borrow::Cow::Owned(v.to_owned())))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+    struct HeaderVisitor;
+    impl<'de> Visitor<'de> for HeaderVisitor {
+        type Value = Header;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Header, A::Error> {
+            let mut h = Header {
+                alg: AlgHeader::Missing,
+                kid: KidHeader::Missing,
+                crit: false,
+            };
+            while let Some(Name(name)) = map.next_key::<Name>()? {
+                match &*name {
+                    "alg" => {
+                        h.alg = match map.next_value::<Member>()? {
+                            Member::Str(s) => match parse_algorithm(&s) {
+                                Some(a) => AlgHeader::Named(a),
+                                None => AlgHeader::Unsupported(sanitize(&s)),
+                            },
+                            Member::Other => AlgHeader::Missing,
+                        }
+                    }
+                    "kid" => {
+                        h.kid = match map.next_value::<Member>()? {
+                            Member::Str(s) => KidHeader::Named(s),
+                            Member::Other => KidHeader::NotString,
+                        }
+                    }
+                    "crit" => {
+                        map.next_value::<Checked>()?;
+                        h.crit = true;
+                    }
+                    _ => {
+                        map.next_value::<Checked>()?;
+                    }
+                }
+            }
+            Ok(h)
+        }
+        // Any other JSON value: not an object.
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Header, E> {
+            Err(E::custom(NOT_AN_OBJECT))
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Header, E> {
+            Err(E::custom(NOT_AN_OBJECT))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Header, E> {
+            Err(E::custom(NOT_AN_OBJECT))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Header, E> {
+            Err(E::custom(NOT_AN_OBJECT))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Header, E> {
+            Err(E::custom(NOT_AN_OBJECT))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Header, E> {
+            Err(E::custom(NOT_AN_OBJECT))
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Header, A::Error> {
+            // Read to the end first, so nesting too deep is reported as such.
+            while seq.next_element::<Checked>()?.is_some() {}
+            Err(de::Error::custom(NOT_AN_OBJECT))
+        }
+    }
+    const NOT_AN_OBJECT: &str = "not an object";
+
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let parsed = de
+        .deserialize_any(HeaderVisitor)
+        .and_then(|h| de.end().map(|()| h));
+    match parsed {
+        Ok(h) => {
+            if json_depth(bytes) > MAX_CLAIMS_DEPTH {
+                return fail(AuthStatus::Malformed, "header nested too deep");
+            }
+            Ok(h)
+        }
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => {
+            fail(AuthStatus::Malformed, "header nested too deep")
+        }
+        Err(_) => fail(AuthStatus::Malformed, "header is not a JSON object"),
+    }
+}
+
+/// Step 6 for each key to try, in order, until `check` says yes: whether one did.
 ///
 /// With a `kid`: the keys with that `kid`; if none has it, the keys without a
 /// `kid` (PEM keys and secrets name no key, so they serve any `kid`); none ->
 /// `UnknownKey`. Of those, the ones that allow `alg`; none -> `BadSignature`.
 /// Without a `kid`: every key that allows `alg`; none -> `UnknownKey`.
-fn select_keys<'k>(
-    keys: &'k KeySet,
-    kid: Option<&Value>,
+fn for_each_candidate(
+    keys: &KeySet,
+    kid: &KidHeader,
     alg: Algorithm,
-) -> Result<Vec<&'k Key>, AuthError> {
-    match kid {
-        None => {
-            let fit: Vec<&Key> = keys.keys.iter().filter(|k| k.allows(alg)).collect();
-            if fit.is_empty() {
-                return fail(
-                    AuthStatus::UnknownKey,
-                    format!("no key for algorithm {}", algorithm_name(alg)),
-                );
+    mut check: impl FnMut(&Key) -> bool,
+) -> Result<bool, AuthError> {
+    let kid = match kid {
+        KidHeader::Missing => None,
+        KidHeader::Named(k) => Some(k.as_str()),
+        KidHeader::NotString => return fail(AuthStatus::Malformed, "kid header is not a string"),
+    };
+    let Some(kid) = kid else {
+        let mut any = false;
+        for k in keys.keys.iter().filter(|k| k.allows(alg)) {
+            any = true;
+            if check(k) {
+                return Ok(true);
             }
-            Ok(fit)
         }
-        Some(Value::String(kid)) => {
-            let mut named: Vec<&Key> = keys
-                .keys
-                .iter()
-                .filter(|k| k.kid.as_deref() == Some(kid.as_str()))
-                .collect();
-            if named.is_empty() {
-                named = keys.keys.iter().filter(|k| k.kid.is_none()).collect();
-            }
-            if named.is_empty() {
-                return fail(
-                    AuthStatus::UnknownKey,
-                    format!("unknown key {}", sanitize(kid)),
-                );
-            }
-            named.retain(|k| k.allows(alg));
-            if named.is_empty() {
-                return fail(AuthStatus::BadSignature, "key type does not fit algorithm");
-            }
-            Ok(named)
+        if !any {
+            return fail(
+                AuthStatus::UnknownKey,
+                format!("no key for algorithm {}", algorithm_name(alg)),
+            );
         }
-        Some(_) => fail(AuthStatus::Malformed, "kid header is not a string"),
+        return Ok(false);
+    };
+    let named = keys.keys.iter().any(|k| k.kid.as_deref() == Some(kid));
+    let pick = |k: &&Key| {
+        if named {
+            k.kid.as_deref() == Some(kid)
+        } else {
+            k.kid.is_none()
+        }
+    };
+    if !keys.keys.iter().any(|k| pick(&k)) {
+        return fail(
+            AuthStatus::UnknownKey,
+            format!("unknown key {}", sanitize(kid)),
+        );
     }
+    let mut any = false;
+    for k in keys.keys.iter().filter(pick).filter(|k| k.allows(alg)) {
+        any = true;
+        if check(k) {
+            return Ok(true);
+        }
+    }
+    if !any {
+        return fail(AuthStatus::BadSignature, "key type does not fit algorithm");
+    }
+    Ok(false)
 }
 
 /// Strict base64url without padding (RFC 7515 2): `+`, `/`, `=` and
@@ -468,11 +884,10 @@ fn json_object(bytes: &[u8], what: &str) -> Result<Map<String, Value>, AuthError
             format!("{what} is not a JSON object"),
         )
     };
-    // serde_json itself refuses nesting beyond 128 levels, so the value we
-    // walk below is bounded.
+    // serde_json itself refuses nesting beyond 128 levels.
     match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(map)) => {
-            if map.values().any(|v| depth(v) + 1 > MAX_CLAIMS_DEPTH) {
+            if json_depth(bytes) > MAX_CLAIMS_DEPTH {
                 return fail(AuthStatus::Malformed, format!("{what} nested too deep"));
             }
             Ok(map)
@@ -485,7 +900,36 @@ fn json_object(bytes: &[u8], what: &str) -> Result<Map<String, Value>, AuthError
     }
 }
 
+/// The deepest nesting of objects and arrays in valid JSON text (the top-level object is
+/// level 1): brackets outside strings, counted in one pass, nothing allocated.
+fn json_depth(json: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// Object/array levels in a value (a scalar is 0), without recursion.
+#[cfg(test)]
 fn depth(v: &Value) -> usize {
     let mut max = 0;
     let mut stack = vec![(v, 1usize)];

@@ -11,6 +11,7 @@ fn verified(principal: &str, exp: u64) -> Arc<Verified> {
         principal: principal.into(),
         claims: serde_json::Map::new(),
         claims_json: "{}".into(),
+        claims_b64: "e30".into(),
         audiences: vec![],
         exp,
     })

@@ -6,6 +6,8 @@ cd "$(dirname "$0")"
 
 openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out rsa.key
 openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out rsa2.key
+# A key too small for the verifier (refused at load).
+openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:1024 | openssl pkey -pubout > rsa1024.pub.pem
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ec256.key
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-384 -out ec384.key
 openssl genpkey -algorithm ED25519 -out ed25519.key
