@@ -188,11 +188,14 @@ def test_the_outbound_token_is_renewed_halfway_through_a_short_life(module_path,
             # halfway, not at once (0 s) nor at expiry (20 s); seconds of slack for a busy machine
             assert 8.5 <= gap <= 16.0, f"worker {pid} renewed after {gap:.1f}s, expected ~10s (halfway)"
             assert mine[1].token != mine[0].token
-            # the new token is in use before the old one expires
-            _, auth = upstream_authorization(conn)
+            # the new token is in use before the old one expires (the fetch thread hands it to
+            # the worker a moment after the metadata server answered)
             old_exp = token_claims(mine[0].token)["exp"]
+            want = f"Bearer {mine[1].token}"
+            auth = wait_until(lambda: (a := upstream_authorization(conn)[1]) == want and a,
+                              max(0.0, old_exp - 1 - time.time()), interval=0.1)
             assert time.time() < old_exp, "the check ran too late to tell"
-            assert auth == f"Bearer {mine[1].token}", f"worker {pid} still sends the old token: {auth!r}"
+            assert auth == want, f"worker {pid} still sends the old token 1 s before it expires: {auth!r}"
     finally:
         close_all(conns)
 
