@@ -137,7 +137,7 @@ def test_a_verified_caller_admitted_by_its_token_gets_its_own_identity_upstream(
     assert resp.upstream_headers("x_mesh_claims") == [], resp
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 (1, 4): a request admitted by `allow` after the module's 401 "
+@pytest.mark.xfail(strict=True, reason="issue 10 (1): a request admitted by `allow` after the module's 401 "
                                        "keeps the client's X-Mesh-* headers")
 def test_a_request_admitted_by_allow_carries_no_client_identity_headers(site):
     resp = reaches_upstream(site, "/allow-local/x", SPOOF, auth_status="missing")
