@@ -46,8 +46,11 @@ build: $(NGINX_TREE)/objs/ngx_auto_config.h
 	$(call install-module,target/release/libngx_http_mesh_module.so,$(MODULE))
 
 # The module and an nginx binary for nginx 1.28, from the ngx crate's bundled sources.
+# nginx-src appends NGX_CONFIGURE_ARGS to its configure flags: auth_request is in Debian's
+# nginx, so the 1.28 binary needs it too for the suite to run the same tests on both.
 build-vendored:
-	env -u NGINX_BUILD_DIR CARGO_TARGET_DIR=$(VENDORED_DIR) $(CARGO) build --release --locked --features vendored
+	env -u NGINX_BUILD_DIR CARGO_TARGET_DIR=$(VENDORED_DIR) NGX_CONFIGURE_ARGS=--with-http_auth_request_module \
+		$(CARGO) build --release --locked --features vendored
 	$(call install-module,$(VENDORED_DIR)/release/libngx_http_mesh_module.so,$(VENDORED_MODULE))
 	scripts/find-vendored-nginx.sh $(VENDORED_DIR) $(VENDORED_NGINX)
 

@@ -60,13 +60,16 @@ class Launcher:
         self.instances: list[Nginx] = []
 
     def start(self, http_body: str, *, workers: int | None = None, with_module: bool = True,
-              files: dict[str, bytes] | None = None) -> Site:
-        """Start nginx; `files` are written into its directory (@TMP@) first."""
+              files: dict[str, bytes] | None = None, conf_name: str = "nginx.conf") -> Site:
+        """Start nginx; `files` (paths relative to its directory, @TMP@) are written first."""
         ngx = Nginx(http_body, upstream=self.echo.address, keys=self.keyring.dir, workers=workers,
-                    with_module=with_module)
+                    with_module=with_module, conf_name=conf_name)
         self.instances.append(ngx)
         for name, content in (files or {}).items():
-            (ngx.tmp / name).write_bytes(content)
+            path = ngx.tmp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+            path.chmod(0o644)
         ngx.start()
         return Site(ngx, self.echo)
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from mesh_test.configs import identity_http
-from mesh_test.nginx import line_of, nginx_t, render
+from mesh_test.nginx import emerg_at_marked_line, passes_nginx_t, render
 
 GOOD = """
 mesh_provider good {
@@ -171,47 +169,25 @@ def _render(body: str, conf_dir, keyring) -> str:
     return render(body, conf_dir, port=8, upstream="127.0.0.1:9", keys=keyring.dir)
 
 
-def _emerg_lines(out: str, conf, lines: list[int]) -> list[str]:
-    pattern = re.compile(rf"{re.escape(str(conf))}:({'|'.join(map(str, lines))})(?!\d)")
-    return [l for l in out.splitlines() if "[emerg]" in l and pattern.search(l)]
-
-
 @pytest.mark.parametrize("body,words,files", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_config_fails_nginx_t_naming_file_line_and_cause(module_path, conf_dir, keyring, body, words, files):
     for name, content in files.items():
         (conf_dir / name).write_text(content)
-    conf_text = _render(body, conf_dir, keyring)
-    bad_line = line_of(conf_text, "# BAD")
-    rc, out, conf = nginx_t(conf_text, conf_dir)
-    assert rc != 0, f"nginx -t accepted a bad config:\n{out}"
-    assert "[emerg]" in out, out
-    found = _emerg_lines(out, conf, [bad_line])
-    assert found, f"no [emerg] pointing at {conf}:{bad_line}:\n{out}"
-    assert any(w in found[0] for w in words), f"[emerg] does not name any of {words}: {found[0]}"
+    emerg_at_marked_line(_render(body, conf_dir, keyring), conf_dir, words=words)
 
 
 @pytest.mark.parametrize("body,words", [c[1:] for c in BLOCK_CASES], ids=[c[0] for c in BLOCK_CASES])
 def test_incomplete_provider_fails_nginx_t_naming_the_provider(module_path, conf_dir, keyring, body, words):
-    conf_text = _render(body, conf_dir, keyring)
-    lines = [line_of(conf_text, "# BAD"), line_of(conf_text, "# END")]
-    rc, out, conf = nginx_t(conf_text, conf_dir)
-    assert rc != 0, f"nginx -t accepted a bad config:\n{out}"
-    found = _emerg_lines(out, conf, lines)
-    assert found, f"no [emerg] pointing at {conf}:{lines[0]} or :{lines[1]}:\n{out}"
-    assert any(w in found[0] for w in words), f"[emerg] does not name any of {words}: {found[0]}"
+    emerg_at_marked_line(_render(body, conf_dir, keyring), conf_dir, words=words, or_marker="# END")
 
 
 def test_the_full_test_configuration_passes_nginx_t(module_path, conf_dir, keyring):
-    rc, out, _ = nginx_t(_render(identity_http(), conf_dir, keyring), conf_dir)
-    assert rc == 0, out
-    assert "test is successful" in out, out
+    passes_nginx_t(_render(identity_http(), conf_dir, keyring), conf_dir)
 
 
 def test_mesh_auth_in_a_server_block_naming_a_provider_passes_nginx_t(module_path, conf_dir, keyring):
     body = GOOD + server("    mesh_auth good;\n    mesh_realm orders;\n    mesh_audience a b;")
-    rc, out, _ = nginx_t(_render(body, conf_dir, keyring), conf_dir)
-    assert rc == 0, out
-    assert "[emerg]" not in out and "[warn]" not in out, out
+    passes_nginx_t(_render(body, conf_dir, keyring), conf_dir)
 
 
 def test_mesh_provider_options_all_together_pass_nginx_t(module_path, conf_dir, keyring):
@@ -234,5 +210,4 @@ mesh_token_cache off;
 mesh_config_version "v 1";
 """ + server("    mesh_auth optional all mac;\n    mesh_token $cookie_id_token;\n"
              "    location /x { mesh_auth off; }")
-    rc, out, _ = nginx_t(_render(body, conf_dir, keyring), conf_dir)
-    assert rc == 0, out
+    passes_nginx_t(_render(body, conf_dir, keyring), conf_dir)

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from mesh_test.client import bearer
-from mesh_test.nginx import nginx_t, render
+from mesh_test.nginx import NGINX_BIN, nginx_built_with, nginx_t, render
 from mesh_test.tokens import (
     HMAC_ALGS,
     KID_EC256,
@@ -103,3 +103,10 @@ def test_nginx_t_reports_file_and_line(conf_dir):
     assert rc != 0 and "[emerg]" in out
     line = conf.splitlines().index("bogus_directive 1;  # BAD") + 1
     assert f"{path}:{line}" in out, out
+
+
+def test_nginx_has_the_modules_the_suite_uses():
+    # auth_request subrequests are where header-list edits go wrong; not in nginx's default
+    # build, so `make build-vendored` configures the 1.28 binary with it
+    assert nginx_built_with("--with-http_auth_request_module"), (
+        f"{NGINX_BIN} was built without --with-http_auth_request_module (make build-vendored adds it)")

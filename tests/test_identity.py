@@ -36,7 +36,7 @@ from mesh_test.configs import (
     identity_http,
     people_claims,
 )
-from mesh_test.nginx import make_private_dir
+from mesh_test.nginx import emerg_at_marked_line, make_private_dir, render
 from mesh_test.tokens import (
     HMAC_ALGS,
     KID_RSA_RS256_ONLY,
@@ -455,9 +455,11 @@ def test_a_cached_token_is_still_checked_against_the_location_providers(site, ke
 
 
 def _expires_while_cached(site, keyring):
-    exp = now() + 2
+    # valid for 5 s more (leeway 0): the first request has seconds to spare on a busy machine
+    exp = now() + 6
     token = jwks_token(keyring, claims(iss=ISS_NO_LEEWAY, exp=exp, iat=exp - 60))
     site.allowed("/soon", bearer(token))
+    assert time.time() < exp, "the first request came too late to tell"
     while time.time() < exp + 1.2:
         time.sleep(0.1)
     site.refused("/soon", bearer(token), "expired", token=token)
@@ -562,3 +564,60 @@ def test_reload_picks_up_a_rotated_key_file_and_survives_a_broken_one(module_pat
         site.allowed("/r", bearer(new))
     finally:
         shutil.rmtree(rotated.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- where a provider and its keys are written
+
+RELATIVE_HTTP = """
+mesh_provider rel { issuer https://rel.mesh.test; keys mesh/rel-jwks.json; }
+server {
+    listen 127.0.0.1:@PORT@;
+    add_header X-Auth-Status $mesh_auth_status always;
+    add_header X-Decision $mesh_decision always;
+    mesh_auth rel;
+    location / { proxy_pass http://@UPSTREAM@; }
+}
+"""
+
+
+def test_a_relative_keys_path_is_read_from_the_directory_of_nginx_conf(module_path, launcher_fn, keyring):
+    # nginx.conf in etc/ below the prefix: the key file exists only beside it
+    site = launcher_fn.start(RELATIVE_HTTP, conf_name="etc/nginx.conf",
+                             files={"etc/mesh/rel-jwks.json": keyring.jwks_path.read_bytes()})
+    token = jwks_token(keyring, claims(iss="https://rel.mesh.test", aud=None))
+    site.allowed("/r", bearer(token))
+    site.refused("/r", None, "missing")
+
+
+def test_a_relative_keys_path_is_not_read_from_the_prefix(module_path, conf_dir, keyring):
+    # the file under the prefix (-p) but not beside nginx.conf: nginx -t names the file it wanted
+    (conf_dir / "mesh").mkdir()
+    (conf_dir / "mesh" / "rel-jwks.json").write_bytes(keyring.jwks_path.read_bytes())
+    body = RELATIVE_HTTP.replace("keys mesh/rel-jwks.json;", "keys mesh/rel-jwks.json;  # BAD")
+    text = render(body, conf_dir, port=8, upstream="127.0.0.1:9", keys=keyring.dir)
+    emerg_at_marked_line(text, conf_dir, conf_name="etc/nginx.conf", words=[f"{conf_dir}/etc/mesh/rel-jwks.json"])
+
+
+LATE_PROVIDER_HTTP = """
+server {
+    listen 127.0.0.1:@PORT@;
+    add_header X-Auth-Status $mesh_auth_status always;
+    add_header X-Decision $mesh_decision always;
+    proxy_set_header X-Test-Provider $mesh_provider;
+    mesh_auth late;
+    location / { proxy_pass http://@UPSTREAM@; }
+    location /loc/ { mesh_auth later; proxy_pass http://@UPSTREAM@; }
+}
+mesh_provider late  { issuer https://late.mesh.test;  keys @KEYS@/jwks.json; }
+mesh_provider later { issuer https://later.mesh.test; keys @KEYS@/jwks.json; }
+"""
+
+
+def test_a_provider_defined_after_the_mesh_auth_that_names_it(module_path, launcher_fn, keyring):
+    site = launcher_fn.start(LATE_PROVIDER_HTTP)
+    late = jwks_token(keyring, claims(iss="https://late.mesh.test", aud=None))
+    later = jwks_token(keyring, claims(iss="https://later.mesh.test", aud=None))
+    assert site.allowed("/x", bearer(late)).upstream_header("X-Test-Provider") == "late"
+    assert site.allowed("/loc/x", bearer(later)).upstream_header("X-Test-Provider") == "later"
+    site.refused("/x", bearer(later), "wrong_issuer", token=later)
+    site.refused("/loc/x", bearer(late), "wrong_issuer", token=late)

@@ -6,23 +6,16 @@ upstream not reached, and one `[info]` line in error.log naming the decision, th
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
-from mesh_test.client import Connection, Response, bearer, parse_response, request
-from mesh_test.configs import claims
-from mesh_test.nginx import emerg_at_marked_line, line_of, nginx_t, render
+from mesh_test.client import Connection, Response, bearer, request
+from mesh_test.configs import JWKS_PROVIDER, claims
+from mesh_test.nginx import emerg_at_marked_line, line_of, passes_nginx_t, render
 from mesh_test.tokens import jwks_token
 
-PROVIDER = """
-mesh_provider jwks {
-    issuer   https://jwks.mesh.test;
-    keys     @KEYS@/jwks.json;
-    audience aud-orders-7f3;
-}
-"""
+PROVIDER = JWKS_PROVIDER
 
 OBSERVE = """
     add_header X-Auth-Status $mesh_auth_status always;
@@ -108,6 +101,19 @@ server {
 """ + _pattern_locations() + """
     location /methods/ {
         mesh_allow any methods=GET,PUT;  # M-GET-PUT
+        proxy_pass http://@UPSTREAM@;
+    }
+    location /purge-deny/ {
+        mesh_deny any methods=PURGE;  # PG-DENY
+        mesh_allow any;  # PG-ALLOW
+        proxy_pass http://@UPSTREAM@;
+    }
+    location /purge-only/ {
+        mesh_allow any methods=PURGE,REPORT;  # PO-ALLOW
+        proxy_pass http://@UPSTREAM@;
+    }
+    location /unknown-name/ {
+        mesh_allow any methods=UNKNOWN;  # UN-ALLOW
         proxy_pass http://@UPSTREAM@;
     }
     location /methods-by-role/ {
@@ -224,12 +230,7 @@ def _info_lines(text: str, *needles: str) -> list[str]:
 
 
 def assert_logged_once(site, mark: int, *needles: str) -> str:
-    site.ngx.wait_log(mark, lambda t: len(_info_lines(t, *needles)) >= 1)
-    time.sleep(0.05)  # a second line, if the module logged twice, would be here by now
-    text = site.ngx.log_since(mark)
-    found = _info_lines(text, *needles)
-    assert len(found) == 1, f"expected one [info] line with {needles} in error.log, got {len(found)}:\n{text}"
-    return found[0]
+    return site.ngx.info_lines(mark, *needles)[0]
 
 
 def allowed(site, path: str, token: str | None, *, method: str = "GET", decision: str = "allow",
@@ -321,6 +322,39 @@ def test_methods_let_writers_write_and_everyone_read(site, keyring):
     forbidden(site, "/methods-by-role/x", reader, "svc-reader", method="POST", rule="no rule matched")
     forbidden(site, "/methods-by-role/x", reader, "svc-reader", method="DELETE", rule="no rule matched")
     forbidden(site, "/methods-by-role/x", writer, "svc-writer", method="PUT", rule="no rule matched")
+
+
+# Methods nginx has no constant for (PURGE, REPORT, ...) are compared by their real name too.
+ISSUE_10_METHODS = "issue 10 (3): methods nginx does not know by name all read as UNKNOWN"
+
+
+@pytest.mark.xfail(strict=True, reason=ISSUE_10_METHODS)
+def test_a_deny_rule_for_purge_refuses_purge(site, keyring):
+    token = tok(keyring, "svc-purger")
+    forbidden(site, "/purge-deny/x", token, "svc-purger", method="PURGE", rule=rule_text(site, "PG-DENY"))
+    allowed(site, "/purge-deny/x", token, method="GET", rule=rule_text(site, "PG-ALLOW"))
+
+
+@pytest.mark.xfail(strict=True, reason=ISSUE_10_METHODS)
+def test_an_allow_rule_for_purge_and_report_lets_exactly_those_in(site, keyring):
+    token = tok(keyring, "svc-purger")
+    for method in ("PURGE", "REPORT"):
+        allowed(site, "/purge-only/x", token, method=method, rule=rule_text(site, "PO-ALLOW"))
+    forbidden(site, "/purge-only/x", token, "svc-purger", method="GET", rule="no rule matched")
+
+
+@pytest.mark.xfail(strict=True, reason=ISSUE_10_METHODS)
+def test_methods_unknown_names_a_method_called_unknown_only(site, keyring):
+    token = tok(keyring, "svc-purger")
+    forbidden(site, "/unknown-name/x", token, "svc-purger", method="PURGE", rule="no rule matched")
+    allowed(site, "/unknown-name/x", token, method="UNKNOWN", rule=rule_text(site, "UN-ALLOW"))
+
+
+def test_a_non_core_method_outside_methods_is_judged_by_the_other_rules(site, keyring):
+    # what holds today as well: a rule with methods= does not apply to PURGE, the next one does
+    token = tok(keyring, "svc-purger")
+    allowed(site, "/order/deny-method/x", token, method="PURGE", rule=rule_text(site, "O-DM-ALLOW"))
+    forbidden(site, "/methods/x", token, "svc-purger", method="PURGE", rule="no rule matched")
 
 
 # ---------------------------------------------------------------- order
@@ -533,18 +567,7 @@ def inherit_site(module_path, launcher):
 
 
 def get_host(site, host: str, path: str, token: str) -> Response:
-    raw = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
-           f"Authorization: Bearer {token}\r\n\r\n").encode()
-    with socket.create_connection(("127.0.0.1", site.port), timeout=5) as s:
-        s.sendall(raw)
-        s.settimeout(5)
-        chunks = []
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-    return parse_response(b"".join(chunks))
+    return request(site.port, path, bearer(token), host=host)
 
 
 def test_a_location_without_rules_uses_the_server_rules(inherit_site, keyring):
@@ -622,14 +645,11 @@ BAD_CONFIGS = [
 @pytest.mark.parametrize("body,words", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
 def test_bad_rbac_config_fails_nginx_t_at_its_line(module_path, conf_dir, keyring, body, words):
     conf_text = render(body, conf_dir, port=8, upstream="127.0.0.1:9", keys=keyring.dir)
-    emerg = emerg_at_marked_line(conf_text, conf_dir)
-    assert any(w in emerg for w in words), f"[emerg] does not name any of {words}: {emerg}"
+    emerg_at_marked_line(conf_text, conf_dir, words=words)
 
 
 def test_the_rbac_test_configurations_pass_nginx_t(module_path, conf_dir, keyring):
     for body in (RBAC_HTTP, INHERIT_HTTP):
         (conf_dir / "rbac-included.conf").write_bytes(INCLUDED_RULES)
         conf_text = render(body, conf_dir, port=8, upstream="127.0.0.1:9", keys=keyring.dir)
-        rc, out, _ = nginx_t(conf_text, conf_dir)
-        assert rc == 0, out
-        assert "[warn]" not in out and "[emerg]" not in out, out
+        passes_nginx_t(conf_text, conf_dir)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from mesh_test.client import Connection, Response, bearer, parse_response
-from mesh_test.configs import claims
-from mesh_test.nginx import line_of, nginx_built_with, nginx_t, render
+from mesh_test.client import Connection, Response, bearer, raw_request
+from mesh_test.configs import JWKS_PROVIDER, claims
+from mesh_test.nginx import emerg_at_marked_line, passes_nginx_t, render
 from mesh_test.upstream import RecordingUpstream
 from mesh_test.tokens import jwks_token, now
 
@@ -34,13 +34,7 @@ TP_RE = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-(0[01])")
 XCTC_RE = re.compile(r"([0-9a-f]{32})/([0-9]+);o=([01])")
 ZERO_TRACE, ZERO_SPAN = "0" * 32, "0" * 16
 
-PROVIDER = """
-mesh_provider jwks {
-    issuer   https://jwks.mesh.test;
-    keys     @KEYS@/jwks.json;
-    audience aud-orders-7f3;
-}
-"""
+PROVIDER = JWKS_PROVIDER
 
 # Every trace variable, to the upstream (an empty value sends no header) and to a log line.
 OBSERVE = """
@@ -440,15 +434,7 @@ def test_header_names_in_any_case_are_read_and_replaced(site, names):
 def _raw_http10(port: int, header_lines: list[str], path: str) -> Response:
     """An HTTP/1.0 request without Host: the given headers are all of nginx's header list."""
     data = "\r\n".join([f"GET {path} HTTP/1.0", *header_lines]).encode("latin-1") + b"\r\n\r\n"
-    chunks = []
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(data)
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return parse_response(b"".join(chunks))
+    return raw_request(port, data)
 
 
 @pytest.mark.parametrize("extra", [0, 1, 17, 18, 19, 20, 38, 60])
@@ -474,6 +460,11 @@ def test_trace_headers_as_the_whole_or_the_tail_of_the_header_list(site, echo, e
 
 # ---------------------------------------------------------------- tracestate
 
+TS_256 = "a=" + "x" * 254   # one member of 256 characters (a value is at most 256)
+TS_255 = "b=" + "y" * 253
+TS_256B = "b=" + "y" * 254
+assert len(f"{TS_256},{TS_255}") == 512 and len(f"{TS_256},{TS_256B}") == 513
+
 TRACESTATE_CASES = [
     ("one-member", ["rojo=00f067aa0ba902b7"], "rojo=00f067aa0ba902b7"),
     ("two-members", [STATE], STATE),
@@ -487,6 +478,11 @@ TRACESTATE_CASES = [
     ("member-without-equals", ["rojo"], None),
     ("33-members", [",".join(f"k{i}=v{i}" for i in range(33))], None),
     ("value-with-equals", ["rojo=a=b"], None),
+    # W3C 3.3.1.5: the combined value (commas included) is passed on up to 512 characters;
+    # each header alone is valid, only their joined value is over the limit
+    ("two-headers-joined-512-characters", [TS_256, TS_255], f"{TS_256},{TS_255}"),
+    ("two-headers-joined-513-characters", [TS_256, TS_256B], None),
+    ("one-header-513-characters", [f"{TS_256},{TS_256B}"], None),
 ]
 
 
@@ -755,8 +751,8 @@ def test_an_internal_redirect_after_authentication_keeps_one_span(site, keyring)
 
 # ---------------------------------------------------------------- subrequests (auth_request, mirror)
 
-# auth_request is not in nginx's default build (Debian has it, the vendored 1.28 has not)
-HAS_AUTH_REQUEST = nginx_built_with("--with-http_auth_request_module")
+# auth_request is not in nginx's default build: Debian's has it, and `make build-vendored`
+# configures the 1.28 build with it (test_harness checks the binary has it)
 AUTH_REQUEST_LOCATIONS = "    location /authreq/  { auth_request /auth; proxy_pass http://@UPSTREAM@; }"
 
 
@@ -768,7 +764,7 @@ server {
     mesh_trace on;
     add_header X-Span $mesh_span_id always;
 """ + OBSERVE + f"""
-{AUTH_REQUEST_LOCATIONS if HAS_AUTH_REQUEST else ""}
+{AUTH_REQUEST_LOCATIONS}
     location = /auth    {{ internal; proxy_pass http://127.0.0.1:{rec_port}/auth$request_uri; }}
     location /mirrored/ {{ mirror /mirror; proxy_pass http://@UPSTREAM@; }}
     location = /mirror  {{ internal; proxy_pass http://127.0.0.1:{rec_port}/mirror$request_uri; }}
@@ -801,8 +797,6 @@ SUBREQ_LAYOUTS = [0, 1, 2, 16, 17, 18, 19, 40]
 @pytest.mark.parametrize("extra", SUBREQ_LAYOUTS)
 @pytest.mark.parametrize("kind", ["authreq", "mirrored"])
 def test_a_subrequest_leaves_the_main_requests_trace_intact(subreq_site, recorder, kind, extra, where):
-    if kind == "authreq" and not HAS_AUTH_REQUEST:
-        pytest.skip("this nginx has no auth_request module")
     others = [(f"X-Other-{i:02d}", f"v{i}") for i in range(extra)]
     trace = [("traceparent", f"00-{T}-{P}-01"), ("X-Cloud-Trace-Context", f"{T2}/5;o=0")]
     sent = trace + others if where == "first" else others + trace
@@ -1061,12 +1055,7 @@ def _bad_body(line: str, where: str) -> str:
 @pytest.mark.parametrize("line,where,words", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
 def test_bad_trace_config_fails_nginx_t_at_the_line(module_path, conf_dir, keyring, line, where, words):
     conf_text = render(_bad_body(line, where), conf_dir, port=8, upstream="127.0.0.1:9", keys=keyring.dir)
-    bad = line_of(conf_text, "# BAD")
-    rc, out, conf = nginx_t(conf_text, conf_dir)
-    assert rc != 0, f"nginx -t accepted:\n{conf_text}\n{out}"
-    found = [l for l in out.splitlines() if "[emerg]" in l and re.search(rf"{re.escape(str(conf))}:{bad}(?!\d)", l)]
-    assert found, f"no [emerg] at {conf}:{bad}:\n{out}"
-    assert any(w in found[0] for w in words), f"[emerg] names none of {words}: {found[0]}"
+    emerg_at_marked_line(conf_text, conf_dir, words=words)
 
 
 def test_every_trace_directive_in_its_contexts_passes_nginx_t(module_path, conf_dir, keyring):
@@ -1091,5 +1080,4 @@ server {
 }
 """
     conf_text = render(body, conf_dir, port=8, upstream="127.0.0.1:9", keys=keyring.dir)
-    rc, out, _ = nginx_t(conf_text, conf_dir)
-    assert rc == 0 and "[emerg]" not in out and "[warn]" not in out, out
+    passes_nginx_t(conf_text, conf_dir)

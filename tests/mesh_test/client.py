@@ -100,6 +100,18 @@ def parse_response(raw: bytes, method: str = "GET") -> Response:
     return resp
 
 
+def raw_request(port: int, data: bytes, *, source: str | None = None, timeout: float = TIMEOUT,
+                method: str = "GET") -> Response:
+    """Send `data` verbatim on a fresh connection (from loopback address `source`, e.g.
+    127.0.0.2, if given) and read the whole response, until nginx closes the connection."""
+    deadline = time.monotonic() + timeout
+    src = (source, 0) if source else None
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=src) as sock:
+        sock.sendall(data)
+        raw = _read_all(sock, deadline)
+    return parse_response(raw, method)
+
+
 def request(
     port: int,
     path: str = "/",
@@ -107,19 +119,18 @@ def request(
     method: str = "GET",
     body: bytes = b"",
     timeout: float = TIMEOUT,
+    *,
+    host: str = "localhost",
+    source: str | None = None,
 ) -> Response:
     """Send one request on a fresh connection (Connection: close) and read the whole response."""
-    deadline = time.monotonic() + timeout
-    lines = [_b(f"{method} {path} HTTP/1.1"), b"Host: localhost", b"Connection: close"]
+    lines = [_b(f"{method} {path} HTTP/1.1"), _b(f"Host: {host}"), b"Connection: close"]
     for name, value in headers or []:
         lines.append(_b(name) + b": " + _b(value))
     if body:
         lines.append(_b(f"Content-Length: {len(body)}"))
-    raw_request = b"\r\n".join(lines) + b"\r\n\r\n" + body
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(raw_request)
-        raw = _read_all(sock, deadline)
-    return parse_response(raw, method)
+    raw_request_bytes = b"\r\n".join(lines) + b"\r\n\r\n" + body
+    return raw_request(port, raw_request_bytes, source=source, timeout=timeout, method=method)
 
 
 def bearer(token: str | bytes) -> list[Header]:

@@ -26,6 +26,15 @@ AUD_EXTRA = "aud-extra-7f3"
 AUD_BILLING = "aud-billing-7f3"
 CONFIG_VERSION = "2026-11-26.e2e"
 
+# The one provider most test files need: jwks.json, issuer ISS_JWKS, audience AUD.
+JWKS_PROVIDER = """
+mesh_provider jwks {
+    issuer   https://jwks.mesh.test;
+    keys     @KEYS@/jwks.json;
+    audience aud-orders-7f3;
+}
+"""
+
 PROVIDERS = """
 mesh_provider jwks {
     issuer   https://jwks.mesh.test;

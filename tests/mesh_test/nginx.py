@@ -110,10 +110,13 @@ class Nginx:
     """One nginx master (daemon) started from a rendered config in its own directory."""
 
     def __init__(self, http_body: str, *, upstream: str, keys: Path, workers: int | None = None,
-                 with_module: bool = True) -> None:
+                 with_module: bool = True, conf_name: str = "nginx.conf") -> None:
         self.tmp = make_private_dir("ngx-mesh-run-")
         (self.tmp / "logs").mkdir()  # the binary's default error log, before error_log applies
-        self.conf_path = self.tmp / "nginx.conf"
+        # nginx's prefix is self.tmp; conf_name may put nginx.conf in a directory below it
+        self.conf_path = self.tmp / conf_name
+        self.conf_path.parent.mkdir(parents=True, exist_ok=True)
+        self.conf_path.parent.chmod(0o755)
         self.http_body = http_body
         self.upstream = upstream
         self.keys = keys
@@ -148,14 +151,34 @@ class Nginx:
         except FileNotFoundError:
             return ""
 
-    def wait_log(self, mark: int, predicate, name: str = "error.log", timeout: float = 3.0) -> str:
-        """New text of a log since mark, once predicate(text) holds (or at the deadline)."""
+    def wait_log(self, mark: int, predicate, name: str = "error.log", timeout: float = 5.0) -> str:
+        """New text of a log since mark, once predicate(text) holds; fails the test at the deadline."""
         deadline = time.monotonic() + timeout
         while True:
             text = self.log_since(mark, name)
-            if predicate(text) or time.monotonic() >= deadline:
+            if predicate(text):
                 return text
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{name}: the awaited lines did not appear within {timeout}s; "
+                                     f"since the mark:\n{text[-4000:]}")
             time.sleep(0.02)
+
+    def info_lines(self, mark: int, *needles: str, count: int = 1, timeout: float = 5.0) -> list[str]:
+        """The `[info]` lines since mark holding every needle (a str, or a compiled regex), once
+        `count` of them are there; asserts there are exactly `count`."""
+        def found(text: str) -> list[str]:
+            return [l for l in text.splitlines() if "[info]" in l and all(
+                (n.search(l) if isinstance(n, re.Pattern) else n in l) for n in needles)]
+
+        self.wait_log(mark, lambda t: len(found(t)) >= count, timeout=timeout)
+        # the module logs a refusal while it answers: a second line for the same request is
+        # written before the response, so one event-loop pass more is plenty
+        time.sleep(0.1)
+        text = self.log_since(mark)
+        lines = found(text)
+        assert len(lines) == count, (
+            f"expected {count} [info] line(s) with {needles} in error.log, got {len(lines)}:\n{text[-4000:]}")
+        return lines
 
     # ---- lifecycle
     def start(self) -> "Nginx":
@@ -245,10 +268,11 @@ class Nginx:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def nginx_t(conf_text: str, tmp: Path) -> tuple[int, str, Path]:
-    """`nginx -t -p tmp -c tmp/nginx.conf` on conf_text: (returncode, combined output, conf path)."""
+def nginx_t(conf_text: str, tmp: Path, conf_name: str = "nginx.conf") -> tuple[int, str, Path]:
+    """`nginx -t -p tmp -c tmp/conf_name` on conf_text: (returncode, combined output, conf path)."""
     (tmp / "logs").mkdir(exist_ok=True)
-    conf = tmp / "nginx.conf"
+    conf = tmp / conf_name
+    conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(conf_text)
     proc = subprocess.run(
         [NGINX_BIN, "-t", "-p", str(tmp), "-c", str(conf)],
@@ -257,16 +281,31 @@ def nginx_t(conf_text: str, tmp: Path) -> tuple[int, str, Path]:
     return proc.returncode, proc.stdout, conf
 
 
-def emerg_at_marked_line(conf_text: str, tmp: Path, marker: str = "# BAD") -> str:
-    """Runs `nginx -t` on a config whose bad line carries `marker`; asserts it fails with one
-    `[emerg]` line naming the config file and exactly that line, and returns that line."""
-    bad = line_of(conf_text, marker)
-    rc, out, conf = nginx_t(conf_text, tmp)
+def emerg_at_marked_line(conf_text: str, tmp: Path, marker: str = "# BAD", *, words: list[str] | None = None,
+                         or_marker: str | None = None, conf_name: str = "nginx.conf") -> str:
+    """Runs `nginx -t` on a config whose bad line carries `marker`; asserts it fails with an
+    `[emerg]` line naming the config file and exactly that line (or the line carrying
+    `or_marker`: a block's closing brace), and, if `words` are given, one of them; returns it."""
+    lines = [line_of(conf_text, marker)] + ([line_of(conf_text, or_marker)] if or_marker else [])
+    rc, out, conf = nginx_t(conf_text, tmp, conf_name)
     assert rc != 0, f"nginx -t accepted a bad config:\n{out}"
-    at_line = re.compile(rf"{re.escape(str(conf))}:{bad}(?!\d)")
+    at_line = re.compile(rf"{re.escape(str(conf))}:({'|'.join(map(str, lines))})(?!\d)")
     found = [l for l in out.splitlines() if "[emerg]" in l and at_line.search(l)]
-    assert found, f"no single [emerg] line pointing at {conf}:{bad}:\n{out}"
+    assert found, f"no [emerg] line pointing at {conf}:{lines}:\n{out}"
+    if words is not None:
+        assert any(w in found[0] for w in words), f"[emerg] does not name any of {words}: {found[0]}"
     return found[0]
+
+
+def passes_nginx_t(conf_text: str, tmp: Path, *, warn_ok: bool = False) -> str:
+    """Asserts `nginx -t` accepts conf_text: exit 0, "test is successful", no [emerg], and no
+    [warn] unless warn_ok. Returns the output."""
+    rc, out, _ = nginx_t(conf_text, tmp)
+    assert rc == 0 and "test is successful" in out, out
+    assert "[emerg]" not in out, out
+    if not warn_ok:
+        assert "[warn]" not in out, out
+    return out
 
 
 def nginx_built_with(flag: str) -> bool:

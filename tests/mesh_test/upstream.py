@@ -34,6 +34,7 @@ class _EchoHandler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _echo
+    do_PURGE = do_REPORT = do_UNKNOWN = _echo  # methods nginx does not know by name
 
     def log_message(self, format, *args):  # noqa: A002 - keep pytest output quiet
         pass
