@@ -18,7 +18,7 @@ RUN apt-get update \
 WORKDIR /src
 # Only what the module is built from, so editing the image's scripts does not rebuild it.
 COPY Cargo.toml Cargo.lock build.rs ./
-COPY build/ build/
+COPY build/nginx-tree.sh build/
 COPY core/ core/
 COPY src/ src/
 RUN set -eu; \
@@ -28,18 +28,22 @@ RUN set -eu; \
     fi; \
     build/nginx-tree.sh /src/target/nginx >/dev/null; \
     NGINX_BUILD_DIR=/src/target/nginx/objs cargo build --release --locked; \
-    cp target/release/libngx_http_mesh_module.so /ngx_http_mesh_module.so; \
+    strip --strip-unneeded -o /ngx_http_mesh_module.so target/release/libngx_http_mesh_module.so; \
     rm -f /tmp/build-ca.pem
 
 # --- runtime: Debian 13's stock nginx (no recommends), the module, a non-root user
 FROM debian:trixie-slim
+# The CA bundle is Debian's (ca-certificates, installed in the builder before any build CA was
+# seen), copied so the image needs neither that package nor the openssl tool it pulls in.
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      nginx ca-certificates gettext-base \
- && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log /etc/nginx/sites-enabled/* \
- && useradd --system --uid 10001 --user-group --home-dir /nonexistent --shell /usr/sbin/nologin mesh \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx gettext-base \
+ && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log /var/cache/debconf/*-old \
+           /var/lib/dpkg/*-old /etc/nginx/sites-enabled/* \
+ && groupadd --system --gid 10001 mesh \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin mesh \
  && mkdir -p /etc/nginx/templates /etc/nginx/conf.d /etc/nginx/server.d /docker-entrypoint.d /tmp/nginx \
  && chown mesh:mesh /tmp/nginx
+COPY --from=builder /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY --from=builder /ngx_http_mesh_module.so /usr/lib/nginx/modules/ngx_http_mesh_module.so
 COPY nginx-conf/cloud-logging.conf /etc/nginx/mesh/cloud-logging.conf
 COPY nginx-conf/image/nginx.conf.template nginx-conf/image/json-log.awk /usr/share/ngx-mesh/

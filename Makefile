@@ -114,9 +114,12 @@ test-image: image-deps $(PYTEST)
 	build/debian-base.sh $(IMAGE_CACHE)/trixie-slim.tar
 	podman image exists docker.io/library/debian:trixie-slim \
 		|| podman import --quiet $(IMAGE_CACHE)/trixie-slim.tar docker.io/library/debian:trixie-slim
-	@mkdir -p $(IMAGE_CACHE)/cargo-registry
+	@mkdir -p $(IMAGE_CACHE)/cargo-registry $(IMAGE_CACHE)/cargo-target
+	@# The Dockerfile as users build it; the volumes only keep cargo's downloads and build
+	@# between runs (a rerun recompiles only what changed).
 	time podman build --pull=never --network=host $(build-ca-volume) \
-		-v $(IMAGE_CACHE)/cargo-registry:/root/.cargo/registry -t $(TEST_IMAGE) .
+		-v $(IMAGE_CACHE)/cargo-registry:/root/.cargo/registry \
+		-v $(IMAGE_CACHE)/cargo-target:/src/target -t $(TEST_IMAGE) .
 	@podman image inspect --format 'image size: {{.Size}} bytes' $(TEST_IMAGE)
 	MESH_TEST_IMAGE=$(TEST_IMAGE) BUILD_CA_DIR=$(BUILD_CA_DIR) $(PYTEST) -q -p no:cacheprovider tests/image
 
