@@ -160,6 +160,10 @@ numbered() {
 
 configure_image() {
     local name value word words pattern
+    # Values are split into words (for word in $VALUE): never expand them as file globs
+    # (*@shop.example, [0-9]).
+    local -
+    set -f
     for name in $(compgen -e); do
         case "$name" in
         MESH_* | PORT | GOOGLE_CLOUD_PROJECT) check_printable "$name" "${!name}" ;;
