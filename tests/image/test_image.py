@@ -398,6 +398,10 @@ def test_build_ca_is_not_in_the_image():
     certs = sorted(ca_dir.glob("*.crt"))
     if not certs:
         pytest.skip(f"no CA certificates in {ca_dir}: nothing was mounted into the build")
+    # the search itself finds what is there
+    control = podman("run", "--rm", "--pull=never", "--user", "0", "--entrypoint", "grep", IMAGE,
+                     "-rlsF", "-e", "log_format mesh_cloud_logging", "/etc", check=False)
+    assert control.stdout.strip() == "/etc/nginx/mesh/cloud-logging.conf", control
     for cert in certs:
         body = [line for line in cert.read_text().splitlines() if line and not line.startswith("-----")]
         probe = max(body, key=len)
