@@ -170,6 +170,20 @@ configure_image() {
         esac
     done
 
+    # A misspelt setting would otherwise be ignored without a word.
+    local known=" MESH_WORKERS MESH_ERROR_LOG_LEVEL MESH_SHUTDOWN_TIMEOUT MESH_UPSTREAM MESH_GOOGLE
+        MESH_AUDIENCE MESH_PLATFORM_VERIFIED MESH_ISSUER MESH_KEYS MESH_KEYS_CA MESH_ISSUER_AUDIENCE
+        MESH_ISSUER_ALGORITHMS MESH_ISSUER_PRINCIPAL MESH_ISSUER_NAME MESH_AUTH_PROVIDERS
+        MESH_ALLOWED_CALLERS MESH_RATE MESH_BURST MESH_RATE_ZONE_SIZE MESH_TRACE MESH_TRACE_SAMPLE
+        MESH_TRACE_RESPONSE MESH_FORWARD_IDENTITY MESH_HEALTH_PATH MESH_CONFIG_VERSION
+        MESH_ENVSUBST_FILTER MESH_NGINX_CONF "
+    for name in $(compgen -e); do
+        [[ $name == MESH_* ]] || continue
+        [[ $known == *[[:space:]]$name[[:space:]]* ]] && continue
+        [[ $name =~ ^(MESH_RULE_[0-9]+|MESH_RATE_CALLER_[0-9]+|MESH_ROLE_[A-Z0-9_]+)$ ]] && continue
+        log warn "$name is not a setting of the image: ignored here (templates may still use it)"
+    done
+
     : "${PORT:=8080}"
     : "${MESH_WORKERS:=auto}"
     : "${MESH_ERROR_LOG_LEVEL:=warn}"

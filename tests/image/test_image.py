@@ -321,6 +321,8 @@ def test_every_output_line_is_json_with_severity(served):
     assert refused and refused[0]["severity"] == "WARNING" and refused[0]["caller"] == "limited@test"
     messages = [r["message"] for r in errors]
     assert any("hello from a hook" in m for m in messages), messages
+    # a MESH_* name the image does not know is pointed out (a misspelt setting would be ignored)
+    assert any(r["severity"] == "WARNING" and r["message"].startswith("MESH_EXTRA_2 is not a setting") for r in errors)
     # nginx's own shutdown lines, written after SIGTERM, made it out
     nginx = [r for r in errors if r.get("logger") == "nginx"]
     assert any("gracefully shutting down" in r["message"] for r in nginx), messages
