@@ -348,14 +348,34 @@ def test_refuses_to_start_without_allowed_callers(echo, mounts):
     assert "MESH_ALLOWED_CALLERS is not set" in last["message"] and "MESH_ALLOWED_CALLERS=any" in last["message"]
 
 
-def test_any_must_be_said_explicitly(echo, mounts):
+def test_any_admits_every_verified_caller_and_shutdown_is_bounded(echo, mounts, keyring):
+    """MESH_ALLOWED_CALLERS=any, said explicitly; a request longer than worker_shutdown_timeout
+    is cut when the timeout ends, so a stop never waits for it."""
     port = free_port()
-    env = dict(base_env(port, echo), MESH_ALLOWED_CALLERS="any")
+    env = dict(base_env(port, echo), MESH_ALLOWED_CALLERS="any", MESH_SHUTDOWN_TIMEOUT="2s")
     box = Container(env, [mounts["keys"]])
     try:
         box.wait_port(port)
+        assert request(port, "/", headers=bearer(token(keyring, "anyone@test"))).status == 200
+        result = {}
+
+        def slow():
+            try:
+                result["resp"] = request(port, "/slow?delay=10", headers=bearer(token(keyring, "anyone@test")), timeout=15)
+            except Exception as e:  # noqa: BLE001 - the connection is expected to be closed
+                result["error"] = e
+
+        client = threading.Thread(target=slow)
+        client.start()
+        time.sleep(0.7)
+        sent = time.monotonic()
         box.kill("TERM")
-        assert box.wait(timeout=15) == 0
+        rc = box.wait(timeout=15)
+        took = time.monotonic() - sent
+        client.join(timeout=15)
+        assert rc == 0, box.stderr()
+        assert 1.5 < took < 6, f"stopped {took:.1f}s after SIGTERM with MESH_SHUTDOWN_TIMEOUT=2s"
+        assert "resp" not in result or result["resp"].status != 200, result
     finally:
         box.remove()
 
