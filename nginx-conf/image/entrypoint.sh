@@ -69,7 +69,7 @@ for hook in "$HOOK_DIR"/*; do
     *.sh)
         if [ -x "$hook" ]; then
             log notice "running $hook"
-            "$hook" >&2 || die "$hook failed (exit status $?)"
+            "$hook" >&2 3>&- || die "$hook failed (exit status $?)"
         else
             log warn "ignoring $hook: not executable"
         fi
@@ -436,8 +436,8 @@ fi
 
 # --- 5. nginx ----------------------------------------------------------------------------------
 # -e stderr: nginx's messages before its configuration is read go to stderr too, never to a file.
-nginx -e stderr -c "$conf" -t -q || die "nginx -t refused the configuration (the lines above say where); it was rendered to $conf"
-nginx -e stderr -c "$conf" -g 'daemon off;' &
+nginx -e stderr -c "$conf" -t -q 3>&- || die "nginx -t refused the configuration (the lines above say where); it was rendered to $conf"
+nginx -e stderr -c "$conf" -g "daemon off;" 3>&- &
 nginx_pid=$!
 trap 'kill -QUIT "$nginx_pid" 2>/dev/null || true' TERM QUIT
 trap 'kill -TERM "$nginx_pid" 2>/dev/null || true' INT
