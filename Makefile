@@ -120,7 +120,7 @@ test-image: image-deps $(PYTEST)
 	time podman build --pull=never --network=host $(build-ca-volume) \
 		-v $(IMAGE_CACHE)/cargo-registry:/root/.cargo/registry \
 		-v $(IMAGE_CACHE)/cargo-target:/src/target -t $(TEST_IMAGE) .
-	@podman image inspect --format 'image size: {{.Size}} bytes' $(TEST_IMAGE)
+	@podman image inspect --format '{{.Size}}' $(TEST_IMAGE) | awk '{ printf "image size: %.1f MB\n", $$1 / 1e6 }'
 	MESH_TEST_IMAGE=$(TEST_IMAGE) BUILD_CA_DIR=$(BUILD_CA_DIR) $(PYTEST) -q -p no:cacheprovider tests/image
 
 clean:
