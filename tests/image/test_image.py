@@ -241,7 +241,8 @@ def test_role_rule_with_methods(served, keyring):
 
 def test_rate_limit_per_caller_is_429(served, keyring):
     limited = bearer(token(keyring, "limited@test"))
-    assert request(served.port, "/", headers=limited).status == 200
+    first = request(served.port, "/", headers=limited)
+    assert first.status == 200 and first.header("RateLimit-Policy"), first
     refused = request(served.port, "/", headers=limited)
     assert refused.status == 429, refused
     assert refused.header("Retry-After")
@@ -377,6 +378,22 @@ def test_any_admits_every_verified_caller_and_shutdown_is_bounded(echo, mounts, 
         assert rc == 0, box.stderr()
         assert 1.5 < took < 6, f"stopped {took:.1f}s after SIGTERM with MESH_SHUTDOWN_TIMEOUT=2s"
         assert "resp" not in result or result["resp"].status != 200, result
+    finally:
+        box.remove()
+
+
+def test_trace_and_rate_limit_switch_off(echo, mounts, keyring):
+    """The served container, with both on, sends traceparent and RateLimit-Policy (tests above)."""
+    port = free_port()
+    env = dict(base_env(port, echo), MESH_ALLOWED_CALLERS="reader@test", MESH_TRACE="off", MESH_RATE="off")
+    box = Container(env, [mounts["keys"]])
+    try:
+        box.wait_port(port)
+        off = request(port, "/", headers=bearer(token(keyring, "reader@test")))
+        assert off.status == 200, off
+        assert off.header("RateLimit-Policy") is None and off.header("RateLimit") is None
+        assert off.upstream_header("traceparent") is None and off.upstream_header("X-Cloud-Trace-Context") is None
+        assert off.upstream_header("X-Mesh-Caller") == "reader@test"
     finally:
         box.remove()
 
