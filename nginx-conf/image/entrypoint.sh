@@ -15,6 +15,7 @@
 #    SIGQUIT become nginx's graceful shutdown: listeners close, requests in flight finish, and
 #    worker_shutdown_timeout closes what is left. SIGINT is a fast stop, SIGHUP a reload. The
 #    container exits with nginx's status, after the last log line is written.
+#    With the argument -t, it stops after nginx -t (exit 0 when the configuration is valid).
 set -euo pipefail
 shopt -s nullglob
 
@@ -437,6 +438,11 @@ fi
 # --- 5. nginx ----------------------------------------------------------------------------------
 # -e stderr: nginx's messages before its configuration is read go to stderr too, never to a file.
 nginx -e stderr -c "$conf" -t -q 3>&- || die "nginx -t refused the configuration (the lines above say where); it was rendered to $conf"
+# `-t` (docker run IMAGE -t): check the settings and the configuration, start nothing.
+if [ "${1:-}" = -t ]; then
+    log notice "configuration $conf is valid"
+    exit 0
+fi
 nginx -e stderr -c "$conf" -g "daemon off;" 3>&- &
 nginx_pid=$!
 trap 'kill -QUIT "$nginx_pid" 2>/dev/null || true' TERM QUIT

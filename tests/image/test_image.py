@@ -398,6 +398,33 @@ def test_trace_and_rate_limit_switch_off(echo, mounts, keyring):
         box.remove()
 
 
+def test_google_provider_configuration_passes_nginx_t(echo):
+    """The default provider, checked with the image's `-t` (nginx -t only: no worker starts, so
+    no key fetch leaves this machine)."""
+    env = {
+        "PORT": str(free_port()),
+        "MESH_AUDIENCE": "https://orders-123456789012.us-central1.run.app https://orders-abc123-uc.a.run.app",
+        "MESH_ALLOWED_CALLERS": "checkout@shop.iam.gserviceaccount.com ~^batch-[a-z0-9-]+@shop\\.iam\\.gserviceaccount\\.com$",
+        "MESH_PLATFORM_VERIFIED": "on",
+        "MESH_UPSTREAM": f"http://{echo.address}",
+    }
+    args = ["run", "--rm", "--network=host", "--pull=never"]
+    for key, value in env.items():
+        args += ["-e", f"{key}={value}"]
+    done = podman(*args, IMAGE, "-t", check=False)
+    errors = json_lines(done.stderr, "stderr")
+    assert done.returncode == 0, errors
+    assert errors[-1]["message"] == "configuration /tmp/nginx/nginx.conf is valid", errors
+    assert not [r for r in errors if r["severity"] in ("ERROR", "CRITICAL", "ALERT", "EMERGENCY")], errors
+    # and the check fails where it should: Google without an audience
+    del env["MESH_AUDIENCE"]
+    args = ["run", "--rm", "--network=host", "--pull=never"]
+    for key, value in env.items():
+        args += ["-e", f"{key}={value}"]
+    done = podman(*args, IMAGE, "-t", check=False)
+    assert done.returncode == 1 and "MESH_AUDIENCE is not set" in json_lines(done.stderr, "stderr")[-1]["message"]
+
+
 @pytest.mark.parametrize(
     "name, value, says",
     [
