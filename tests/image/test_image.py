@@ -84,17 +84,25 @@ class Container:
     def stderr(self) -> str:
         return b"".join(self.err).decode("utf-8")
 
-    def wait_port(self, port: int, timeout: float = 60) -> None:
+    def wait_port(self, port: int, timeout: float = 60) -> bool:
+        """True once this container's nginx answers its health path on `port` (another process
+        of this shared machine may have taken the port meanwhile: then False, it exited)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.wait(timeout=5)
+                if "Address already in use" in self.stderr():
+                    return False
                 pytest.fail(f"container exited ({self.proc.returncode}) before listening:\n{self.stderr()}")
             try:
                 wait_for_port(port, timeout=1)
-                return
-            except TimeoutError:
+                if request(port, "/health", timeout=2).body == b"ok\n":
+                    return True
+            except (TimeoutError, OSError):
                 pass
+            time.sleep(0.1)
         pytest.fail(f"container not listening on {port} within {timeout}s:\n{self.stderr()}")
+
 
     def kill(self, sig: str) -> None:
         podman("kill", "--signal", sig, self.name)
@@ -110,6 +118,17 @@ class Container:
             podman("kill", self.name, check=False)
             self.proc.wait(timeout=30)
         podman("rm", "-f", self.name, check=False)
+
+
+def start(env: dict[str, str], volumes: list[str]) -> tuple[Container, int]:
+    """A container listening on a free port (a new one if the port was taken before nginx bound it)."""
+    for _ in range(3):
+        port = free_port()
+        box = Container(dict(env, PORT=str(port)), volumes)
+        if box.wait_port(port):
+            return box, port
+        box.remove()
+    pytest.fail("no free port for the container after 3 tries")
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +174,7 @@ def base_env(port: int, echo: EchoUpstream) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def served(keyring, echo, mounts):
-    port = free_port()
-    env = base_env(port, echo)
+    env = base_env(0, echo)
     env.update(
         {
             # a regex with ; and {} survives into nginx.conf as written
@@ -170,9 +188,7 @@ def served(keyring, echo, mounts):
             "GOOGLE_CLOUD_PROJECT": PROJECT,
         }
     )
-    box = Container(env, [mounts["keys"], mounts["hooks"], mounts["templates"]])
-    box.wait_port(port)
-    box.port = port
+    box, box.port = start(env, [mounts["keys"], mounts["hooks"], mounts["templates"]])
     yield box
     box.remove()
 
@@ -353,12 +369,14 @@ def test_refuses_to_start_without_allowed_callers(echo, mounts):
 def test_any_admits_every_verified_caller_and_shutdown_is_bounded(echo, mounts, keyring):
     """MESH_ALLOWED_CALLERS=any, said explicitly; a request longer than worker_shutdown_timeout
     is cut when the timeout ends, so a stop never waits for it."""
-    port = free_port()
-    env = dict(base_env(port, echo), MESH_ALLOWED_CALLERS="any", MESH_SHUTDOWN_TIMEOUT="2s")
-    box = Container(env, [mounts["keys"]])
+    env = dict(base_env(0, echo), MESH_ALLOWED_CALLERS="any", MESH_SHUTDOWN_TIMEOUT="2s")
+    box, port = start(env, [mounts["keys"]])
     try:
-        box.wait_port(port)
-        assert request(port, "/", headers=bearer(token(keyring, "anyone@test"))).status == 200
+        try:
+            first = request(port, "/", headers=bearer(token(keyring, "anyone@test")))
+        except OSError as e:
+            pytest.fail(f"{e!r}\n{box.stderr()}")
+        assert first.status == 200, first
         result = {}
 
         def slow():
@@ -384,11 +402,9 @@ def test_any_admits_every_verified_caller_and_shutdown_is_bounded(echo, mounts, 
 
 def test_trace_and_rate_limit_switch_off(echo, mounts, keyring):
     """The served container, with both on, sends traceparent and RateLimit-Policy (tests above)."""
-    port = free_port()
-    env = dict(base_env(port, echo), MESH_ALLOWED_CALLERS="reader@test", MESH_TRACE="off", MESH_RATE="off")
-    box = Container(env, [mounts["keys"]])
+    env = dict(base_env(0, echo), MESH_ALLOWED_CALLERS="reader@test", MESH_TRACE="off", MESH_RATE="off")
+    box, port = start(env, [mounts["keys"]])
     try:
-        box.wait_port(port)
         off = request(port, "/", headers=bearer(token(keyring, "reader@test")))
         assert off.status == 200, off
         assert off.header("RateLimit-Policy") is None and off.header("RateLimit") is None
