@@ -125,8 +125,12 @@ def start(env: dict[str, str], volumes: list[str]) -> tuple[Container, int]:
     for _ in range(3):
         port = free_port()
         box = Container(dict(env, PORT=str(port)), volumes)
-        if box.wait_port(port):
-            return box, port
+        try:
+            if box.wait_port(port):
+                return box, port
+        except BaseException:
+            box.remove()
+            raise
         box.remove()
     pytest.fail("no free port for the container after 3 tries")
 
