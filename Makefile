@@ -3,6 +3,9 @@
 #   make test   every test: core unit tests, then real nginx 1.22 (Debian) and 1.28 (vendored),
 #               each with 1 and 2 workers
 #   make bench  wrk against stock nginx and the module, in one run, printing ratios
+#   make image  build the container image (Dockerfile) with docker where an engine runs, else podman
+#   make test-image  build the image with podman from a local Debian 13 base (no registry), run it
+#               and check it from outside (tests/image/)
 #   make deps   the Debian packages the above need (run by run, test and bench; build never
 #               touches apt, so it can run without root once they are there)
 # Scripts the targets call live in scripts/.
@@ -25,7 +28,7 @@ APT_PACKAGES := nginx nginx-dev libclang-dev libssl-dev libpcre2-dev zlib1g-dev 
 # overwriting it under a live worker can kill that worker with SIGBUS.
 install-module = cp $(1) $(2).tmp && mv -f $(2).tmp $(2)
 
-.PHONY: all deps build build-vendored test test-core test-nginx msrv-check run bench clean
+.PHONY: all deps build build-vendored test test-core test-nginx msrv-check run bench clean image test-image image-deps
 
 all: build
 
@@ -81,6 +84,49 @@ run: deps build
 
 bench: deps build $(PYTEST)
 	bench/run.sh $(MODULE)
+
+# --- the container image
+IMAGE ?= ngx-mesh
+# The machine's extra CA certificates (a TLS-intercepting egress, say), trusted by the build
+# only: mounted, never copied into the image.
+BUILD_CA_DIR ?= /usr/local/share/ca-certificates
+build-ca-volume = $(if $(wildcard $(BUILD_CA_DIR)/*.crt),-v $(BUILD_CA_DIR):/build-ca:ro)
+
+image:
+	@if command -v docker >/dev/null && docker info >/dev/null 2>&1; then \
+		echo "docker build -t $(IMAGE) ."; docker build -t $(IMAGE) .; \
+	else \
+		echo "podman build $(build-ca-volume) -t $(IMAGE) ."; podman build $(build-ca-volume) -t $(IMAGE) .; \
+	fi
+
+# make test-image: everything podman needs lives under IMAGE_CACHE (config, storage, the base
+# image tarball), so the machine's own container setup is left alone and a rerun is warm.
+IMAGE_CACHE ?= $(ROOT)/target/image
+TEST_IMAGE := localhost/ngx-mesh:test
+IMAGE_PACKAGES := podman runc debootstrap
+test-image image-deps: export CONTAINERS_CONF := $(IMAGE_CACHE)/containers.conf
+test-image image-deps: export CONTAINERS_STORAGE_CONF := $(IMAGE_CACHE)/storage.conf
+
+image-deps:
+	@missing=$$(for p in $(IMAGE_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	scripts/podman-conf.sh $(IMAGE_CACHE)
+
+test-image: image-deps $(PYTEST)
+	scripts/debian-base.sh $(IMAGE_CACHE)/trixie-slim.tar
+	podman image exists docker.io/library/debian:trixie-slim \
+		|| podman import --quiet $(IMAGE_CACHE)/trixie-slim.tar docker.io/library/debian:trixie-slim
+	@mkdir -p $(IMAGE_CACHE)/cargo-registry $(IMAGE_CACHE)/cargo-target
+	@# The Dockerfile as users build it; the volumes only keep cargo's downloads and build
+	@# between runs (a rerun recompiles only what changed).
+	time podman build --pull=never --network=host $(build-ca-volume) \
+		-v $(IMAGE_CACHE)/cargo-registry:/root/.cargo/registry \
+		-v $(IMAGE_CACHE)/cargo-target:/src/target -t $(TEST_IMAGE) .
+	@podman image inspect --format '{{.Size}}' $(TEST_IMAGE) | awk '{ printf "image size: %.1f MB\n", $$1 / 1e6 }'
+	MESH_TEST_IMAGE=$(TEST_IMAGE) BUILD_CA_DIR=$(BUILD_CA_DIR) $(PYTEST) -q -p no:cacheprovider tests/image
 
 clean:
 	$(CARGO) clean

@@ -17,6 +17,11 @@ class _EchoHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
+        # ?delay=SECONDS: answer that much later (a request in flight during a shutdown)
+        query = self.path.partition("?")[2]
+        for part in query.split("&"):
+            if part.startswith("delay="):
+                time.sleep(min(float(part[6:]), 10.0))
         body = json.dumps(
             {
                 "method": self.command,
@@ -41,7 +46,8 @@ class _EchoHandler(BaseHTTPRequestHandler):
 
 
 class EchoUpstream(ThreadingHTTPServer):
-    """Answers every request with 200 and JSON {"method", "path", "headers": [[name, value], ...]}."""
+    """Answers every request with 200 and JSON {"method", "path", "headers": [[name, value], ...]},
+    after `?delay=SECONDS` (at most 10) if the query asks for it."""
 
     daemon_threads = True
     allow_reuse_address = True
