@@ -10,6 +10,7 @@
 //! * [`gcra`]: `rate=` parsing, GCRA (`limit_req ... nodelay` semantics), `RateLimit` headers;
 //! * [`ratetable`]: per-key rate state as plain data for nginx shared memory;
 //! * [`refresh`]: when fetched keys and outbound tokens are fetched again;
+//! * [`keystore`]: the shared key store's schedule: who fetches a source, and when;
 //! * [`trace`]: trace context (W3C `traceparent`/`tracestate`, `X-Cloud-Trace-Context`), ids, sampling;
 //! * [`units`]: nginx time/size/flag syntax.
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@ pub mod cache;
 pub mod extract;
 pub mod gcra;
 pub mod keys;
+pub mod keystore;
 pub mod policy;
 pub mod provider;
 pub mod ratetable;
