@@ -6,7 +6,8 @@
 //!
 //! - `conf/`: the `mesh_*` directives, parsed into typed configuration and merged;
 //! - `request/`: what happens to one request (context, pipeline, variables, headers);
-//! - `state/`: what outlives a request (rate zones, live keys, outbound tokens, refresher);
+//! - `state/`: what outlives a request (rate zones, live keys, outbound tokens, the shared key
+//!   store, refresher);
 //! - `nginx/`: the unsafe helpers that touch nginx structures.
 
 use std::ptr;
@@ -26,7 +27,7 @@ mod state;
 
 use conf::{LocConf, MainConf};
 use ngx::ngx_log_error;
-use state::refresher;
+use state::{keystore, refresher};
 
 pub(crate) struct MeshModule;
 
@@ -54,12 +55,15 @@ pub static mut ngx_http_mesh_module: ngx_module_t = ngx_module_t {
     // does not create a reference.
     commands: unsafe { ptr::addr_of_mut!(conf::commands::NGX_HTTP_MESH_COMMANDS[0]) },
     type_: NGX_HTTP_MODULE as ngx_uint_t,
+    init_module: Some(keystore::init_module),
     init_process: Some(init_process),
+    exit_process: Some(exit_process),
     ..ngx_module_t::default()
 };
 
-/// Runs in each worker after fork: seeds the trace-id generator from the OS, starts the
-/// refresher thread (keys from URLs, outbound tokens) and the timer that writes its log.
+/// Runs in each worker after fork: seeds the trace-id generator from the OS, takes the keys
+/// and outbound tokens from the shared key store, starts the refresher thread that fetches
+/// them when due and the timer that keeps this worker in step with the store.
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: nginx passes the live cycle.
     let log = unsafe { (*cycle).log };
@@ -75,17 +79,17 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     let Some(mcf) = (unsafe { MeshModule::main_conf(&*cycle) }) else {
         return Status::NGX_OK.into();
     };
-    let started = refresher::start_worker(
-        mcf.providers.clone(),
-        mcf.outbound.clone(),
-        mcf.metadata_server.clone(),
-    );
-    if let Err(e) = started {
+    if let Err(e) = keystore::start_worker(mcf) {
         ngx_log_error!(NGX_LOG_EMERG, log, "mesh: {}", e);
         return Status::NGX_ERROR.into();
     }
-    refresher::log::start_timer(log);
+    refresher::timer::start(log);
     Status::NGX_OK.into()
+}
+
+/// Runs in a worker that leaves (graceful shutdown, reload): gives up what it was fetching.
+unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
+    nginx::no_panic((), keystore::stop_worker);
 }
 
 unsafe impl HttpModuleMainConf for MeshModule {
@@ -127,6 +131,11 @@ impl HttpModule for MeshModule {
             *h = Some(request::access::access_handler);
 
             request::response::install_header_filter();
+
+            if let Err(e) = keystore::add_zone(cf) {
+                ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
+                return Status::NGX_ERROR.into();
+            }
         }
         Status::NGX_OK.into()
     }

@@ -29,6 +29,7 @@ pub unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, conf: *mut c_void)
         if let Some(v) = mcf.set.config_version.take() {
             mcf.config_version = v;
         }
+        mcf.keystore.wait_ms = mcf.set.keys_wait;
         // Read once, here in the master: nginx clears the environment of its workers.
         mcf.trace_project_env = std::env::var(TRACE_PROJECT_ENV).ok();
         NGX_CONF_OK

@@ -3,7 +3,7 @@
 //!
 //! - `commands`: the command table (every directive, its contexts, its parser);
 //! - `directive`: the one handler wrapper and the typed `ConfError` it reports;
-//! - `identity`, `provider`, `policy`, `rate_limit`, `trace`, `outbound`: one file per
+//! - `identity`, `provider`, `policy`, `rate_limit`, `trace`, `outbound`, `keys`: one file per
 //!   directive family;
 //! - `merge`: inheritance and resolution (`init_main_conf`, `merge_loc_conf`);
 //! - this file: the configuration structures and their defaults.
@@ -16,6 +16,7 @@
 pub mod commands;
 mod directive;
 mod identity;
+mod keys;
 pub mod merge;
 mod outbound;
 mod policy;
@@ -67,6 +68,8 @@ pub struct MainConf {
     /// `GOOGLE_CLOUD_PROJECT` as the master saw it at configuration time (nginx clears the
     /// environment of its workers).
     trace_project_env: Option<String>,
+    /// `mesh_keys_wait` and the shared key store's zone.
+    pub keystore: crate::state::keystore::StoreConf,
     set: MainSet,
 }
 
@@ -76,6 +79,8 @@ struct MainSet {
     metadata_server: Option<String>,
     token_cache: Option<usize>,
     config_version: Option<String>,
+    /// `mesh_keys_wait`, in milliseconds.
+    keys_wait: Option<u64>,
 }
 
 impl Default for MainConf {
@@ -88,6 +93,7 @@ impl Default for MainConf {
             token_cache: DEFAULT_TOKEN_CACHE,
             config_version: String::new(),
             trace_project_env: None,
+            keystore: Default::default(),
             set: MainSet::default(),
         }
     }

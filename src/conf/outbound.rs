@@ -78,7 +78,12 @@ unsafe extern "C" fn get(
         // SAFETY: `data` is the OutboundToken set in `define_variable`, alive with the
         // configuration; nginx passes a live request and value slot.
         let (token, req, v) = unsafe { (&*(data as *const OutboundToken), &*r, &mut *v) };
-        let value = token.current();
+        let mut value = token.current();
+        if value.is_none() {
+            // A token another worker published since this worker's timer last looked.
+            crate::state::keystore::catch_up();
+            value = token.current();
+        }
         if value.is_none() && token.should_warn() {
             ngx::ngx_log_error!(
                 NGX_LOG_WARN,

@@ -100,7 +100,15 @@ pub fn identify(r: &Request, lcf: &LocConf) -> Identity {
     };
     let now = ngx::ffi::ngx_time().max(0) as u64;
     // Snapshots: keys fetched from URLs may change between requests.
-    let snapshots: Vec<Arc<Provider>> = auth.providers.iter().map(|p| p.snapshot()).collect();
+    let mut snapshots: Vec<Arc<Provider>> = auth.providers.iter().map(|p| p.snapshot()).collect();
+    let no_keys_yet = |(m, p): (&Arc<crate::state::provider::MeshProvider>, &Arc<Provider>)| {
+        m.url.is_some() && p.keys.is_empty()
+    };
+    if auth.providers.iter().zip(&snapshots).any(no_keys_yet) {
+        // Keys another worker published since this worker's timer last looked.
+        crate::state::keystore::catch_up();
+        snapshots = auth.providers.iter().map(|p| p.snapshot()).collect();
+    }
     let verified: Result<Arc<Verified>, AuthError> = TOKEN_CACHE.with(|cell| {
         let mut cell = cell.borrow_mut();
         let cache = cell.get_or_insert_with(|| TokenCache::new(mcf.token_cache));

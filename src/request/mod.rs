@@ -8,6 +8,7 @@
 //! - `trace`: this hop's trace, started in one place;
 //! - `upstream`: the headers the upstream receives;
 //! - `response`: the header filter (`traceresponse`);
+//! - `ready`: the `mesh_ready` content handler;
 //! - `variables`: the `$mesh_*` variables.
 
 pub mod access;
@@ -15,6 +16,7 @@ mod ctx;
 mod identify;
 mod limit;
 mod log;
+pub mod ready;
 pub mod response;
 pub mod trace;
 mod upstream;

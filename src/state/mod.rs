@@ -1,17 +1,19 @@
 //! What outlives a request: rate-limit zones in shared memory, live key sets, outbound
-//! tokens, and the refresher thread that keeps the last two current.
+//! tokens, the shared key store that keeps the last two for all workers, and the refresher
+//! thread that fetches them.
 //!
 //! - `rate_zone`: `mesh_rate_limit_zone`, an explicit `Configured → Ready` state;
-//! - `provider`: a provider whose keys the refresher may replace; trusted roots for key URLs;
+//! - `provider`: a provider whose keys may be replaced; trusted roots for key URLs;
 //! - `outbound`: a `mesh_outbound_token` and its current token;
-//! - `wakeup`: how a worker wakes its refresher;
-//! - `refresher/`: the background thread, its HTTP client and its log queue.
+//! - `keystore/`: keys and tokens in shared memory (`mesh_keys`), fetched before start, one
+//!   fetch per refresh for all workers;
+//! - `refresher/`: the background thread, its HTTP client and the worker's timer.
 
+pub mod keystore;
 pub mod outbound;
 pub mod provider;
 pub mod rate_zone;
 pub mod refresher;
-pub mod wakeup;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,18 +1,13 @@
-//! Live key sets: a provider whose keys may be replaced (by the refresher) while workers
-//! verify tokens against a snapshot.
+//! Live key sets: a provider whose keys may be replaced (from the shared key store) while
+//! workers verify tokens against a snapshot.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use mesh_core::keys::{Algorithm, KeySet};
 use mesh_core::provider::{check_key_url, Built};
-use mesh_core::refresh::REFETCH_INTERVAL;
 use mesh_core::token::Provider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-
-use super::unix_now;
-use super::wakeup::WAKEUP;
 
 /// Where the system's CA certificates are on Debian (and most Linux distributions).
 const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -27,9 +22,6 @@ pub struct MeshProvider {
     pub platform_verified: bool,
     /// `keys https://...`: where the keys come from.
     pub url: Option<KeyUrl>,
-    /// An unknown `kid` asked for a refetch; when the last one was asked (seconds).
-    pub(crate) refetch_wanted: AtomicBool,
-    last_refetch: AtomicU64,
 }
 
 impl MeshProvider {
@@ -46,8 +38,6 @@ impl MeshProvider {
             algorithms,
             platform_verified,
             url,
-            refetch_wanted: AtomicBool::new(false),
-            last_refetch: AtomicU64::new(0),
         }
     }
 
@@ -70,27 +60,11 @@ impl MeshProvider {
         *slot = Arc::new(p);
     }
 
-    /// A token named a `kid` we do not have: fetch again now, at most every 30 s.
+    /// A token named a `kid` we do not have: fetch again now (at most every 30 s for all
+    /// workers, one fetch in flight; the shared key store decides).
     pub fn request_refetch(&self) {
-        if self.url.is_none() {
-            return;
-        }
-        let now = unix_now();
-        let last = self.last_refetch.load(Ordering::Relaxed);
-        if now < last + REFETCH_INTERVAL {
-            return;
-        }
-        if self
-            .last_refetch
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
-            // Flag and wake under the thread's lock, which it holds from checking the flags
-            // until it waits: a wake-up can then never fall in between and be lost. The
-            // thread holds the lock only for that (never while fetching).
-            let _guard = WAKEUP.lock();
-            self.refetch_wanted.store(true, Ordering::Release);
-            WAKEUP.notify();
+        if self.url.is_some() {
+            super::keystore::request_refetch(self);
         }
     }
 }

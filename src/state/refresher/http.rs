@@ -4,23 +4,59 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Longest a fetch may take, connect to last byte.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest response body read (a JWKS is a few KiB).
 const MAX_BODY: u64 = 1 << 20;
 
-pub fn new_agent(roots: Option<&Arc<Vec<ureq::tls::Certificate<'static>>>>) -> ureq::Agent {
+/// Resolves host names in the calling thread. ureq's own resolver runs each lookup in a
+/// thread of its own that it leaves behind on a timeout; before nginx forks its workers, no
+/// thread may be left behind (only the forking thread survives a fork, with whatever locks
+/// the others held). A lookup is then bounded by the system resolver's own timeouts.
+#[derive(Debug, Default)]
+struct InlineResolver(ureq::unversioned::resolver::DefaultResolver);
+
+impl ureq::unversioned::resolver::Resolver for InlineResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let untimed = ureq::unversioned::transport::NextTimeout {
+            after: ureq::unversioned::transport::time::Duration::NotHappening,
+            reason: timeout.reason,
+        };
+        self.0.resolve(uri, config, untimed)
+    }
+}
+
+/// An HTTP client for one fetch: `roots` to trust (else the system store), a deadline for
+/// the whole exchange, and `inline_resolve` when no thread may be left behind (see above).
+pub fn agent(
+    roots: Option<&Arc<Vec<ureq::tls::Certificate<'static>>>>,
+    timeout: Duration,
+    inline_resolve: bool,
+) -> ureq::Agent {
     let mut tls = ureq::tls::TlsConfig::builder().provider(ureq::tls::TlsProvider::Rustls);
     if let Some(roots) = roots {
         tls = tls.root_certs(ureq::tls::RootCerts::Specific(roots.clone()));
     }
-    ureq::Agent::config_builder()
-        .timeout_global(Some(FETCH_TIMEOUT))
+    let config = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
         .http_status_as_error(false)
         .max_redirects(3)
         .user_agent("ngx-mesh")
         .tls_config(tls.build())
-        .build()
-        .into()
+        .build();
+    if inline_resolve {
+        ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::default(),
+            InlineResolver::default(),
+        )
+    } else {
+        config.into()
+    }
 }
 
 /// GET `url`; the body and `Cache-Control` of a 200, else why not.

@@ -1,218 +1,180 @@
-//! The refresher: keys from URLs and outbound ID tokens, fetched again in the background.
+//! The refresher: keys from URLs and outbound ID tokens, fetched over the network.
 //!
 //! Mechanism: one background thread per worker, started after fork (`init_process`), with a
 //! blocking HTTP client. Why a thread rather than nginx's event loop: a blocking client with
 //! TLS is small and well-tested, and a stalled key server can then never delay a request,
 //! because no worker ever waits on it. The rule that makes it sound: the thread never calls
-//! nginx. It hands results to the worker through `RwLock<Arc<..>>` swaps (a reader takes a
-//! snapshot; the writer holds the lock only to swap a pointer), and queues log lines that the
-//! worker writes from a timer on its own event loop (`log`; nginx's logging is not
-//! thread-safe).
+//! nginx. It takes jobs from a queue that the worker fills and hands each result back through
+//! a second queue; the worker publishes it to the shared key store from its own event loop
+//! (`timer`), and every worker (this one too) swaps it into its providers and tokens through
+//! `RwLock<Arc<..>>` (a reader takes a snapshot; the writer holds the lock only to swap a
+//! pointer).
 //!
-//! Each worker fetches for itself: N workers make N fetches per refresh.
+//! Which worker fetches what, and when, is the shared key store's decision (`keystore`): one
+//! fetch per refresh for all workers. The master fetches with the same functions before the
+//! workers fork (`fetch_keys`, `fetch_token`).
 
 mod http;
-pub mod log;
+pub mod timer;
 
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread;
-use std::time::{Duration, Instant};
 
 use mesh_core::keys::KeySet;
-use mesh_core::refresh::{next_backoff, refresh_after, renew_at, unverified_exp};
-use ngx::ffi::{NGX_LOG_INFO, NGX_LOG_WARN};
-use std::sync::atomic::Ordering;
+use mesh_core::refresh::unverified_exp;
 
-use self::http::{get, new_agent, percent_encode};
-use self::log::queue;
+pub use self::http::{agent, FETCH_TIMEOUT};
+use self::http::{get, percent_encode};
 use super::outbound::OutboundToken;
-use super::provider::MeshProvider;
+use super::provider::{KeyUrl, MeshProvider};
 use super::unix_now;
-use super::wakeup::WAKEUP;
 
-/// What the thread works on, and how the worker reaches it.
-struct Fetcher {
-    providers: Vec<Arc<MeshProvider>>,
-    outbound: Vec<Arc<OutboundToken>>,
-    metadata_server: String,
+/// What a worker asks its thread to fetch (claimed in the shared key store).
+pub enum Job {
+    Keys(Arc<MeshProvider>),
+    Token(Arc<OutboundToken>),
 }
 
-static FETCHER: OnceLock<Arc<Fetcher>> = OnceLock::new();
+/// What came of a job, for the worker to publish.
+pub enum Done {
+    Keys(Arc<MeshProvider>, Result<FetchedKeys, String>),
+    Token(Arc<OutboundToken>, Result<(String, u64), String>),
+}
 
-/// Starts this worker's fetch thread, if anything needs fetching.
-pub fn start_worker(
-    providers: Vec<Arc<MeshProvider>>,
-    outbound: Vec<Arc<OutboundToken>>,
+/// A good key set as fetched: the bytes (for the shared store), how many keys, and the
+/// response's `Cache-Control`.
+pub struct FetchedKeys {
+    pub body: Vec<u8>,
+    pub count: usize,
+    pub cache_control: Option<String>,
+}
+
+/// The worker's side of its thread.
+struct Refresher {
     metadata_server: String,
-) -> Result<(), String> {
-    let providers: Vec<_> = providers.into_iter().filter(|p| p.url.is_some()).collect();
-    if providers.is_empty() && outbound.is_empty() {
-        return Ok(());
+    jobs: Mutex<VecDeque<Job>>,
+    wake: Condvar,
+    done: Mutex<Vec<Done>>,
+}
+
+static REFRESHER: OnceLock<Arc<Refresher>> = OnceLock::new();
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
-    // rustls needs a process-wide crypto provider: aws-lc-rs, which jsonwebtoken links too.
+}
+
+/// Installs rustls's process-wide crypto provider: aws-lc-rs, which jsonwebtoken links too.
+pub fn install_crypto() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let fetcher = Arc::new(Fetcher {
-        providers,
-        outbound,
+}
+
+/// Starts this worker's fetch thread (idle until a job comes).
+pub fn start_worker(metadata_server: String) -> Result<(), String> {
+    install_crypto();
+    let refresher = Arc::new(Refresher {
         metadata_server,
+        jobs: Mutex::new(VecDeque::new()),
+        wake: Condvar::new(),
+        done: Mutex::new(Vec::new()),
     });
-    if FETCHER.set(fetcher.clone()).is_err() {
+    if REFRESHER.set(refresher.clone()).is_err() {
         return Err("fetch thread already started".into());
     }
     thread::Builder::new()
         .name("mesh-fetch".into())
-        .spawn(move || run(&fetcher))
+        .spawn(move || run(&refresher))
         .map(|_| ())
         .map_err(|e| format!("cannot start the fetch thread: {e}"))
 }
 
-/// One thing to refresh and its schedule.
-struct Job {
-    due: Instant,
-    backoff: u64,
-    kind: JobKind,
-}
-
-enum JobKind {
-    Keys(usize),
-    Token(usize),
-}
-
-fn run(f: &Fetcher) {
-    let start = Instant::now();
-    let mut jobs: Vec<Job> = (0..f.providers.len())
-        .map(|i| Job {
-            due: start,
-            backoff: 0,
-            kind: JobKind::Keys(i),
-        })
-        .chain((0..f.outbound.len()).map(|i| Job {
-            due: start,
-            backoff: 0,
-            kind: JobKind::Token(i),
-        }))
-        .collect();
-    let agent = new_agent(None);
-    loop {
-        let guard = WAKEUP.lock();
-        // Unknown-kid refetches move their provider's job to now.
-        for job in &mut jobs {
-            if let JobKind::Keys(i) = job.kind {
-                if f.providers[i].refetch_wanted.swap(false, Ordering::Acquire) {
-                    job.due = Instant::now();
-                }
-            }
-        }
-        let now = Instant::now();
-        if let Some(job) = jobs
-            .iter_mut()
-            .filter(|j| j.due <= now)
-            .min_by_key(|j| j.due)
-        {
-            drop(guard);
-            match job.kind {
-                JobKind::Keys(i) => refresh_keys(&f.providers[i], job),
-                JobKind::Token(i) => refresh_token(f, &agent, &f.outbound[i], job),
-            }
-            continue;
-        }
-        let next = jobs
-            .iter()
-            .map(|j| j.due)
-            .min()
-            .unwrap_or(now + Duration::from_secs(3600));
-        WAKEUP.wait(guard, next.saturating_duration_since(now));
-    }
-}
-
-fn refresh_keys(p: &MeshProvider, job: &mut Job) {
-    let Some(src) = &p.url else {
-        job.due = Instant::now() + Duration::from_secs(86400);
-        return;
+/// Queues a job for this worker's thread and wakes it. `false`: no thread runs.
+pub fn submit(job: Job) -> bool {
+    let Some(r) = REFRESHER.get() else {
+        return false;
     };
-    let agent = new_agent(src.roots.as_ref());
-    let result = get(&agent, &src.url, None).and_then(|(body, cc)| {
-        KeySet::load(&body)
-            .map(|k| (k, cc))
-            .map_err(|e| format!("bad key set: {e}"))
-    });
-    match result {
-        Ok((keys, cc)) => {
-            let after = refresh_after(cc.as_deref());
-            queue(
-                NGX_LOG_INFO,
-                format!(
-                    "mesh_provider \"{}\": {} keys from {}, next refresh in {after}s",
-                    p.name,
-                    keys.keys.len(),
-                    src.url
-                ),
-            );
-            p.set_keys(keys);
-            job.backoff = 0;
-            job.due = Instant::now() + Duration::from_secs(after);
-        }
-        Err(e) => {
-            job.backoff = next_backoff(job.backoff);
-            let kept = if p.snapshot().keys.is_empty() {
-                "no keys yet"
-            } else {
-                "keeping the last good keys"
-            };
-            queue(
-                NGX_LOG_WARN,
-                format!(
-                    "mesh_provider \"{}\": fetching {} failed ({e}); {kept}, retry in {}s",
-                    p.name, src.url, job.backoff
-                ),
-            );
-            job.due = Instant::now() + Duration::from_secs(job.backoff);
-        }
+    lock(&r.jobs).push_back(job);
+    r.wake.notify_one();
+    true
+}
+
+/// Results of the jobs done since the last call.
+pub fn take_done() -> Vec<Done> {
+    match REFRESHER.get() {
+        Some(r) => std::mem::take(&mut *lock(&r.done)),
+        None => Vec::new(),
     }
 }
 
-fn refresh_token(f: &Fetcher, agent: &ureq::Agent, t: &OutboundToken, job: &mut Job) {
+fn run(r: &Refresher) {
+    loop {
+        let job = {
+            let mut jobs = lock(&r.jobs);
+            loop {
+                if let Some(job) = jobs.pop_front() {
+                    break job;
+                }
+                jobs = match r.wake.wait(jobs) {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+            }
+        };
+        let done = match job {
+            Job::Keys(p) => {
+                // Checked here, used once published: every worker (this one too) then takes
+                // the keys from the shared zone, so that they all agree.
+                let result = match &p.url {
+                    Some(src) => fetch_keys(&agent(src.roots.as_ref(), FETCH_TIMEOUT, false), src),
+                    None => Err("no key URL".into()),
+                };
+                Done::Keys(p, result)
+            }
+            Job::Token(t) => {
+                let result = fetch_token(
+                    &agent(None, FETCH_TIMEOUT, false),
+                    &r.metadata_server,
+                    &t.audience,
+                );
+                Done::Token(t, result)
+            }
+        };
+        lock(&r.done).push(done);
+    }
+}
+
+/// Fetches a key set, checked as the verifier will load it.
+pub fn fetch_keys(agent: &ureq::Agent, src: &KeyUrl) -> Result<FetchedKeys, String> {
+    let (body, cache_control) = get(agent, &src.url, None)?;
+    let keys = KeySet::load(&body).map_err(|e| format!("bad key set: {e}"))?;
+    Ok(FetchedKeys {
+        count: keys.keys.len(),
+        body,
+        cache_control,
+    })
+}
+
+/// The metadata server's ID token for `audience`, and its `exp` (a token already expired is
+/// an error).
+pub fn fetch_token(
+    agent: &ureq::Agent,
+    metadata_server: &str,
+    audience: &str,
+) -> Result<(String, u64), String> {
     let url = format!(
         "{}/computeMetadata/v1/instance/service-accounts/default/identity?audience={}",
-        f.metadata_server.trim_end_matches('/'),
-        percent_encode(&t.audience)
+        metadata_server.trim_end_matches('/'),
+        percent_encode(audience)
     );
-    let result = get(agent, &url, Some(("Metadata-Flavor", "Google"))).and_then(|(body, _)| {
-        let token = String::from_utf8(body).map_err(|_| "token is not text".to_string())?;
-        let token = token.trim().to_string();
-        let exp = unverified_exp(&token).ok_or("response is not a JWT with exp")?;
-        Ok((token, exp))
-    });
-    let now = unix_now();
-    match result {
-        Ok((token, exp)) if exp > now => {
-            let at = renew_at(exp, now);
-            queue(
-                NGX_LOG_INFO,
-                format!(
-                    "mesh_outbound_token \"{}\": new token, renewed in {}s",
-                    t.audience,
-                    at - now
-                ),
-            );
-            t.set(token, exp);
-            job.backoff = 0;
-            job.due = Instant::now() + Duration::from_secs(at - now);
-        }
-        Ok(_) | Err(_) => {
-            let e = match result {
-                Err(e) => e,
-                Ok(_) => "the token has already expired".into(),
-            };
-            job.backoff = next_backoff(job.backoff).min(60);
-            queue(
-                NGX_LOG_WARN,
-                format!(
-                    "mesh_outbound_token \"{}\": fetching from the metadata server failed ({e}), retry in {}s",
-                    t.audience, job.backoff
-                ),
-            );
-            job.due = Instant::now() + Duration::from_secs(job.backoff);
-        }
+    let (body, _) = get(agent, &url, Some(("Metadata-Flavor", "Google")))?;
+    let token = String::from_utf8(body).map_err(|_| "token is not text".to_string())?;
+    let token = token.trim().to_string();
+    let exp = unverified_exp(&token).ok_or("response is not a JWT with exp")?;
+    if exp <= unix_now() {
+        return Err("the token has already expired".into());
     }
+    Ok((token, exp))
 }

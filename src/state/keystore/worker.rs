@@ -1,0 +1,248 @@
+//! Workers: take the zone's contents at start, claim what is due, publish what was fetched.
+
+use std::cell::RefCell;
+use std::ptr;
+use std::sync::Arc;
+
+use ngx::ffi::ngx_log_t;
+
+use super::{log_line, now_ms, publish, sources, KeyZone, Outcome, Source};
+use crate::conf::MainConf;
+use crate::state::provider::MeshProvider;
+use crate::state::refresher::{self, Job};
+
+/// One source as a worker tracks it.
+struct Local {
+    source: Source,
+    id: String,
+    /// Where it was last found in the zone.
+    slot: usize,
+    /// The zone's generation this worker holds (0: none).
+    generation: u64,
+}
+
+struct Worker {
+    zone: *const KeyZone,
+    pid: u64,
+    locals: Vec<Local>,
+}
+
+thread_local! {
+    /// Set in `init_process` of a worker; only the worker's event-loop thread touches it.
+    static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
+}
+
+/// Whether this process serves requests (a worker, or nginx without a master): cache
+/// managers and loaders never fetch.
+fn serves_requests() -> bool {
+    // SAFETY: nginx sets `ngx_process` before `init_process` and never changes it afterwards.
+    let p = unsafe { ngx::ffi::ngx_process } as u32;
+    p == ngx::ffi::NGX_PROCESS_WORKER || p == ngx::ffi::NGX_PROCESS_SINGLE
+}
+
+/// `init_process` of a worker: takes every source the zone holds, and starts the thread that
+/// fetches what this worker claims. Not in cache managers and loaders.
+pub fn start_worker(mcf: &MainConf) -> Result<(), String> {
+    if !serves_requests() {
+        return Ok(());
+    }
+    let srcs = sources(mcf);
+    let Some(zone) = mcf.keystore.zone() else {
+        return Ok(());
+    };
+    if srcs.is_empty() {
+        return Ok(());
+    }
+    let server = mcf.metadata_server.as_str();
+    let mut worker = Worker {
+        zone,
+        pid: std::process::id() as u64,
+        locals: srcs
+            .into_iter()
+            .map(|s| Local {
+                id: s.id(server),
+                source: s,
+                slot: usize::MAX,
+                generation: 0,
+            })
+            .collect(),
+    };
+    adopt_all(&mut worker, now_ms(), false, &mut Vec::new());
+    refresher::start_worker(server.to_string())?;
+    WORKER.with(|w| *w.borrow_mut() = Some(worker));
+    Ok(())
+}
+
+/// Adopts what changed in the zone since this worker last looked and, if `claim`, claims the
+/// sources that are due (their jobs are added to `jobs`).
+fn adopt_all(w: &mut Worker, now: u64, claim: bool, jobs: &mut Vec<Job>) {
+    // SAFETY: the KeyZone lives in the configuration pool of the cycle this worker runs.
+    let zone = unsafe { &*w.zone };
+    let mut adopt: Vec<(usize, Vec<u8>, u64, u64)> = Vec::new();
+    {
+        let Some(mut l) = zone.lock() else {
+            return;
+        };
+        for (k, local) in w.locals.iter_mut().enumerate() {
+            let Some(i) = l.locate(&local.id, &mut local.slot, now) else {
+                continue;
+            };
+            l.slots()[i].used_at = now;
+            let generation = l.slots()[i].sched.generation;
+            // (0: the slot was dropped and made again since; nothing to take.)
+            if generation != local.generation && generation != 0 {
+                let exp = l.slots()[i].exp;
+                adopt.push((k, l.body(i), exp, generation));
+            }
+            if claim && l.slots()[i].sched.claim_due(w.pid, now) {
+                jobs.push(local.source.job());
+            }
+        }
+    }
+    for (k, body, exp, generation) in adopt {
+        let local = &mut w.locals[k];
+        local.source.adopt(&body, exp);
+        local.generation = generation;
+    }
+}
+
+/// The worker's timer: publishes what its thread fetched, adopts what other workers
+/// published, and claims what is due.
+pub fn tick(log: *mut ngx_log_t) {
+    WORKER.with(|cell| {
+        let Ok(mut guard) = cell.try_borrow_mut() else {
+            return;
+        };
+        let Some(w) = guard.as_mut() else {
+            return;
+        };
+        let now = now_ms();
+        let done = refresher::take_done();
+        let mut lines = Vec::new();
+        if !done.is_empty() {
+            // SAFETY: as in `adopt_all`.
+            let zone = unsafe { &*w.zone };
+            if let Some(mut l) = zone.lock() {
+                for d in &done {
+                    let (source, outcome) = match d {
+                        refresher::Done::Keys(p, r) => (
+                            Source::Keys(p.clone()),
+                            Outcome::Keys(p, r.as_ref().map_err(String::as_str)),
+                        ),
+                        refresher::Done::Token(t, r) => (
+                            Source::Token(t.clone()),
+                            Outcome::Token(
+                                t,
+                                r.as_ref()
+                                    .map(|(s, e)| (s.as_str(), *e))
+                                    .map_err(String::as_str),
+                            ),
+                        ),
+                    };
+                    let Some(local) = w.locals.iter_mut().find(|l| l.source.same(&source)) else {
+                        continue;
+                    };
+                    let Some(i) = l.locate(&local.id, &mut local.slot, now) else {
+                        continue;
+                    };
+                    // Taken into this worker below, like any other published result.
+                    lines.push(publish(&mut l, i, w.pid, now, outcome));
+                }
+            }
+        }
+        // SAFETY: nginx's process flags are plain globals, read on the worker's own thread.
+        let exiting = unsafe {
+            ngx::ffi::ngx_exiting != 0 || ngx::ffi::ngx_quit != 0 || ngx::ffi::ngx_terminate != 0
+        };
+        let mut jobs = Vec::new();
+        adopt_all(w, now, !exiting, &mut jobs);
+        for job in jobs {
+            refresher::submit(job);
+        }
+        for (level, line) in lines {
+            log_line(log, level, &line);
+        }
+    });
+}
+
+/// A token named a `kid` that `p`'s keys lack: one worker refetches (at most every 30 s for
+/// all workers, one fetch in flight). Called from request handlers.
+pub fn request_refetch(p: &MeshProvider) {
+    WORKER.with(|cell| {
+        let Ok(mut guard) = cell.try_borrow_mut() else {
+            return;
+        };
+        let Some(w) = guard.as_mut() else {
+            return;
+        };
+        let pid = w.pid;
+        // SAFETY: as in `adopt_all`.
+        let zone = unsafe { &*w.zone };
+        let Some(local) = w.locals.iter_mut().find(|l| match &l.source {
+            Source::Keys(a) => ptr::eq(Arc::as_ptr(a), p),
+            Source::Token(_) => false,
+        }) else {
+            return;
+        };
+        let now = now_ms();
+        let claimed = match zone.lock() {
+            Some(mut l) => match l.locate(&local.id, &mut local.slot, now) {
+                Some(i) => l.slots()[i].sched.claim_refetch(pid, now),
+                None => false,
+            },
+            None => false,
+        };
+        if claimed {
+            refresher::submit(local.source.job());
+        }
+    });
+}
+
+/// `exit_process` of a worker: releases the claims its thread will not finish, so that
+/// another worker fetches at once.
+pub fn stop_worker() {
+    WORKER.with(|cell| {
+        let Ok(guard) = cell.try_borrow() else {
+            return;
+        };
+        let Some(w) = guard.as_ref() else {
+            return;
+        };
+        // SAFETY: as in `adopt_all`.
+        let zone = unsafe { &*w.zone };
+        if let Some(mut l) = zone.lock() {
+            for s in l.slots().iter_mut() {
+                s.sched.abandon(w.pid);
+            }
+        }
+    });
+}
+
+/// Takes what other workers published since this worker's last timer tick: for a request that
+/// would otherwise be answered without keys or token (never on the path of one that has them).
+pub fn catch_up() {
+    WORKER.with(|cell| {
+        if let Ok(mut guard) = cell.try_borrow_mut() {
+            if let Some(w) = guard.as_mut() {
+                adopt_all(w, now_ms(), false, &mut Vec::new());
+            }
+        }
+    });
+}
+
+/// What this worker lacks to serve every provider and outbound token: empty when ready.
+pub fn missing(mcf: &MainConf) -> Vec<String> {
+    catch_up();
+    let mut out = Vec::new();
+    for p in &mcf.providers {
+        if !Source::Keys(p.clone()).loaded() {
+            out.push(format!("mesh_provider \"{}\": no keys", p.name));
+        }
+    }
+    for t in &mcf.outbound {
+        if !Source::Token(t.clone()).loaded() {
+            out.push(format!("mesh_outbound_token \"{}\": no token", t.audience));
+        }
+    }
+    out
+}
