@@ -125,6 +125,7 @@ class Nginx:
         self.port = 0
         self.pid: int | None = None
         self.conf_text = ""
+        self.killed: set[int] = set()  # workers a test killed on purpose (SIGKILL)
 
     # ---- files
     @property
@@ -251,8 +252,15 @@ class Nginx:
                 pass
         assert not leftovers, f"nginx did not quit within {STOP_TIMEOUT}s: killed {leftovers}"
 
+    def kill_worker(self, pid: int) -> None:
+        """SIGKILL one worker, as a crash would; its "exited on signal 9" alert is then expected."""
+        self.killed.add(pid)
+        os.kill(pid, signal.SIGKILL)
+
     def fatal_lines(self) -> list[str]:
-        return [line for line in self.read_error_log().splitlines() if any(p.search(line) for p in FATAL_PATTERNS)]
+        expected = [re.compile(rf"worker process {pid} exited on signal 9\b") for pid in self.killed]
+        return [line for line in self.read_error_log().splitlines()
+                if any(p.search(line) for p in FATAL_PATTERNS) and not any(e.search(line) for e in expected)]
 
     def leaked_token_lines(self) -> list[str]:
         """error.log lines holding something that looks like a JWT ('eyJ' = base64url of '{"').
