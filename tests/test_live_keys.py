@@ -610,9 +610,11 @@ def test_reload_while_a_key_fetch_is_in_flight(module_path, servers, launcher_fn
     master = site.ngx.pid
     # the master's start-up fetch, given up after 1 s, and the one worker's that claimed the retry
     assert ks.wait_stalled(2, timeout=FETCH_WAIT) >= 2, "the first fetches never arrived"
-    old = workers_of(master)
+    old = wait_workers(site.ngx)
     for pid in old:
-        assert threads_of(pid) == 2, f"worker {pid} threads: {thread_names(pid)}"
+        # the main thread and mesh-fetch (started in init_process: a worker still starting may
+        # not have it yet)
+        assert wait_until(lambda: threads_of(pid) == 2, 3.0), f"worker {pid} threads: {thread_names(pid)}"
     t = time.monotonic()
     resp = site.get("/k", bearer(tok(keys["A"], KID_A)))
     assert time.monotonic() - t < FAST and resp.status == 503, resp
