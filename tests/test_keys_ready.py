@@ -345,6 +345,9 @@ def test_a_reload_that_adds_a_provider_fetches_it_before_the_new_workers_answer(
     ks.set("/certs", keys=[public_jwk(keys["A"], KID_A)])
     ks.set("/second", keys=[public_jwk(keys["B"], KID_B)])
     site, _ = start(launcher_fn, conf(ks), pki)
+    # nginx listens before its workers fork (and before the start-up fetch): wait for them, so
+    # that the reload below replaces these workers
+    wait_workers(site.ngx)
     assert (ks.count("/certs"), ks.count("/second")) == (1, 0)
     ngx = site.ngx
     ngx.conf_text = render(conf(ks, second=True), ngx.tmp, port=ngx.port, upstream=ngx.upstream, keys=ngx.keys,

@@ -216,6 +216,11 @@ class Nginx:
     def reload(self, timeout: float = 10.0) -> None:
         """SIGHUP, then wait until the workers of before have exited and new ones run."""
         assert self.pid is not None
+        # nginx listens before it forks its workers: the workers of before must all exist, or
+        # one forked late would pass for a new one
+        deadline = time.monotonic() + timeout
+        while len(_children(self.pid)) < self.workers and time.monotonic() < deadline:
+            time.sleep(0.02)
         old = set(_children(self.pid))
         os.kill(self.pid, signal.SIGHUP)
         deadline = time.monotonic() + timeout
