@@ -76,6 +76,9 @@ struct MainSet {
     metadata_server: Option<String>,
     token_cache: Option<usize>,
     config_version: Option<String>,
+    /// Provider names that `provider=` of `mesh_allow`/`mesh_deny` lines refer to, with
+    /// where: checked against the `mesh_provider` blocks once the http block is read.
+    rule_providers: Vec<(String, crate::nginx::conf::ConfPos)>,
 }
 
 impl Default for MainConf {

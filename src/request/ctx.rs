@@ -14,7 +14,7 @@ use std::ptr;
 use std::rc::Rc;
 
 use mesh_core::status::AuthStatus;
-use ngx::ffi::{ngx_http_request_t, ngx_pool_cleanup_add};
+use ngx::ffi::{ngx_http_request_t, ngx_pool_cleanup_add, ngx_table_elt_t};
 use ngx::http::{HttpModule, HttpModuleLocationConf, Request};
 
 use super::identify::{identify, same_identity_settings, Identity};
@@ -59,6 +59,12 @@ pub struct RequestCtx {
     charged: RefCell<Vec<*const c_void>>,
     /// This hop's trace (`mesh_trace on`), started on first use; kept across redirects.
     trace: OnceCell<Option<Trace>>,
+    /// The access handler rewrote the upstream headers in this pass of the phases (taken by
+    /// the pre-content handler, so the next pass after an internal redirect starts unset).
+    upstream_rewritten: Cell<bool>,
+    /// The `WWW-Authenticate` this module added to a 401, withdrawn if another access module
+    /// admits the request after all (`satisfy any`).
+    challenge: Cell<*mut ngx_table_elt_t>,
 }
 
 /// Drops the context when the request pool is freed.
@@ -94,6 +100,30 @@ impl RequestCtx {
             }
         }
         Some(ctx)
+    }
+
+    /// The context of `r` if one was created, without creating one.
+    pub fn existing<'a>(r: &Request) -> Option<&'a RequestCtx> {
+        Self::find(r)
+    }
+
+    pub fn set_upstream_rewritten(&self, done: bool) {
+        self.upstream_rewritten.set(done);
+    }
+
+    /// Whether the access handler rewrote the upstream headers in this pass; resets it.
+    pub fn take_upstream_rewritten(&self) -> bool {
+        self.upstream_rewritten.replace(false)
+    }
+
+    /// Remembers the `WWW-Authenticate` header element of this module's 401.
+    pub fn set_challenge(&self, h: *mut ngx_table_elt_t) {
+        self.challenge.set(h);
+    }
+
+    /// The `WWW-Authenticate` element of this module's 401, if any; forgets it.
+    pub fn take_challenge(&self) -> *mut ngx_table_elt_t {
+        self.challenge.replace(ptr::null_mut())
     }
 
     fn find<'a>(r: &Request) -> Option<&'a RequestCtx> {
@@ -140,6 +170,8 @@ impl RequestCtx {
                     rule: RefCell::new(String::new()),
                     charged: RefCell::new(Vec::new()),
                     trace: OnceCell::new(),
+                    upstream_rewritten: Cell::new(false),
+                    challenge: Cell::new(ptr::null_mut()),
                 },
             );
             (*cln).handler = Some(cleanup);
