@@ -458,3 +458,12 @@ def test_tokens_of_a_key_removed_from_the_set_stop_at_once(module_path, launcher
             close_all(conns)
     finally:
         ks.close()
+
+
+def test_a_provider_name_with_a_control_character_fails_nginx_t(module_path, conf_dir, keyring):
+    body = """
+mesh_provider "a\\r\\nX-Injected:1" { issuer https://jwks.mesh.test; keys @KEYS@/jwks.json; }  # BAD
+server { listen 127.0.0.1:@PORT@; }
+"""
+    line = emerg_at_marked_line(_conf(conf_dir, body, keyring), conf_dir)
+    assert "invalid name" in line, line
