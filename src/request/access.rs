@@ -83,6 +83,8 @@ fn pipeline(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
     // 3. limit
     if let Some(rl) = &lcf.rate_limit {
         if let Some(code) = limit(r, ctx, lcf, rl, &caller) {
+            // Final even where `satisfy any` would let a 401/403 be overruled (precontent).
+            ctx.set_rate_refused(r);
             return code;
         }
     }

@@ -65,6 +65,9 @@ pub struct RequestCtx {
     /// The `WWW-Authenticate` this module added to a 401, withdrawn if another access module
     /// admits the request after all (`satisfy any`).
     challenge: Cell<*mut ngx_table_elt_t>,
+    /// The pass of the phases (`r->uri_changes`, lowered by each internal redirect) in which
+    /// the rate limit refused the request: in that pass, nothing may overrule it.
+    rate_refused_pass: Cell<Option<u32>>,
 }
 
 /// Drops the context when the request pool is freed.
@@ -114,6 +117,16 @@ impl RequestCtx {
     /// Whether the access handler rewrote the upstream headers in this pass; resets it.
     pub fn take_upstream_rewritten(&self) -> bool {
         self.upstream_rewritten.replace(false)
+    }
+
+    /// Remembers that the rate limit refused the request in this pass of the phases.
+    pub fn set_rate_refused(&self, r: &Request) {
+        self.rate_refused_pass.set(Some(r.as_ref().uri_changes()));
+    }
+
+    /// Whether the rate limit refused the request in this pass of the phases; forgets it.
+    pub fn take_rate_refused(&self, r: &Request) -> bool {
+        self.rate_refused_pass.take() == Some(r.as_ref().uri_changes())
     }
 
     /// Remembers the `WWW-Authenticate` header element of this module's 401.
@@ -172,6 +185,7 @@ impl RequestCtx {
                     trace: OnceCell::new(),
                     upstream_rewritten: Cell::new(false),
                     challenge: Cell::new(ptr::null_mut()),
+                    rate_refused_pass: Cell::new(None),
                 },
             );
             (*cln).handler = Some(cleanup);

@@ -4,7 +4,8 @@
 //!
 //! Reaching this phase means the request was admitted. So the `WWW-Authenticate` of our
 //! overruled 401 is withdrawn, and where the access handler did not rewrite the upstream
-//! headers in this pass (it refused), the trace context is sent anyway. The client's
+//! headers in this pass (it refused), the trace context is sent anyway; and a rate-limit
+//! refusal, which must not be overruled, is answered here whatever its status. The client's
 //! `X-Mesh-*` headers were already dropped by the access handler, before any decision.
 
 use ngx::core::Status;
@@ -31,12 +32,18 @@ pub unsafe extern "C" fn precontent_handler(r: *mut ngx_http_request_t) -> ngx_i
         // SAFETY: the element was added to this request's `headers_out` by the access
         // handler; the response has not been sent (the content phase has not run).
         unsafe { hide_header_out(ctx.take_challenge()) };
+        let Some(lcf) = MeshModule::location_conf(r) else {
+            return Status::NGX_DECLINED.into();
+        };
+        // A rate-limit refusal is final, whatever its status: with
+        // `mesh_rate_limit_status 403` (or 401) `satisfy any` would let `allow` overrule it.
+        if ctx.take_rate_refused(r) {
+            return lcf.rate_status as ngx_int_t;
+        }
         if ctx.take_upstream_rewritten() {
             return Status::NGX_DECLINED.into();
         }
-        if let Some(lcf) = MeshModule::location_conf(r) {
-            upstream::rewrite_trace(r, lcf, ctx);
-        }
+        upstream::rewrite_trace(r, lcf, ctx);
         Status::NGX_DECLINED.into()
     })
 }
