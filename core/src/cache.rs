@@ -74,7 +74,10 @@ impl TokenCache {
             }
             return None;
         }
-        self.lru.as_mut()?.peek(token.signing_input_sha256()?).map(|e| &e.verified)
+        self.lru
+            .as_mut()?
+            .peek(token.signing_input_sha256()?)
+            .map(|e| &e.verified)
     }
 
     /// Remember a verified token (the least recently used entry goes when full).

@@ -408,11 +408,10 @@ impl Rule {
         self.methods
             .as_ref()
             .is_none_or(|ms| ms.iter().any(|m| m == method))
-            && self.providers.as_ref().is_none_or(|ps| {
-                caller
-                    .provider
-                    .is_some_and(|c| ps.iter().any(|p| p == c))
-            })
+            && self
+                .providers
+                .as_ref()
+                .is_none_or(|ps| caller.provider.is_some_and(|c| ps.iter().any(|p| p == c)))
     }
 }
 

@@ -240,17 +240,27 @@ fn google_issuers_need_an_audience() {
     assert_eq!(e.line, Line::Block);
     assert!(e.message.contains("need \"audience\""), "{}", e.message);
     // a Google issuer written by hand, any spelling
-    for iss in ["https://accounts.google.com", "accounts.google.com", "https://accounts.google.com/"] {
+    for iss in [
+        "https://accounts.google.com",
+        "accounts.google.com",
+        "https://accounts.google.com/",
+    ] {
         let mut b = block();
-        b.line("issuer", &words(&["https://ci.example", iss])).unwrap();
+        b.line("issuer", &words(&["https://ci.example", iss]))
+            .unwrap();
         b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
         let e = err(b.finish(|u| Ok(u.to_string())));
-        assert!(e.message.contains("need \"audience\""), "{iss}: {}", e.message);
+        assert!(
+            e.message.contains("need \"audience\""),
+            "{iss}: {}",
+            e.message
+        );
     }
     // with an audience: accepted; another issuer needs none
     let mut b = block();
     b.line("issuer", &words(&["accounts.google.com"])).unwrap();
-    b.line("audience", &words(&["https://svc.example"])).unwrap();
+    b.line("audience", &words(&["https://svc.example"]))
+        .unwrap();
     b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
     assert!(b.finish(|u| Ok(u.to_string())).is_ok());
     let mut b = block();

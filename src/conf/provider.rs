@@ -32,7 +32,10 @@ pub fn block(providers: &mut Vec<Arc<MeshProvider>>, d: &Directive) -> Result<()
     }
     // The name is sent upstream (X-Mesh-Provider) and shown in $mesh_provider: no character
     // that could end or split a header, nor the `,` that lists of names use.
-    if name.chars().any(|c| c.is_control() || c.is_whitespace() || c == ',') {
+    if name
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || c == ',')
+    {
         return Err(invalid(format!(
             "invalid name \"{}\" (no spaces, commas or control characters)",
             name.escape_debug()
