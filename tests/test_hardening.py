@@ -98,6 +98,16 @@ server {
         mesh_trace on;
         proxy_pass http://@UPSTREAM@;
     }
+    location /ep401/ {
+        error_page 401 /denied-page;
+        proxy_pass http://@UPSTREAM@;
+    }
+    location = /denied-page {
+        internal;
+        mesh_auth off;
+        add_header X-Auth-Status $mesh_auth_status always;
+        proxy_pass http://@UPSTREAM@;
+    }
 }
 """
 
@@ -140,6 +150,13 @@ def test_satisfy_any_admitted_by_allow_after_a_403_carries_no_identity(site, key
 def test_satisfy_any_admitted_request_has_no_www_authenticate(site):
     resp = site.allowed("/satisfy/x", auth_status="missing")
     assert resp.all("WWW-Authenticate") == [], resp
+
+
+def test_a_401_answered_by_an_error_page_keeps_its_challenge(site):
+    # the error page is a later pass through the phases: the 401 stood, its challenge stays
+    resp = site.get("/ep401/x")
+    assert resp.status == 401, resp
+    assert resp.all("WWW-Authenticate") == ['Bearer realm="mesh"'], resp
 
 
 def test_satisfy_any_admitted_request_still_gets_trace_context(site):

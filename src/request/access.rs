@@ -154,6 +154,7 @@ fn refuse_unauthenticated(
         )
     };
     // Kept to be withdrawn if another access module admits the request (`satisfy any`).
-    ctx.set_challenge(add_header_out_elt(r, "WWW-Authenticate", &challenge));
+    let h = add_header_out_elt(r, "WWW-Authenticate", &challenge);
+    ctx.set_challenge(r, h);
     NGX_HTTP_UNAUTHORIZED as ngx_int_t
 }

@@ -64,7 +64,9 @@ pub struct RequestCtx {
     upstream_rewritten: Cell<bool>,
     /// The `WWW-Authenticate` this module added to a 401, withdrawn if another access module
     /// admits the request after all (`satisfy any`).
-    challenge: Cell<*mut ngx_table_elt_t>,
+    /// With the pass of the phases it was added in (see `rate_refused_pass`): a 401 that
+    /// stands and is then answered by an `error_page` keeps its challenge.
+    challenge: Cell<(*mut ngx_table_elt_t, u32)>,
     /// The pass of the phases (`r->uri_changes`, lowered by each internal redirect) in which
     /// the rate limit refused the request: in that pass, nothing may overrule it.
     rate_refused_pass: Cell<Option<u32>>,
@@ -130,13 +132,19 @@ impl RequestCtx {
     }
 
     /// Remembers the `WWW-Authenticate` header element of this module's 401.
-    pub fn set_challenge(&self, h: *mut ngx_table_elt_t) {
-        self.challenge.set(h);
+    pub fn set_challenge(&self, r: &Request, h: *mut ngx_table_elt_t) {
+        self.challenge.set((h, r.as_ref().uri_changes()));
     }
 
-    /// The `WWW-Authenticate` element of this module's 401, if any; forgets it.
-    pub fn take_challenge(&self) -> *mut ngx_table_elt_t {
-        self.challenge.replace(ptr::null_mut())
+    /// The `WWW-Authenticate` element of this module's 401 if it was added in this pass of
+    /// the phases (so another access module overruled that 401), else NULL; forgets it.
+    pub fn take_challenge(&self, r: &Request) -> *mut ngx_table_elt_t {
+        let (h, pass) = self.challenge.replace((ptr::null_mut(), 0));
+        if pass == r.as_ref().uri_changes() {
+            h
+        } else {
+            ptr::null_mut()
+        }
     }
 
     fn find<'a>(r: &Request) -> Option<&'a RequestCtx> {
@@ -184,7 +192,7 @@ impl RequestCtx {
                     charged: RefCell::new(Vec::new()),
                     trace: OnceCell::new(),
                     upstream_rewritten: Cell::new(false),
-                    challenge: Cell::new(ptr::null_mut()),
+                    challenge: Cell::new((ptr::null_mut(), 0)),
                     rate_refused_pass: Cell::new(None),
                 },
             );

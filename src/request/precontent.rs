@@ -30,8 +30,9 @@ pub unsafe extern "C" fn precontent_handler(r: *mut ngx_http_request_t) -> ngx_i
             return Status::NGX_DECLINED.into();
         };
         // SAFETY: the element was added to this request's `headers_out` by the access
-        // handler; the response has not been sent (the content phase has not run).
-        unsafe { hide_header_out(ctx.take_challenge()) };
+        // handler in this pass; the response has not been sent (the content phase has not
+        // run). A 401 answered through `error_page` is a later pass: its challenge stays.
+        unsafe { hide_header_out(ctx.take_challenge(r)) };
         let Some(lcf) = MeshModule::location_conf(r) else {
             return Status::NGX_DECLINED.into();
         };
