@@ -1,7 +1,7 @@
 //! `ngx_http_mesh_module`: service identity, policy and trace context for nginx.
 //!
 //! This file only registers the module with nginx: the module and its context, the
-//! variables, the access-phase handler and the header filter, and what each worker starts.
+//! variables, the access- and pre-content-phase handlers and the header filter, and what each worker starts.
 //! The logic lives in the `mesh-core` crate; the folders here are the thin FFI shell:
 //!
 //! - `conf/`: the `mesh_*` directives, parsed into typed configuration and merged;
@@ -15,8 +15,8 @@ use std::ptr;
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_array_push, ngx_conf_t, ngx_cycle_t, ngx_http_handler_pt, ngx_http_module_t,
-    ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_int_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE,
-    NGX_LOG_EMERG,
+    ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE, ngx_int_t,
+    ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE, NGX_LOG_EMERG,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
@@ -129,6 +129,14 @@ impl HttpModule for MeshModule {
                 return Status::NGX_ERROR.into();
             }
             *h = Some(request::access::access_handler);
+
+            let h = ngx_array_push(
+                &mut cmcf.phases[ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE as usize].handlers,
+            ) as *mut ngx_http_handler_pt;
+            if h.is_null() {
+                return Status::NGX_ERROR.into();
+            }
+            *h = Some(request::precontent::precontent_handler);
 
             request::response::install_header_filter();
 

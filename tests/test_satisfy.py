@@ -137,16 +137,12 @@ def test_a_verified_caller_admitted_by_its_token_gets_its_own_identity_upstream(
     assert resp.upstream_headers("x_mesh_claims") == [], resp
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 (1): a request admitted by `allow` after the module's 401 "
-                                       "keeps the client's X-Mesh-* headers")
 def test_a_request_admitted_by_allow_carries_no_client_identity_headers(site):
     resp = reaches_upstream(site, "/allow-local/x", SPOOF, auth_status="missing")
     got = [(n, v) for n, v in resp.json()["headers"] if n.lower().replace("_", "-").startswith("x-mesh-")]
     assert got == [], f"client-sent identity headers reached the upstream: {got}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 (1): the 200 of a request admitted by `allow` after the "
-                                       "module's 401 carries the 401's WWW-Authenticate")
 def test_a_request_admitted_by_allow_carries_no_www_authenticate(site):
     resp = reaches_upstream(site, "/allow-local/x", auth_status="missing")
     assert resp.all("WWW-Authenticate") == [], resp
@@ -169,8 +165,6 @@ def test_allow_does_not_overrule_a_rate_limit_refusal(site, keyring):
     assert math.ceil(60 - elapsed) <= int(retry) <= 60, f"Retry-After {retry} {elapsed:.2f}s after the first request"
 
 
-@pytest.mark.xfail(strict=True, reason="found with issue 16: a rate-limit refusal with mesh_rate_limit_status "
-                                       "403 (or 401) is overruled by `allow` under satisfy any")
 def test_allow_does_not_overrule_a_rate_limit_refusal_with_status_403(site, keyring):
     token = tok(keyring, "svc-sat-limited-403")
     for _ in range(2):

@@ -160,6 +160,7 @@ fn main() {
             principal: Some(&who),
             claims: claims.as_object(),
             roles: &[],
+            provider: None,
         };
         let lin = bench_rbac_linear(&rs, &caller, secs);
         let idx = bench_rbac_indexed(&set, &caller, secs);
@@ -201,6 +202,7 @@ fn main() {
         claims_b64: "e30".into(),
         audiences: vec![],
         exp: 100,
+        key: None,
     });
     cache.put(token.as_bytes(), Arc::clone(&verified));
     let ns = bench_cache_hit(&mut cache, token.as_bytes(), secs);

@@ -7,6 +7,8 @@
 //! is identified as a whole, as by the SHA-256 of the whole token, with one hash per
 //! request instead of two or three. The cache holds signatures, never a whole token.
 //!
+//! The entry records which provider and which key verified the token: a lookup through
+//! [`TokenCache::get_checked`] drops an entry whose key left the provider's key set.
 //! The entry records which provider verified the token; callers whose
 //! candidate providers differ per location must check `Verified::provider`
 //! against the location's list (and the audience) on a hit.
@@ -42,6 +44,40 @@ impl TokenCache {
     /// [`TokenCache::lookup`] with the [`Hashed`] that verification reuses.
     pub fn get(&mut self, token: &[u8], now: u64) -> Option<Arc<Verified>> {
         self.lookup(&Hashed::new(token), now).cloned()
+    }
+
+    /// [`TokenCache::get`], but an entry for which `still_valid` is false is removed and not
+    /// served: the shell passes "the provider's current keys still hold the key that verified
+    /// it" ([`Verified::key_still_held`]), so a key withdrawn from a key set stops its cached
+    /// tokens at once, however the new keys arrived.
+    pub fn get_checked(
+        &mut self,
+        token: &[u8],
+        now: u64,
+        still_valid: impl FnOnce(&Verified) -> bool,
+    ) -> Option<Arc<Verified>> {
+        self.lookup_checked(&Hashed::new(token), now, still_valid)
+            .cloned()
+    }
+
+    /// [`TokenCache::get_checked`] for a token hashed once.
+    pub fn lookup_checked(
+        &mut self,
+        token: &Hashed,
+        now: u64,
+        still_valid: impl FnOnce(&Verified) -> bool,
+    ) -> Option<&Arc<Verified>> {
+        let valid = still_valid(self.lookup(token, now)?);
+        if !valid {
+            if let (Some(lru), Some(k)) = (self.lru.as_mut(), token.signing_input_sha256()) {
+                lru.pop(k);
+            }
+            return None;
+        }
+        self.lru
+            .as_mut()?
+            .peek(token.signing_input_sha256()?)
+            .map(|e| &e.verified)
     }
 
     /// Remember a verified token (the least recently used entry goes when full).

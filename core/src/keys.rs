@@ -71,6 +71,35 @@ pub struct Key {
     pub key: DecodingKey,
     /// The key parsed once, at load, for every algorithm it allows.
     prepared: Prepared,
+    /// What this key is, whatever its `kid` (see [`KeyFingerprint`]).
+    fingerprint: KeyFingerprint,
+}
+
+/// The SHA-256 of a key's kind and material: a cached verification remembers the key that
+/// verified it, and is served only while the provider's current key set still holds that
+/// key ([`KeySet::holds`]). A key replaced under the same `kid` is another key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyFingerprint([u8; 32]);
+
+impl fmt::Debug for KeyFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "KeyFingerprint({:02x}{:02x}{:02x}{:02x}..)",
+            self.0[0], self.0[1], self.0[2], self.0[3]
+        )
+    }
+}
+
+impl KeyFingerprint {
+    fn of(kind: KeyKind, alg: Option<Algorithm>, material: &[u8]) -> KeyFingerprint {
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        ctx.update(format!("{kind:?}/{:?}/", alg.map(algorithm_name)).as_bytes());
+        ctx.update(material);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        KeyFingerprint(out)
+    }
 }
 
 /// A key as the crypto library holds it, ready to verify: parsing a public key (and, for
@@ -148,6 +177,7 @@ impl Key {
             alg,
             key,
             prepared: Prepared::Public(parsed),
+            fingerprint: KeyFingerprint::of(kind, alg, public),
         })
     }
 
@@ -167,7 +197,13 @@ impl Key {
             alg: None,
             key: DecodingKey::from_secret(secret),
             prepared: Prepared::Hmac(prepared),
+            fingerprint: KeyFingerprint::of(KeyKind::Hmac, None, secret),
         }
+    }
+
+    /// What this key is (for [`KeySet::holds`]).
+    pub fn fingerprint(&self) -> KeyFingerprint {
+        self.fingerprint
     }
 
     /// Whether this key may verify a token signed with `alg`: its kind fits
@@ -239,7 +275,15 @@ impl KeySet {
             .ok_or("invalid JWKS: no \"keys\" array")?;
         let mut keys = Vec::new();
         for (i, jwk) in list.iter().enumerate() {
-            if let Some(key) = jwk_to_key(jwk).map_err(|e| format!("JWKS key #{}: {e}", i + 1))? {
+            let named = |e: String| match jwk.get("kid").and_then(Value::as_str) {
+                Some(kid) => format!(
+                    "JWKS key #{} (kid \"{}\"): {e}",
+                    i + 1,
+                    crate::status::sanitize(kid)
+                ),
+                None => format!("JWKS key #{}: {e}", i + 1),
+            };
+            if let Some(key) = jwk_to_key(jwk).map_err(named)? {
                 keys.push(key);
             }
         }
@@ -331,6 +375,11 @@ impl KeySet {
 
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+
+    /// Whether the set still holds the key with this fingerprint (a handful of keys: a scan).
+    pub fn holds(&self, fp: &KeyFingerprint) -> bool {
+        self.keys.iter().any(|k| k.fingerprint == *fp)
     }
 
     /// The algorithms some key allows (union), in `ALL_ALGORITHMS` order.

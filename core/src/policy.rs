@@ -35,6 +35,9 @@ pub struct Caller<'a> {
     pub claims: Option<&'a Map<String, Value>>,
     /// The caller's roles (see [`roles_of`]).
     pub roles: &'a [String],
+    /// The provider that verified the caller (`mesh_provider NAME`); `None` for an anonymous
+    /// request. Rules with `provider=` match only callers verified by those providers.
+    pub provider: Option<&'a str>,
 }
 
 impl<'a> Caller<'a> {
@@ -44,6 +47,7 @@ impl<'a> Caller<'a> {
             principal: None,
             claims: None,
             roles: &[],
+            provider: None,
         }
     }
 }
@@ -233,6 +237,7 @@ pub fn roles_of(
         principal,
         claims,
         roles: &[],
+        provider: None,
     };
     let mut roles: Vec<String> = Vec::new();
     for b in bindings {
@@ -267,30 +272,42 @@ pub struct Rule {
     pub patterns: Vec<Pattern>,
     /// `methods=`: the rule applies to these methods only; `None`: to all.
     pub methods: Option<Vec<String>>,
+    /// `provider=`: the rule applies to callers verified by these providers only; `None`: to
+    /// callers of any provider (and anonymous ones).
+    pub providers: Option<Vec<String>>,
     /// The rule as written, with its file:line (`$mesh_rule`).
     pub text: String,
 }
 
 const METHODS_PREFIX: &str = "methods=";
+const PROVIDER_PREFIX: &str = "provider=";
 
-/// Parse the arguments of `mesh_allow`/`mesh_deny`: one or more patterns and
-/// at most one `methods=M,...` argument (anywhere; conventionally last).
-/// Methods are upper-case tokens (`A`-`Z`, `-`, `_`), compared exactly: `GET`
-/// does not imply `HEAD`. `text` is kept as the rule's description.
+/// Parse the arguments of `mesh_allow`/`mesh_deny`: one or more patterns, at most one
+/// `methods=M,...` and at most one `provider=NAME,...` argument (anywhere; conventionally
+/// last). Methods are RFC 9110 tokens (`GET`, `PURGE`, `REPORT`, ...), compared exactly and
+/// case-sensitively, as HTTP does: `GET` does not imply `HEAD`. Provider names are checked
+/// against the `mesh_provider` blocks by the caller (the configuration knows them).
+/// `text` is kept as the rule's description.
 pub fn parse_rule(effect: Effect, args: &[&str], text: String) -> Result<Rule, String> {
     let mut patterns = Vec::with_capacity(args.len());
     let mut methods: Option<Vec<String>> = None;
+    let mut providers: Option<Vec<String>> = None;
     for arg in args {
         if let Some(list) = arg.strip_prefix(METHODS_PREFIX) {
             if methods.is_some() {
                 return Err(format!("\"{arg}\": methods= given twice"));
             }
             methods = Some(parse_methods(list).map_err(|e| format!("\"{arg}\": {e}"))?);
+        } else if let Some(list) = arg.strip_prefix(PROVIDER_PREFIX) {
+            if providers.is_some() {
+                return Err(format!("\"{arg}\": provider= given twice"));
+            }
+            providers = Some(parse_providers(list).map_err(|e| format!("\"{arg}\": {e}"))?);
         } else if is_parameter(arg) {
             // `method=GET` (a typo) must not become a principal that matches nobody while
             // the rule silently applies to every method.
             return Err(format!(
-                "\"{arg}\": unknown parameter (only methods= is known)"
+                "\"{arg}\": unknown parameter (only methods= and provider= are known)"
             ));
         } else {
             patterns.push(Pattern::parse(arg)?);
@@ -303,6 +320,7 @@ pub fn parse_rule(effect: Effect, args: &[&str], text: String) -> Result<Rule, S
         effect,
         patterns,
         methods,
+        providers,
         text,
     })
 }
@@ -318,6 +336,11 @@ fn is_parameter(arg: &str) -> bool {
     }
 }
 
+/// RFC 9110 5.6.2 `tchar`: what a method name (a `token`) is made of.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 fn parse_methods(list: &str) -> Result<Vec<String>, String> {
     if list.is_empty() {
         return Err("empty method list".to_owned());
@@ -327,13 +350,18 @@ fn parse_methods(list: &str) -> Result<Vec<String>, String> {
         if m.is_empty() {
             return Err("empty method in the list".to_owned());
         }
-        if !m
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
-        {
+        if !m.bytes().all(is_tchar) {
             return Err(format!(
-                "invalid method \"{}\" (upper-case, like GET or POST)",
+                "invalid method \"{}\" (an HTTP method name, like GET, POST or PURGE)",
                 m.escape_debug()
+            ));
+        }
+        // Method names are case-sensitive: `get` is not GET, and a rule for it would never
+        // apply to the requests it was meant for.
+        let upper = m.to_ascii_uppercase();
+        if upper != m && STANDARD_METHODS.contains(&upper.as_str()) {
+            return Err(format!(
+                "invalid method \"{m}\": method names are case-sensitive (did you mean {upper}?)"
             ));
         }
         if !methods.iter().any(|x| x == m) {
@@ -343,14 +371,47 @@ fn parse_methods(list: &str) -> Result<Vec<String>, String> {
     Ok(methods)
 }
 
+/// RFC 9110 section 9 and RFC 5789 (PATCH).
+const STANDARD_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+fn parse_providers(list: &str) -> Result<Vec<String>, String> {
+    if list.is_empty() {
+        return Err("empty provider list".to_owned());
+    }
+    let mut names: Vec<String> = Vec::new();
+    for n in list.split(',') {
+        if n.is_empty() {
+            return Err("empty provider name in the list".to_owned());
+        }
+        if n.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(format!("invalid provider name \"{}\"", n.escape_debug()));
+        }
+        if !names.iter().any(|x| x == n) {
+            names.push(n.to_owned());
+        }
+    }
+    Ok(names)
+}
+
 impl Rule {
     /// Whether this rule applies: the method is listed (or no `methods=`),
     /// and any pattern matches the caller.
     pub fn matches(&self, caller: &Caller, method: &str) -> bool {
+        self.applies(caller, method) && self.patterns.iter().any(|p| p.matches(caller))
+    }
+
+    /// Whether the rule's `methods=` and `provider=` admit this request (before patterns).
+    /// A rule with `provider=` never applies to an anonymous caller.
+    pub fn applies(&self, caller: &Caller, method: &str) -> bool {
         self.methods
             .as_ref()
             .is_none_or(|ms| ms.iter().any(|m| m == method))
-            && self.patterns.iter().any(|p| p.matches(caller))
+            && self
+                .providers
+                .as_ref()
+                .is_none_or(|ps| caller.provider.is_some_and(|c| ps.iter().any(|p| p == c)))
     }
 }
 
@@ -444,12 +505,7 @@ impl RuleSet {
         if self.rules.is_empty() {
             return Verdict::NoRules;
         }
-        let applies = |i: u32| {
-            self.rules[i as usize]
-                .methods
-                .as_ref()
-                .is_none_or(|ms| ms.iter().any(|m| m == method))
-        };
+        let applies = |i: u32| self.rules[i as usize].applies(caller, method);
         // The lowest position of a rule that matches, so far.
         let mut best = u32::MAX;
         let first_in = |list: Option<&Vec<u32>>, best: &mut u32| {

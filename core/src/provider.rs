@@ -253,6 +253,19 @@ impl<U> ProviderBlock<U> {
             }
         }
         let name = self.name;
+        // Anyone can mint a Google-signed ID token for any audience (from their own service
+        // account, or any site's "Sign in with Google"): without an audience, every Google
+        // identity in the world would be accepted.
+        if self.audiences.as_ref().is_none_or(Vec::is_empty)
+            && self.issuers.iter().any(|i| is_google_issuer(i))
+        {
+            return Err(at(
+                Line::Block,
+                format!(
+                    "mesh_provider \"{name}\": Google issuers need \"audience\" (anyone can get a Google-signed token for any audience, so without one every Google account would be accepted)"
+                ),
+            ));
+        }
         if self.issuers.is_empty() {
             return Err(at(
                 Line::Block,
@@ -355,6 +368,12 @@ pub fn check_key_url(url: &str, has_ca: bool) -> Result<(), String> {
         return Err(format!("keys: invalid URL \"{url}\""));
     }
     Ok(())
+}
+
+/// Whether `iss` is one of Google's token issuers (also written with a trailing `/`).
+pub fn is_google_issuer(iss: &str) -> bool {
+    let iss = iss.strip_suffix('/').unwrap_or(iss);
+    GOOGLE_ISSUERS.iter().any(|g| g.eq_ignore_ascii_case(iss))
 }
 
 /// Whether a `keys` source is a URL (else a file).

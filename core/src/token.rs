@@ -13,7 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{Map, Value};
 
-use crate::keys::{algorithm_name, parse_algorithm, Algorithm, Key, KeySet};
+use crate::keys::{algorithm_name, parse_algorithm, Algorithm, Key, KeyFingerprint, KeySet};
 use crate::status::{sanitize, AuthError, AuthStatus};
 
 /// Tokens longer than this are refused unread (RFC 8725 has no number; the
@@ -140,28 +140,62 @@ pub struct Verified {
     pub audiences: Vec<String>,
     /// `exp`, in seconds since the epoch.
     pub exp: u64,
+    /// The key that verified the signature; `None` when the platform did
+    /// (`platform_verified`). A cached entry is served only while the provider's keys still
+    /// hold it ([`Verified::key_still_held`]).
+    pub key: Option<KeyFingerprint>,
 }
 
 impl Verified {
-    /// A top-level claim as text: a string as is; a number or boolean as its
-    /// JSON text; an array as its elements (strings as is, others as JSON)
-    /// joined by `,`; an object as JSON; `None` for null or missing.
+    /// Whether the key that verified this token is still in `keys` (the provider's current
+    /// set): a key withdrawn from a JWKS stops its cached tokens at once.
+    pub fn key_still_held(&self, keys: &KeySet) -> bool {
+        self.key.as_ref().is_none_or(|fp| keys.holds(fp))
+    }
+
+    /// A top-level claim as text (`$mesh_claim_NAME`): a string as is; a number or boolean
+    /// as its JSON text; an array as its elements (strings as is, others as JSON) joined by
+    /// `,`; an object as JSON; `None` for null or missing.
+    ///
+    /// `name` is found exactly, else (nginx lower-cases variable names, so `$mesh_claim_orgid`
+    /// asks for `orgId`) as the one claim whose name equals it ignoring ASCII case; two or
+    /// more such claims and none is exact: `None` (ambiguous).
+    ///
+    /// `None` as well when the text would hold a control character (CR, LF, NUL, DEL, ...):
+    /// a signed claim must not add or split a header through `proxy_set_header` or
+    /// `add_header`. The token itself stays valid; only that variable is not found.
     pub fn claim_text(&self, name: &str) -> Option<String> {
-        match self.claims.get(name)? {
-            Value::Null => None,
-            Value::String(s) => Some(s.clone()),
-            Value::Array(items) => Some(
-                items
+        let value = match self.claims.get(name) {
+            Some(v) => v,
+            None => {
+                let mut found = self
+                    .claims
                     .iter()
-                    .map(|e| match e {
-                        Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
-            other => Some(other.to_string()),
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name));
+                let (_, v) = found.next()?;
+                if found.next().is_some() {
+                    return None;
+                }
+                v
+            }
+        };
+        let text = match value {
+            Value::Null => return None,
+            Value::String(s) => s.clone(),
+            Value::Array(items) => items
+                .iter()
+                .map(|e| match e {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            other => other.to_string(),
+        };
+        if text.chars().any(char::is_control) {
+            return None;
         }
+        Some(text)
     }
 }
 
@@ -325,6 +359,8 @@ pub struct Jwt<'t> {
     kid: KidHeader,
     claims: Map<String, Value>,
     claims_json: String,
+    /// The key whose signature check passed (set by [`Jwt::check`]).
+    verified_by: std::cell::Cell<Option<KeyFingerprint>>,
 }
 
 impl<'t> Jwt<'t> {
@@ -385,6 +421,7 @@ impl<'t> Jwt<'t> {
             kid: header.kid,
             claims,
             claims_json,
+            verified_by: std::cell::Cell::new(None),
         })
     }
 
@@ -452,7 +489,9 @@ impl<'t> Jwt<'t> {
             _ => Vec::new(),
         };
         let exp = self.claims.get("exp").and_then(numeric_date).unwrap_or(0);
+        let key = self.verified_by.get();
         Verified {
+            key,
             provider: provider.name.clone(),
             principal,
             claims: self.claims,
@@ -525,12 +564,16 @@ impl<'t> Jwt<'t> {
             // 6. Key selection (RFC 7515 4.1.4 `kid`) and the signature, on keys parsed
             // at load.
             let good = for_each_candidate(&provider.keys, &self.kid, alg, |k| {
-                k.verify_prehashed(
+                let ok = k.verify_prehashed(
                     alg,
                     self.signing_input,
                     self.sha256.as_ref(),
                     &self.signature,
-                )
+                );
+                if ok {
+                    self.verified_by.set(Some(k.fingerprint()));
+                }
+                ok
             })?;
             if !good {
                 return fail(AuthStatus::BadSignature, "signature does not verify");

@@ -312,16 +312,27 @@ fn splitmix64_mix(mut z: u64) -> u64 {
 /// SplitMix64's increment, the golden ratio in 64 bits.
 const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 
-/// Per-worker id generator: xoshiro256** 1.0 (Blackman and Vigna), seeded by
-/// the caller with 32 bytes from the OS (the nginx shell, after fork, so
-/// that workers and restarts never share a sequence).
+/// Per-worker id generator: the ChaCha20 keystream (RFC 8439, as aws-lc computes it for
+/// ChaCha20-Poly1305 over zeroes) under a 256-bit key, the seed, which the nginx shell reads
+/// from the OS after fork, so that workers and restarts never share a sequence.
 ///
-/// Not cryptographic: ids need to be unique and uniformly spread, not
-/// secret. Ids are never all zeroes ("3.2.2.3 trace-id", "3.2.2.4
-/// parent-id"): a zero draw is drawn again.
+/// Span ids are published (`traceparent` upstream, `traceresponse` to the client): from a
+/// stream cipher, ids seen tell nothing about the key, hence nothing about the ids before or
+/// after them (a linear generator such as xoshiro gives its whole state away in a few
+/// outputs). Ids are never all zeroes ("3.2.2.3 trace-id", "3.2.2.4 parent-id"): a zero draw
+/// is drawn again.
 pub struct IdGenerator {
-    s: [u64; 4],
+    /// `None` only if aws-lc refused a 32-byte ChaCha20 key (it never does).
+    key: Option<aws_lc_rs::aead::LessSafeKey>,
+    /// The nonce of the next block of keystream (a counter: never repeats under one key).
+    nonce: u64,
+    buf: [u8; ID_BUFFER],
+    /// Bytes of `buf` already handed out.
+    used: usize,
 }
+
+/// Keystream drawn at once: 32 span ids per call into aws-lc.
+const ID_BUFFER: usize = 256;
 
 impl std::fmt::Debug for IdGenerator {
     /// The state stays out of logs.
@@ -331,45 +342,56 @@ impl std::fmt::Debug for IdGenerator {
 }
 
 impl IdGenerator {
-    /// The seed's four 8-byte words go through two rounds of SplitMix64
-    /// mixing, each word mixed with its neighbour and a distinct multiple of
-    /// the golden gamma. Each step is invertible, so different seeds give
-    /// different states; after two rounds every state word depends on every
-    /// seed byte; and the all-zero seed gives a well-mixed state. The one
-    /// seed that would give the all-zero state (xoshiro's fixed point) gets
-    /// a fixed non-zero state instead.
+    /// A generator keyed by `seed` (32 bytes from the OS); the same seed gives the same
+    /// sequence, any other seed an unrelated one.
     pub fn from_seed(seed: [u8; 32]) -> IdGenerator {
-        let mut s = [0u64; 4];
-        for (word, bytes) in s.iter_mut().zip(seed.chunks_exact(8)) {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(bytes);
-            *word = u64::from_le_bytes(w);
+        use aws_lc_rs::aead::{LessSafeKey, UnboundKey, CHACHA20_POLY1305};
+        // A 32-byte key is what ChaCha20 takes: this does not fail.
+        let key = UnboundKey::new(&CHACHA20_POLY1305, &seed)
+            .ok()
+            .map(LessSafeKey::new);
+        IdGenerator {
+            key,
+            nonce: 0,
+            buf: [0; ID_BUFFER],
+            used: ID_BUFFER,
         }
-        let mut gamma = 0u64;
-        for _round in 0..2 {
-            for i in 0..4 {
-                gamma = gamma.wrapping_add(GOLDEN_GAMMA);
-                s[i] = splitmix64_mix(s[i].wrapping_add(gamma) ^ s[(i + 3) % 4]);
-            }
-        }
-        if s == [0; 4] {
-            s = [GOLDEN_GAMMA, 1, 2, 3];
-        }
-        IdGenerator { s }
     }
 
-    /// The next 64 random bits (xoshiro256** 1.0).
+    /// The next block of keystream.
+    fn refill(&mut self) {
+        use aws_lc_rs::aead::{Aad, Nonce};
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&self.nonce.to_be_bytes());
+        self.nonce = self.nonce.wrapping_add(1);
+        self.buf = [0; ID_BUFFER];
+        let sealed = self.key.as_ref().map(|k| {
+            k.seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(n),
+                Aad::empty(),
+                &mut self.buf,
+            )
+        });
+        if !matches!(sealed, Some(Ok(_))) {
+            // Never for 256 bytes; were it to happen, the counter still makes each block
+            // distinct (ids unique, not secret), rather than all zeroes forever.
+            for (i, chunk) in self.buf.chunks_exact_mut(8).enumerate() {
+                let v = splitmix64_mix(self.nonce ^ (i as u64).wrapping_mul(GOLDEN_GAMMA));
+                chunk.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        self.used = 0;
+    }
+
+    /// The next 64 random bits.
     fn next_u64(&mut self) -> u64 {
-        let s = &mut self.s;
-        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
+        if self.used + 8 > ID_BUFFER {
+            self.refill();
+        }
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&self.buf[self.used..self.used + 8]);
+        self.used += 8;
+        u64::from_le_bytes(w)
     }
 
     /// A random non-zero 16-byte trace id ("3.2.2.3 trace-id").

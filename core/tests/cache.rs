@@ -14,6 +14,7 @@ fn verified(principal: &str, exp: u64) -> Arc<Verified> {
         claims_b64: "e30".into(),
         audiences: vec![],
         exp,
+        key: None,
     })
 }
 
@@ -66,4 +67,14 @@ fn disabled() {
     c.put(b"a", verified("a", 1000));
     assert!(c.get(b"a", 1).is_none());
     assert_eq!(c.len(), 0);
+}
+
+#[test]
+fn an_entry_whose_key_left_the_set_is_dropped() {
+    let mut c = TokenCache::new(8);
+    c.put(b"t", verified("a", 200));
+    assert!(c.get_checked(b"t", 100, |_| true).is_some());
+    assert!(c.get_checked(b"t", 100, |_| false).is_none());
+    assert_eq!(c.len(), 0, "the entry is removed, not only skipped");
+    assert!(c.get(b"t", 100).is_none());
 }

@@ -21,6 +21,7 @@ fn caller<'a>(
         principal: Some(principal),
         claims: Some(claims),
         roles,
+        provider: None,
     }
 }
 
@@ -150,6 +151,7 @@ fn claim_patterns() {
         principal: Some("a"),
         claims: None,
         roles: &[],
+        provider: None,
     };
     assert!(!p("claim:n=7").matches(&no_claims));
 }
@@ -289,8 +291,9 @@ fn rule_parsing() {
     assert!(err(&["any", "methods="]).contains("empty method list"));
     assert!(err(&["any", "methods=GET,"]).contains("empty method"));
     assert!(err(&["any", "methods=,GET"]).contains("empty method"));
-    assert!(err(&["any", "methods=get"]).contains("invalid method \"get\""));
-    assert!(err(&["any", "methods=Get"]).contains("invalid method"));
+    assert!(err(&["any", "methods=get"])
+        .contains("invalid method \"get\": method names are case-sensitive (did you mean GET?)"));
+    assert!(err(&["any", "methods=Get"]).contains("case-sensitive"));
     assert!(err(&["any", "methods=GET POST"]).contains("invalid method"));
     assert!(err(&["any", "methods=G\u{e9}T"]).contains("invalid method"));
     assert!(err(&["any", "methods=GET", "methods=POST"]).contains("twice"));
@@ -399,4 +402,64 @@ fn decisions() {
         decide(&rules, &writer, "GET"),
         Verdict::Allowed(_)
     ));
+}
+
+#[test]
+fn provider_filter() {
+    let claims = Map::new();
+    let from = |provider| Caller {
+        principal: Some("svc@x.com"),
+        claims: Some(&claims),
+        roles: &[],
+        provider,
+    };
+    let r = rule(Effect::Allow, &["svc@x.com", "provider=google,ci"]);
+    assert_eq!(
+        r.providers.as_deref(),
+        Some(&["google".to_string(), "ci".to_string()][..])
+    );
+    assert!(r.matches(&from(Some("google")), "GET"));
+    assert!(r.matches(&from(Some("ci")), "GET"));
+    assert!(!r.matches(&from(Some("lax")), "GET"));
+    assert!(!r.matches(&from(None), "GET"));
+    // Without provider=, the rule applies to callers of any provider.
+    assert!(rule(Effect::Allow, &["svc@x.com"]).matches(&from(Some("lax")), "GET"));
+    for bad in [
+        &["any", "provider="][..],
+        &["any", "provider=a,,b"],
+        &["any", "provider=a", "provider=b"],
+        &["any", "providers=a"],
+    ] {
+        assert!(
+            parse_rule(Effect::Allow, bad, String::new()).is_err(),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn methods_are_rfc9110_tokens() {
+    let claims = Map::new();
+    let c = caller("svc", &claims, &[]);
+    let r = rule(Effect::Deny, &["any", "methods=PURGE,REPORT,M-SEARCH,x.y!"]);
+    assert!(r.matches(&c, "PURGE"));
+    assert!(r.matches(&c, "x.y!"));
+    assert!(!r.matches(&c, "purge"), "methods are case-sensitive");
+    assert!(!r.matches(&c, "UNKNOWN"));
+    // UNKNOWN is a method name like any other, not a wildcard for non-core methods.
+    let u = rule(Effect::Deny, &["any", "methods=UNKNOWN"]);
+    assert!(!u.matches(&c, "PURGE"));
+    for bad in [
+        "methods=GE T",
+        "methods=GET;",
+        "methods=G\"",
+        "methods=(GET)",
+        "methods=GÉT",
+        "methods=delete",
+    ] {
+        assert!(
+            parse_rule(Effect::Allow, &["any", bad], String::new()).is_err(),
+            "{bad}"
+        );
+    }
 }

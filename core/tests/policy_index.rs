@@ -1,6 +1,6 @@
 //! `RuleSet` (exact principals and roles looked up, not scanned) decides exactly as the
 //! linear `decide`: the same verdict and the same rule, on randomized rule sets mixing
-//! exact, glob, regex, role, claim, `any` and `anonymous` patterns with method filters.
+//! exact, glob, regex, role, claim, `any` and `anonymous` patterns with method and provider filters.
 
 use mesh_core::policy::{decide, parse_rule, Caller, Effect, RuleSet, Verdict};
 use serde_json::{json, Map, Value};
@@ -92,6 +92,11 @@ fn index_decides_as_the_linear_scan() {
                     1 => args.push("methods=POST,PURGE".into()),
                     _ => {}
                 }
+                match rng.below(4) {
+                    0 => args.push("provider=google".into()),
+                    1 => args.push("provider=ci,google".into()),
+                    _ => {}
+                }
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 parse_rule(effect, &args, format!("rule {i}")).unwrap()
             })
@@ -107,6 +112,7 @@ fn index_decides_as_the_linear_scan() {
                     principal: Some(*rng.pick(&PRINCIPALS[..])),
                     claims: Some(*rng.pick(&claim_sets[..])),
                     roles,
+                    provider: Some(*rng.pick(&["google", "ci", "other"][..])),
                 }
             };
             let method = *rng.pick(&METHODS[..]);
@@ -149,6 +155,7 @@ fn order_decides_between_exact_glob_and_regex() {
         principal: Some("batch-1@x.com"),
         claims: None,
         roles: &[],
+        provider: None,
     };
     // The same three rules in every order: the first listed wins, whatever its kind.
     let kinds = [
@@ -194,6 +201,7 @@ fn order_decides_between_exact_glob_and_regex() {
     let roles = ["ops".to_string()];
     let ops = Caller {
         roles: &roles,
+        provider: None,
         ..caller
     };
     assert_eq!(set.decide(&ops, "GET").rule_text(), Some("ops"));

@@ -230,3 +230,41 @@ fn key_urls() {
     assert!(check_key_url("https:///path", false).is_err());
     assert!(check_key_url("https://a b", false).is_err());
 }
+
+#[test]
+fn google_issuers_need_an_audience() {
+    // preset google without audience
+    let mut b = block();
+    b.line("preset", &words(&["google"])).unwrap();
+    let e = err(b.finish(|u| Ok(u.to_string())));
+    assert_eq!(e.line, Line::Block);
+    assert!(e.message.contains("need \"audience\""), "{}", e.message);
+    // a Google issuer written by hand, any spelling
+    for iss in [
+        "https://accounts.google.com",
+        "accounts.google.com",
+        "https://accounts.google.com/",
+    ] {
+        let mut b = block();
+        b.line("issuer", &words(&["https://ci.example", iss]))
+            .unwrap();
+        b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
+        let e = err(b.finish(|u| Ok(u.to_string())));
+        assert!(
+            e.message.contains("need \"audience\""),
+            "{iss}: {}",
+            e.message
+        );
+    }
+    // with an audience: accepted; another issuer needs none
+    let mut b = block();
+    b.line("issuer", &words(&["accounts.google.com"])).unwrap();
+    b.line("audience", &words(&["https://svc.example"]))
+        .unwrap();
+    b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
+    assert!(b.finish(|u| Ok(u.to_string())).is_ok());
+    let mut b = block();
+    b.line("issuer", &words(&["https://ci.example"])).unwrap();
+    b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
+    assert!(b.finish(|u| Ok(u.to_string())).is_ok());
+}

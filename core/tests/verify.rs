@@ -81,6 +81,8 @@ fn verified_fields() {
         "iss": JWKS_ISS, "sub": "a@b", "exp": NOW + 1,
         "aud": ["x", "y", 3], "n": 1.5, "ok": true, "list": ["a", 2, {"k": "v"}],
         "obj": {"k": "v"}, "nul": null,
+        "crlf": "a\r\nX-Injected: 1", "tab": "a\tb", "del": "a\u{7f}", "arr_lf": ["a", "b\nc"],
+        "objlf": {"k": "a\nb"}, "orgId": "o-1", "Dup": 1, "dUP": 2,
     });
     let payload = serde_json::to_vec(&c).unwrap();
     let t = sign_raw(
@@ -99,6 +101,18 @@ fn verified_fields() {
     assert_eq!(v.claim_text("obj").as_deref(), Some(r#"{"k":"v"}"#));
     assert_eq!(v.claim_text("nul"), None);
     assert_eq!(v.claim_text("missing"), None);
+    // No control character ever comes out (the variable is then not found) ...
+    for name in ["crlf", "tab", "del", "arr_lf"] {
+        assert_eq!(v.claim_text(name), None, "{name}");
+    }
+    // ... while JSON text escapes them.
+    assert_eq!(v.claim_text("objlf").as_deref(), Some(r#"{"k":"a\nb"}"#));
+    // nginx lower-cases variable names: a mixed-case claim is found ignoring case, unless
+    // that is ambiguous.
+    assert_eq!(v.claim_text("orgid").as_deref(), Some("o-1"));
+    assert_eq!(v.claim_text("orgId").as_deref(), Some("o-1"));
+    assert_eq!(v.claim_text("dup"), None);
+    assert_eq!(v.claim_text("Dup").as_deref(), Some("1"));
 }
 
 #[test]
@@ -913,4 +927,18 @@ fn mutations_never_panic() {
     for junk in [&b""[..], b"\0\0\0", b"\xff.\xff.\xff", b"....", b"a.b.c"] {
         assert!(verify(junk, &[&p], NOW).is_err());
     }
+}
+
+#[test]
+fn verified_remembers_the_key_that_verified_it() {
+    let jwks = jwks_provider();
+    let v = run(&jwks_token(&claims(JWKS_ISS)), &jwks).unwrap();
+    assert!(v.key.is_some());
+    assert!(v.key_still_held(&jwks.keys));
+    // The same key from another source (PEM) is the same key ...
+    let pem_rsa = KeySet::load(RSA_PUB).unwrap();
+    assert!(v.key_still_held(&pem_rsa));
+    // ... another RSA key, or no key, is not.
+    assert!(!v.key_still_held(&KeySet::load(RSA2_PUB).unwrap()));
+    assert!(!v.key_still_held(&KeySet::default()));
 }

@@ -16,10 +16,20 @@ use crate::MeshModule;
 ///
 /// # Safety
 /// Called by nginx with its configuration context and this module's main configuration.
-pub unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
+pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
     crate::nginx::no_panic(NGX_CONF_ERROR, || {
         // SAFETY: nginx passes the MainConf this module created.
         let mcf = unsafe { &mut *conf.cast::<MainConf>() };
+        // `provider=` of the rules: every name must be a mesh_provider block (all are read
+        // by now: the blocks are http-level only).
+        for (name, pos) in std::mem::take(&mut mcf.set.rule_providers) {
+            if !mcf.providers.iter().any(|p| p.name == name) {
+                let msg = format!(
+                    "provider=: unknown provider \"{name}\" (no mesh_provider block of that name)"
+                );
+                return ConfError::At(pos, msg).report(cf, "");
+            }
+        }
         if let Some(v) = mcf.set.metadata_server.take() {
             mcf.metadata_server = v;
         }

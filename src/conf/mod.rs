@@ -81,6 +81,9 @@ struct MainSet {
     config_version: Option<String>,
     /// `mesh_keys_wait`, in milliseconds.
     keys_wait: Option<u64>,
+    /// Provider names that `provider=` of `mesh_allow`/`mesh_deny` lines refer to, with
+    /// where: checked against the `mesh_provider` blocks once the http block is read.
+    rule_providers: Vec<(String, crate::nginx::conf::ConfPos)>,
 }
 
 impl Default for MainConf {

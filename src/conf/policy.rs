@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use mesh_core::policy::{RoleBinding, Rule};
 
+use ngx::http::HttpModuleMainConf;
+
 use super::directive::{invalid, push, ConfError, Directive};
+use crate::MeshModule;
 
 /// The list a level's `mesh_role` (or `mesh_allow`/`mesh_deny`) lines build.
 type List<T> = Option<Arc<Vec<T>>>;
@@ -31,5 +34,16 @@ pub fn deny(rules: &mut List<Rule>, d: &Directive) -> Result<(), ConfError> {
 fn rule(rules: &mut List<Rule>, d: &Directive, effect: Effect) -> Result<(), ConfError> {
     let w = d.values()?;
     let args: Vec<&str> = w.iter().map(String::as_str).collect();
-    push(rules, parse_rule(effect, &args, d.text()).map_err(invalid)?)
+    let rule = parse_rule(effect, &args, d.text()).map_err(invalid)?;
+    if let Some(names) = &rule.providers {
+        // SAFETY: mesh_allow/mesh_deny are http/server/location directives, so `cf->ctx` is
+        // an http configuration context holding this module's main configuration.
+        let Some(mcf) = (unsafe { MeshModule::main_conf_mut(&*d.cf) }) else {
+            return Err(ConfError::Message("no http configuration".into()));
+        };
+        for n in names {
+            mcf.set.rule_providers.push((n.clone(), d.pos.clone()));
+        }
+    }
+    push(rules, rule)
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use mesh_core::keys::KeySet;
 use mesh_core::provider::{is_key_url, KeySource, Line, ProviderBlock};
 use ngx::core::NGX_CONF_OK;
-use ngx::ffi::{ngx_command_t, ngx_conf_parse, ngx_conf_t};
+use ngx::ffi::{ngx_command_t, ngx_conf_parse, ngx_conf_t, NGX_LOG_WARN};
 
 use super::directive::{directive, invalid, ConfError, Directive};
 use crate::nginx::conf::{full_path, ConfPos};
@@ -29,6 +29,17 @@ pub fn block(providers: &mut Vec<Arc<MeshProvider>>, d: &Directive) -> Result<()
     let name = d.word(1)?;
     if name.is_empty() {
         return Err(invalid("empty name"));
+    }
+    // The name is sent upstream (X-Mesh-Provider) and shown in $mesh_provider: no character
+    // that could end or split a header, nor the `,` that lists of names use.
+    if name
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || c == ',')
+    {
+        return Err(invalid(format!(
+            "invalid name \"{}\" (no spaces, commas or control characters)",
+            name.escape_debug()
+        )));
     }
     if providers.iter().any(|p| p.name == name) {
         return Err(format!("mesh_provider \"{name}\" is defined twice").into());
@@ -97,6 +108,19 @@ impl Block {
                     _ => return Err(self.core.arity(dir).into()),
                 };
                 let source = if is_key_url(src) {
+                    if src.starts_with("http://") {
+                        // SAFETY: `cf->log` is valid for the whole configuration pass.
+                        let log = unsafe { (*d.cf).log };
+                        ngx::ngx_log_error!(
+                            NGX_LOG_WARN,
+                            log,
+                            "mesh_provider \"{}\": keys \"{}\" is fetched over plain http://: anyone on the path can replace the keys; use https:// in {}:{}",
+                            self.core.name,
+                            src,
+                            d.pos.file,
+                            d.pos.line
+                        );
+                    }
                     KeySource::Url(KeyUrl::new(src, ca.as_deref())?)
                 } else {
                     if ca.is_some() {

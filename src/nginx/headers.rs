@@ -24,6 +24,16 @@ pub fn headers_in_all<'a>(r: &'a ngx::http::Request, name: &str) -> Vec<&'a [u8]
 
 /// Adds a response header (copied into the request pool).
 pub fn add_header_out(r: &mut ngx::http::Request, key: &str, value: &str) -> bool {
+    !add_header_out_elt(r, key, value).is_null()
+}
+
+/// [`add_header_out`], returning the header's element (for [`hide_header_out`]); NULL when
+/// it could not be added.
+pub fn add_header_out_elt(
+    r: &mut ngx::http::Request,
+    key: &str,
+    value: &str,
+) -> *mut ngx_table_elt_t {
     let r: &mut ngx_http_request_t = r.as_mut();
     // SAFETY: `r` is a live request; `ngx_list_push` returns a slot in `headers_out.headers`
     // (or NULL) that we fill completely before nginx reads it; the strings are copied into
@@ -31,7 +41,7 @@ pub fn add_header_out(r: &mut ngx::http::Request, key: &str, value: &str) -> boo
     unsafe {
         let h = ngx_list_push(&mut r.headers_out.headers) as *mut ngx_table_elt_t;
         if h.is_null() {
-            return false;
+            return ptr::null_mut();
         }
         // From nginx 1.23 on, headers of one name are chained through `next`.
         #[cfg(ngx_table_elt_next)]
@@ -40,10 +50,22 @@ pub fn add_header_out(r: &mut ngx::http::Request, key: &str, value: &str) -> boo
         }
         if add_to_ngx_table(h, r.pool, key, value).is_none() {
             (*h).hash = 0; // an entry with hash 0 is skipped by the header filter
-            return false;
+            return ptr::null_mut();
         }
+        h
     }
-    true
+}
+
+/// Withdraws a response header added by [`add_header_out_elt`] before the response is sent:
+/// an entry with hash 0 is skipped by nginx's header filter (as `add_header` does to clear).
+///
+/// # Safety
+/// `h` must be an element of the live request's `headers_out.headers`, or NULL.
+pub unsafe fn hide_header_out(h: *mut ngx_table_elt_t) {
+    if !h.is_null() {
+        // SAFETY: see the contract: the element lives in the request pool.
+        unsafe { (*h).hash = 0 };
+    }
 }
 
 /// Removes every request header whose name `matches`, without moving any element: other

@@ -35,3 +35,12 @@ pub fn now_us() -> u64 {
     let ms = unsafe { ptr::read_volatile(ptr::addr_of!(ngx::ffi::ngx_current_msec)) };
     (ms as u64).saturating_mul(1000)
 }
+
+/// The request method as the client sent it (`r->method_name`; an RFC 9110 token, which
+/// nginx's parser already checked), or empty if it is not text.
+pub fn method_name(r: &Request) -> &str {
+    // A live request's `method_name` points into its header buffer (or a static string),
+    // valid while the request is.
+    let bytes = r.as_ref().method_name.as_bytes();
+    std::str::from_utf8(bytes).unwrap_or("")
+}

@@ -20,8 +20,9 @@ use super::limit::limit;
 use super::log::log_refusal;
 use super::upstream;
 use crate::conf::LocConf;
-use crate::nginx::headers::add_header_out;
+use crate::nginx::headers::{add_header_out, add_header_out_elt};
 use crate::nginx::no_panic;
+use crate::nginx::request::method_name;
 use crate::MeshModule;
 
 /// Seconds a client is told to wait when a provider has no keys yet.
@@ -39,6 +40,12 @@ pub unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         if !r.is_main() || !(lcf.decides() || lcf.trace || lcf.forward_identity) {
             return Status::NGX_DECLINED.into();
         }
+        // Before anything is decided: whatever admits the request in the end (this module,
+        // or `allow`/`auth_basic`/`auth_request` under `satisfy any`), the client's own
+        // X-Mesh-* headers are gone. Failing that, the request fails: never a pass.
+        if lcf.forward_identity && !upstream::strip_client_identity(r) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        }
         pipeline(r, lcf)
     })
 }
@@ -53,7 +60,7 @@ fn pipeline(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
     let id = ctx.identity();
     if !id.passes() {
         ctx.decide(Decision::Unauthenticated);
-        let code = refuse_unauthenticated(r, &id, &lcf.realm);
+        let code = refuse_unauthenticated(r, ctx, &id, &lcf.realm);
         log_refusal(r, ctx, code, id.status.as_str());
         return code;
     }
@@ -67,6 +74,7 @@ fn pipeline(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
         principal: id.principal(),
         claims: id.verified.as_ref().map(|v| &v.claims),
         roles: &roles,
+        provider: id.verified.as_ref().map(|v| v.provider.as_str()),
     };
     let allowed_by_rule = match authorize(r, ctx, lcf, &caller) {
         Ok(allowed) => allowed,
@@ -75,6 +83,8 @@ fn pipeline(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
     // 3. limit
     if let Some(rl) = &lcf.rate_limit {
         if let Some(code) = limit(r, ctx, lcf, rl, &caller) {
+            // Final even where `satisfy any` would let a 401/403 be overruled (precontent).
+            ctx.set_rate_refused(r);
             return code;
         }
     }
@@ -82,7 +92,9 @@ fn pipeline(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
         ctx.decide(Decision::Allow);
     }
     // 4. trace (and identity) toward the upstream
-    upstream::rewrite(r, lcf, ctx);
+    if !upstream::rewrite(r, lcf, ctx) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    }
     if id.status == AuthStatus::Verified || allowed_by_rule {
         Status::NGX_OK.into()
     } else {
@@ -99,8 +111,10 @@ fn authorize(
     lcf: &LocConf,
     caller: &Caller,
 ) -> Result<bool, ngx_int_t> {
-    let method = r.method();
-    let denied = match decide(&lcf.rules, caller, method.as_str()) {
+    // The method as the client sent it (`r->method_name`): ngx's `Method` names every
+    // method outside nginx's own list `UNKNOWN`, which would make PURGE, REPORT, ... alike.
+    let method = method_name(r);
+    let denied = match decide(&lcf.rules, caller, method) {
         Verdict::NoRules => return Ok(false),
         Verdict::Allowed(rule) => {
             ctx.set_rule(&rule.text);
@@ -121,7 +135,12 @@ fn authorize(
 }
 
 /// 401 with the challenge, or 503 while the provider has no keys yet.
-fn refuse_unauthenticated(r: &mut Request, id: &Identity, realm: &str) -> ngx_int_t {
+fn refuse_unauthenticated(
+    r: &mut Request,
+    ctx: &RequestCtx,
+    id: &Identity,
+    realm: &str,
+) -> ngx_int_t {
     if id.status == AuthStatus::NoKeys {
         add_header_out(r, "Retry-After", NO_KEYS_RETRY_AFTER);
         return NGX_HTTP_SERVICE_UNAVAILABLE as ngx_int_t;
@@ -134,6 +153,8 @@ fn refuse_unauthenticated(r: &mut Request, id: &Identity, realm: &str) -> ngx_in
             id.reason
         )
     };
-    add_header_out(r, "WWW-Authenticate", &challenge);
+    // Kept to be withdrawn if another access module admits the request (`satisfy any`).
+    let h = add_header_out_elt(r, "WWW-Authenticate", &challenge);
+    ctx.set_challenge(r, h);
     NGX_HTTP_UNAUTHORIZED as ngx_int_t
 }

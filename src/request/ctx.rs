@@ -14,7 +14,7 @@ use std::ptr;
 use std::rc::Rc;
 
 use mesh_core::status::AuthStatus;
-use ngx::ffi::{ngx_http_request_t, ngx_pool_cleanup_add};
+use ngx::ffi::{ngx_http_request_t, ngx_pool_cleanup_add, ngx_table_elt_t};
 use ngx::http::{HttpModule, HttpModuleLocationConf, Request};
 
 use super::identify::{identify, same_identity_settings, Identity};
@@ -59,6 +59,17 @@ pub struct RequestCtx {
     charged: RefCell<Vec<*const c_void>>,
     /// This hop's trace (`mesh_trace on`), started on first use; kept across redirects.
     trace: OnceCell<Option<Trace>>,
+    /// The access handler rewrote the upstream headers in this pass of the phases (taken by
+    /// the pre-content handler, so the next pass after an internal redirect starts unset).
+    upstream_rewritten: Cell<bool>,
+    /// The `WWW-Authenticate` this module added to a 401, withdrawn if another access module
+    /// admits the request after all (`satisfy any`).
+    /// With the pass of the phases it was added in (see `rate_refused_pass`): a 401 that
+    /// stands and is then answered by an `error_page` keeps its challenge.
+    challenge: Cell<(*mut ngx_table_elt_t, u32)>,
+    /// The pass of the phases (`r->uri_changes`, lowered by each internal redirect) in which
+    /// the rate limit refused the request: in that pass, nothing may overrule it.
+    rate_refused_pass: Cell<Option<u32>>,
 }
 
 /// Drops the context when the request pool is freed.
@@ -94,6 +105,46 @@ impl RequestCtx {
             }
         }
         Some(ctx)
+    }
+
+    /// The context of `r` if one was created, without creating one.
+    pub fn existing<'a>(r: &Request) -> Option<&'a RequestCtx> {
+        Self::find(r)
+    }
+
+    pub fn set_upstream_rewritten(&self, done: bool) {
+        self.upstream_rewritten.set(done);
+    }
+
+    /// Whether the access handler rewrote the upstream headers in this pass; resets it.
+    pub fn take_upstream_rewritten(&self) -> bool {
+        self.upstream_rewritten.replace(false)
+    }
+
+    /// Remembers that the rate limit refused the request in this pass of the phases.
+    pub fn set_rate_refused(&self, r: &Request) {
+        self.rate_refused_pass.set(Some(r.as_ref().uri_changes()));
+    }
+
+    /// Whether the rate limit refused the request in this pass of the phases; forgets it.
+    pub fn take_rate_refused(&self, r: &Request) -> bool {
+        self.rate_refused_pass.take() == Some(r.as_ref().uri_changes())
+    }
+
+    /// Remembers the `WWW-Authenticate` header element of this module's 401.
+    pub fn set_challenge(&self, r: &Request, h: *mut ngx_table_elt_t) {
+        self.challenge.set((h, r.as_ref().uri_changes()));
+    }
+
+    /// The `WWW-Authenticate` element of this module's 401 if it was added in this pass of
+    /// the phases (so another access module overruled that 401), else NULL; forgets it.
+    pub fn take_challenge(&self, r: &Request) -> *mut ngx_table_elt_t {
+        let (h, pass) = self.challenge.replace((ptr::null_mut(), 0));
+        if pass == r.as_ref().uri_changes() {
+            h
+        } else {
+            ptr::null_mut()
+        }
     }
 
     fn find<'a>(r: &Request) -> Option<&'a RequestCtx> {
@@ -140,6 +191,9 @@ impl RequestCtx {
                     rule: RefCell::new(String::new()),
                     charged: RefCell::new(Vec::new()),
                     trace: OnceCell::new(),
+                    upstream_rewritten: Cell::new(false),
+                    challenge: Cell::new((ptr::null_mut(), 0)),
+                    rate_refused_pass: Cell::new(None),
                 },
             );
             (*cln).handler = Some(cleanup);

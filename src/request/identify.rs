@@ -112,7 +112,15 @@ pub fn identify(r: &Request, lcf: &LocConf) -> Identity {
     let verified: Result<Arc<Verified>, AuthError> = TOKEN_CACHE.with(|cell| {
         let mut cell = cell.borrow_mut();
         let cache = cell.get_or_insert_with(|| TokenCache::new(mcf.token_cache));
-        if let Some(v) = cache.get(token, now) {
+        // A hit counts only while the provider's current keys hold the key that verified
+        // it: a key withdrawn (rotated out, compromised) stops its cached tokens at once.
+        let hit = cache.get_checked(token, now, |v| {
+            snapshots
+                .iter()
+                .find(|p| p.name == v.provider)
+                .is_none_or(|p| v.key_still_held(&p.keys))
+        });
+        if let Some(v) = hit {
             if auth.providers.iter().any(|p| p.name == v.provider) {
                 return Ok(v);
             }

@@ -36,8 +36,17 @@ pub fn limit(
             .get_complex_value(unsafe { cv.as_ref() })
             .map(|v| v.as_bytes().to_vec())
             .unwrap_or_default(),
+        // The provider is part of the caller: the same principal from two issuers is two
+        // callers. NUL cannot occur in a provider name (nginx's configuration words hold
+        // none), so `provider NUL principal` is unambiguous.
         None => match caller.principal {
-            Some(p) => [b"caller:".as_slice(), p.as_bytes()].concat(),
+            Some(p) => [
+                b"caller:".as_slice(),
+                caller.provider.unwrap_or("").as_bytes(),
+                b"\0",
+                p.as_bytes(),
+            ]
+            .concat(),
             None => [b"addr:".as_slice(), client_addr(r)].concat(),
         },
     };

@@ -5,6 +5,7 @@
 //! - `identify`: the token, verified (with the worker's token cache) and its audience checked;
 //! - `limit`: charging the rate-limit zone;
 //! - `log`: the one log line per refusal;
+//! - `precontent`: what another access module admitted after our refusal (`satisfy any`);
 //! - `trace`: this hop's trace, started in one place;
 //! - `upstream`: the headers the upstream receives;
 //! - `response`: the header filter (`traceresponse`);
@@ -17,6 +18,7 @@ mod identify;
 mod limit;
 mod log;
 pub mod ready;
+pub mod precontent;
 pub mod response;
 pub mod trace;
 mod upstream;

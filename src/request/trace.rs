@@ -1,4 +1,5 @@
-//! This hop's trace: started from the incoming `traceparent` (else `X-Cloud-Trace-Context`)
+//! This hop's trace: started from the incoming `traceparent` (else, when none came at all,
+//! `X-Cloud-Trace-Context`)
 //! with a new span id from the worker's generator.
 
 use std::cell::RefCell;
@@ -52,6 +53,10 @@ pub(super) fn start(r: &Request, lcf: &LocConf) -> Option<Trace> {
             let ts = check_tracestate(&joined).map(<[u8]>::to_vec);
             (Some(tp), ts)
         }
+        // A `traceparent` that is present but invalid starts a new trace, with no
+        // `tracestate` (W3C Trace Context 3.2.2, 3.3.1): it is not a reason to trust
+        // `X-Cloud-Trace-Context`, which only counts when no `traceparent` came at all.
+        None if !parents.is_empty() => (None, None),
         None => (
             header_in(r, "X-Cloud-Trace-Context").and_then(parse_cloud_trace),
             None,

@@ -22,8 +22,28 @@ fn is_trace_header(name: &[u8]) -> bool {
         || name.eq_ignore_ascii_case(b"x-cloud-trace-context")
 }
 
-fn is_mesh_header(name: &[u8]) -> bool {
-    name.len() >= 7 && name[..7].eq_ignore_ascii_case(b"x-mesh-")
+/// `X-Mesh-*` in any case, with `_` for any `-` (`X_Mesh_Caller`: with
+/// `underscores_in_headers on` nginx keeps such names, and FastCGI, uwsgi and SCGI upstreams
+/// read both spellings as `HTTP_X_MESH_CALLER`).
+pub fn is_mesh_header(name: &[u8]) -> bool {
+    name.len() >= 7
+        && name[..7]
+            .iter()
+            .zip(b"x-mesh-")
+            .all(|(&c, &want)| match want {
+                b'-' => c == b'-' || c == b'_',
+                _ => c.to_ascii_lowercase() == want,
+            })
+}
+
+/// Drops every client-sent `X-Mesh-*` header of the main request: called first thing in the
+/// access phase wherever `mesh_forward_identity` is on, whatever is decided next, so that no
+/// access module that admits the request (`satisfy any`: `allow`, `auth_basic`,
+/// `auth_request`, whose subrequest copies these headers) lets the client's own identity
+/// through. `false` if the list could not be rewritten: the caller answers 500.
+pub fn strip_client_identity(r: &mut Request) -> bool {
+    let r: &mut ngx_http_request_t = r.as_mut();
+    remove_headers_in(r, is_mesh_header)
 }
 
 /// Rewrites the headers the upstream will receive: this hop's trace context, and the verified
@@ -34,7 +54,28 @@ fn is_mesh_header(name: &[u8]) -> bool {
 /// by-value copy of its parent's `headers_in` that shares the parent's list, and editing it
 /// would corrupt the main request's headers. Idempotent, so a second pass after an internal
 /// redirect leaves each header once.
-pub fn rewrite(r: &mut Request, lcf: &LocConf, ctx: &RequestCtx) {
+pub fn rewrite(r: &mut Request, lcf: &LocConf, ctx: &RequestCtx) -> bool {
+    ctx.set_upstream_rewritten(true);
+    rewrite_trace(r, lcf, ctx);
+    if lcf.forward_identity {
+        let r: &mut ngx_http_request_t = r.as_mut();
+        if !remove_headers_in(r, is_mesh_header) {
+            return false;
+        }
+        if let Some(v) = &ctx.identity().verified {
+            add_header_in(r, "X-Mesh-Caller", v.principal.as_bytes());
+            add_header_in(r, "X-Mesh-Provider", v.provider.as_bytes());
+            let claims = URL_SAFE_NO_PAD.encode(v.claims_json.as_bytes());
+            add_header_in(r, "X-Mesh-Claims", claims.as_bytes());
+        }
+    }
+    true
+}
+
+/// This hop's trace context toward the upstream (`mesh_trace on`): also for a request another
+/// access module admitted after this module refused it (`satisfy any`), from the
+/// pre-content phase.
+pub fn rewrite_trace(r: &mut Request, lcf: &LocConf, ctx: &RequestCtx) {
     if let Some(t) = ctx.trace(r, lcf) {
         let r: &mut ngx_http_request_t = r.as_mut();
         remove_headers_in(r, is_trace_header);
@@ -43,15 +84,5 @@ pub fn rewrite(r: &mut Request, lcf: &LocConf, ctx: &RequestCtx) {
             add_header_in(r, "tracestate", ts);
         }
         add_header_in(r, "X-Cloud-Trace-Context", t.cloud_trace.as_bytes());
-    }
-    if lcf.forward_identity {
-        let r: &mut ngx_http_request_t = r.as_mut();
-        remove_headers_in(r, is_mesh_header);
-        if let Some(v) = &ctx.identity().verified {
-            add_header_in(r, "X-Mesh-Caller", v.principal.as_bytes());
-            add_header_in(r, "X-Mesh-Provider", v.provider.as_bytes());
-            let claims = URL_SAFE_NO_PAD.encode(v.claims_json.as_bytes());
-            add_header_in(r, "X-Mesh-Claims", claims.as_bytes());
-        }
     }
 }

@@ -1,4 +1,5 @@
-//! The refresher's HTTP client: bounded GETs, no redirect to another scheme or host.
+//! The refresher's HTTP client: bounded GETs that never follow a redirect (a key URL answering
+//! `302` to another host, or to `http://`, would otherwise let that host choose the keys).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +45,8 @@ pub fn agent(
     let config = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)
-        .max_redirects(3)
+        // Never follow a redirect: a 3xx is a failed fetch (the last good keys are kept).
+        .max_redirects(0)
         .user_agent("ngx-mesh")
         .tls_config(tls.build())
         .build();
@@ -71,6 +73,9 @@ pub fn get(
     }
     let mut resp = req.call().map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
+    if (300..400).contains(&status) {
+        return Err(format!("status {status}: redirects are never followed"));
+    }
     if status != 200 {
         return Err(format!("status {status}"));
     }
