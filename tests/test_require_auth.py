@@ -14,6 +14,7 @@ from mesh_test.nginx import (
     emerg_at_marked_line,
     emergs_at_marked_lines,
     nginx_built_with,
+    nginx_t,
     passes_nginx_t,
     render,
 )
@@ -260,6 +261,25 @@ server {  # BAD
         s = summary(passes(body.replace("  # BAD", "").replace(
             "location = /", catch_all), conf_dir, keyring))
         assert (s["total"], s["protected"]) == (2, 2), (catch_all, s)
+
+
+def test_a_location_in_an_included_file_is_named_by_that_file_and_line(module_path, conf_dir, keyring):
+    snippet = conf_dir / "server.d" / "extra.conf"
+    snippet.parent.mkdir()
+    snippet.write_text("# added later\nlocation /extra/ { proxy_pass http://@UPSTREAM@; }\n".replace(
+        "@UPSTREAM@", "127.0.0.1:9"))
+    body = f"""
+mesh_require_auth on;
+server {{
+    listen 127.0.0.1:@PORT@;
+    location / {{ mesh_auth jwks; proxy_pass http://@UPSTREAM@; }}
+    include {snippet};
+}}
+"""
+    rc, out, _ = nginx_t(conf(body, conf_dir, keyring), conf_dir)
+    assert rc != 0, out
+    emergs = [l for l in out.splitlines() if "[emerg]" in l]
+    assert len(emergs) == 1 and re.search(rf'location "/extra/".* in {re.escape(str(snippet))}:2$', emergs[0]), out
 
 
 # ---- nested, named, return-only, internal
