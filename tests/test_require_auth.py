@@ -45,8 +45,15 @@ def conf(body: str, tmp, keyring) -> str:
 
 
 def passes(body: str, tmp, keyring) -> str:
-    """nginx -t accepts the config without [emerg] or [warn]; returns its output."""
-    return passes_nginx_t(conf(body, tmp, keyring), tmp)
+    """nginx -t accepts the config without [emerg] or [warn]; returns its output and what it
+    wrote to its default error log: notices go to stderr only where nginx was built with
+    `--error-log-path=stderr` (Debian's), to logs/error.log under the prefix elsewhere (1.28 here)."""
+    default_log = tmp / "logs" / "error.log"
+    default_log.unlink(missing_ok=True)
+    out = passes_nginx_t(conf(body, tmp, keyring), tmp)
+    if default_log.exists():
+        out += default_log.read_text(errors="replace")
+    return out
 
 
 def summary(out: str) -> dict:
