@@ -173,7 +173,16 @@ impl fmt::Display for Summary {
         }
         write!(f, ", {} explicitly open", self.open)?;
         if self.open_by_server > 0 {
-            write!(f, " ({} by {} server)", self.open_by_server, if self.open_by_server == 1 { "its" } else { "their" })?;
+            write!(
+                f,
+                " ({} by {} server)",
+                self.open_by_server,
+                if self.open_by_server == 1 {
+                    "its"
+                } else {
+                    "their"
+                }
+            )?;
         }
         write!(f, ", {} exempt (return-only or internal)", self.exempt)?;
         if self.unprotected > 0 {
@@ -272,7 +281,10 @@ mod tests {
             ret,
         ];
         let s = Summary::of(&routes);
-        assert_eq!((s.protected, s.optional, s.open, s.open_by_server, s.exempt), (2, 1, 2, 1, 1));
+        assert_eq!(
+            (s.protected, s.optional, s.open, s.open_by_server, s.exempt),
+            (2, 1, 2, 1, 1)
+        );
         assert_eq!(
             s.to_string(),
             "mesh_require_auth: 5 locations: 2 protected (1 optional), 2 explicitly open \

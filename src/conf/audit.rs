@@ -72,7 +72,11 @@ impl LevelFacts {
         } else {
             Written::Nowhere
         };
-        self.written = Some(if wrote_here { self.level() } else { from_parent });
+        self.written = Some(if wrote_here {
+            self.level()
+        } else {
+            from_parent
+        });
         self.server = parent.server;
         self.server_returns = parent.server_returns;
         self.merged = true;
@@ -128,7 +132,11 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
 unsafe fn opening(cf: *mut ngx_conf_t) -> LevelFacts {
     // SAFETY: see `create_loc_conf`; `cf->args` may be NULL for a level nginx makes itself.
     let (words, pos) = unsafe {
-        let words = if (*cf).args.is_null() { &[][..] } else { args(cf) };
+        let words = if (*cf).args.is_null() {
+            &[][..]
+        } else {
+            args(cf)
+        };
         (words, ConfPos::current(cf))
     };
     let word = |i: usize| words.get(i).map(|w| w.to_string()).unwrap_or_default();
@@ -247,7 +255,10 @@ unsafe fn check(cf: *mut ngx_conf_t) -> Result<(), ()> {
         .map(|(_, r)| r)
         .collect();
     let mut failed = false;
-    for r in routes.iter().filter(|r| r.verdict() == Verdict::Unprotected) {
+    for r in routes
+        .iter()
+        .filter(|r| r.verdict() == Verdict::Unprotected)
+    {
         let pos = ConfPos {
             file: r.file.clone(),
             line: r.line,
@@ -258,6 +269,11 @@ unsafe fn check(cf: *mut ngx_conf_t) -> Result<(), ()> {
     if failed {
         return Err(());
     }
-    ngx::ngx_log_error!(NGX_LOG_NOTICE, log, "{}", Summary::of(routes.iter().copied()));
+    ngx::ngx_log_error!(
+        NGX_LOG_NOTICE,
+        log,
+        "{}",
+        Summary::of(routes.iter().copied())
+    );
     Ok(())
 }
