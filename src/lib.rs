@@ -38,7 +38,7 @@ static NGX_HTTP_MESH_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
     init_main_conf: Some(conf::merge::init_main_conf),
     create_srv_conf: None,
     merge_srv_conf: None,
-    create_loc_conf: Some(MeshModule::create_loc_conf),
+    create_loc_conf: Some(conf::audit::create_loc_conf),
     merge_loc_conf: Some(conf::merge::merge_loc_conf),
 };
 
@@ -116,6 +116,10 @@ impl HttpModule for MeshModule {
     }
 
     unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        // SAFETY: nginx calls this with a valid configuration context, every level merged.
+        if unsafe { conf::audit::finish(cf) }.is_err() {
+            return Status::NGX_ERROR.into();
+        }
         // SAFETY: nginx calls this with a valid configuration context, after the http block
         // was parsed, so the core module's main configuration exists.
         unsafe {

@@ -1,6 +1,7 @@
 //! ngx-mesh's pure core: no nginx types, no FFI, no `unsafe`.
 //!
 //! * [`status`]: verification outcomes (`$mesh_auth_status`);
+//! * [`audit`]: `mesh_require_auth`: which routes must verify callers, the `nginx -t` summary;
 //! * [`keys`]: JWKS, PEM and HMAC key sets;
 //! * [`token`]: JWT verification (RFC 7515, 7519, 8725);
 //! * [`extract`]: `Authorization: Bearer` parsing;
@@ -15,6 +16,7 @@
 //! * [`units`]: nginx time/size/flag syntax.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod cache;
 pub mod extract;
 pub mod gcra;

@@ -87,7 +87,7 @@ const T1: u32 = NGX_CONF_TAKE1;
 const FLAG: u32 = NGX_CONF_FLAG;
 
 #[rustfmt::skip]
-pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 27] = [
+pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 28] = [
     // identity
     each!("mesh_provider",          M | NGX_CONF_BLOCK | T1, MainConf, providers,        provider::block),
     once!("mesh_auth",              MSL | NGX_CONF_1MORE,    LocConf,  auth,             identity::auth),
@@ -95,6 +95,7 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 27] = [
     once!("mesh_audience",          MSL | NGX_CONF_1MORE,    LocConf,  audience,         identity::audience),
     once!("mesh_token_cache",       M | T1,                  MainConf, token_cache,      identity::token_cache),
     once!("mesh_realm",             MSL | T1,                LocConf,  realm,            identity::realm),
+    once!("mesh_require_auth",      MS | FLAG,               LocConf,  require_auth,     flag),
     // authorization
     each!("mesh_role",              MS | NGX_CONF_2MORE,     LocConf,  set.roles,        policy::role),
     each!("mesh_allow",             MSL | NGX_CONF_1MORE,    LocConf,  set.rules,        policy::allow),

@@ -9,7 +9,7 @@ use ngx::ffi::ngx_conf_t;
 use ngx::http::HttpModuleMainConf;
 
 use super::directive::ConfError;
-use super::{Auth, AuthSpec, LocConf, MainConf, TRACE_PROJECT_ENV};
+use super::{audit, Auth, AuthSpec, LocConf, MainConf, TRACE_PROJECT_ENV};
 use crate::MeshModule;
 
 /// `init_main_conf`: the http-level values in force.
@@ -100,16 +100,18 @@ pub unsafe extern "C" fn merge_loc_conf(
             (
                 &mut *prev.cast::<LocConf>(),
                 &mut *conf.cast::<LocConf>(),
-                MeshModule::main_conf(&*cf),
+                MeshModule::main_conf_mut(&*cf),
             )
         };
         let Some(mcf) = mcf else {
             return NGX_CONF_ERROR;
         };
-        match merge(mcf, prev, conf) {
-            Ok(()) => NGX_CONF_OK,
-            Err(e) => e.report(cf, ""),
+        if let Err(e) = merge(mcf, prev, conf) {
+            return e.report(cf, "");
         }
+        // SAFETY: this is the module's `merge_loc_conf` of `conf`.
+        unsafe { audit::record(cf, &mut mcf.audit, prev, conf) };
+        NGX_CONF_OK
     })
 }
 
@@ -117,6 +119,8 @@ fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), C
     // The http-level configuration is only ever `prev`, so resolve both sides.
     resolve_auth(mcf, &mut prev.set.auth)?;
     resolve_auth(mcf, &mut conf.set.auth)?;
+    let (wrote, parent_wrote) = (conf.set.auth.is_some(), prev.set.auth.is_some());
+    conf.facts.inherit(&prev.facts, wrote, parent_wrote);
     let (s, p) = (&mut conf.set, &prev.set);
     inherit(&mut s.auth, &p.auth);
     inherit(&mut s.token, &p.token);
@@ -135,6 +139,7 @@ fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), C
     inherit(&mut s.trace_project, &p.trace_project);
     inherit(&mut s.trace_response, &p.trace_response);
     inherit(&mut s.forward_identity, &p.forward_identity);
+    inherit(&mut s.require_auth, &p.require_auth);
     for rl in [&prev.set.rate_limit, &conf.set.rate_limit]
         .into_iter()
         .flatten()

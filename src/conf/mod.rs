@@ -6,6 +6,7 @@
 //! - `identity`, `provider`, `policy`, `rate_limit`, `trace`, `outbound`, `keys`: one file per
 //!   directive family;
 //! - `merge`: inheritance and resolution (`init_main_conf`, `merge_loc_conf`);
+//! - `audit`: `mesh_require_auth`, the check of every route once all are merged;
 //! - this file: the configuration structures and their defaults.
 //!
 //! As in nginx's C modules, parsing fills `set` (what a level wrote, `None` where it wrote
@@ -13,6 +14,7 @@
 //! fields with the defaults below, so the request path never looks at an `Option` it would
 //! have to default.
 
+pub mod audit;
 pub mod commands;
 mod directive;
 mod identity;
@@ -70,6 +72,8 @@ pub struct MainConf {
     trace_project_env: Option<String>,
     /// `mesh_keys_wait` and the shared key store's zone.
     pub keystore: crate::state::keystore::StoreConf,
+    /// The routes `mesh_require_auth` checks, gathered while merging.
+    pub(crate) audit: audit::Audit,
     set: MainSet,
 }
 
@@ -97,6 +101,7 @@ impl Default for MainConf {
             config_version: String::new(),
             trace_project_env: None,
             keystore: Default::default(),
+            audit: audit::Audit::default(),
             set: MainSet::default(),
         }
     }
@@ -128,6 +133,10 @@ pub struct LocConf {
     pub trace_project: String,
     pub trace_response: bool,
     pub forward_identity: bool,
+    /// `mesh_require_auth` (http and server levels, inherited by their locations).
+    pub require_auth: bool,
+    /// Which block made this level, where, and where its `mesh_auth` was written.
+    pub(crate) facts: audit::LevelFacts,
     set: LocSet,
 }
 
@@ -152,6 +161,7 @@ struct LocSet {
     trace_project: Option<String>,
     trace_response: Option<bool>,
     forward_identity: Option<bool>,
+    require_auth: Option<bool>,
 }
 
 impl Default for LocConf {
@@ -174,6 +184,8 @@ impl Default for LocConf {
             trace_project: String::new(),
             trace_response: false,
             forward_identity: false,
+            require_auth: false,
+            facts: audit::LevelFacts::default(),
             set: LocSet::default(),
         };
         lcf.resolve(None);
@@ -215,5 +227,6 @@ impl LocConf {
             .to_string();
         self.trace_response = s.trace_response.unwrap_or(false);
         self.forward_identity = s.forward_identity.unwrap_or(false);
+        self.require_auth = s.require_auth.unwrap_or(false);
     }
 }

@@ -5,12 +5,14 @@
 //!
 //! - `conf`: the words of a directive, where it stands, paths, complex values, shared zones;
 //! - `headers`: request and response header lists;
+//! - `location`: what other modules configured in the level being merged (internal, return);
 //! - `request`: shared views of a request, its client address, nginx's clock;
 //! - `variable`: a variable getter's value slot;
 //! - `timer`: a worker's repeating timer on its event loop.
 
 pub mod conf;
 pub mod headers;
+pub mod location;
 pub mod request;
 pub mod timer;
 pub mod variable;

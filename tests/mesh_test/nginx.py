@@ -321,6 +321,25 @@ def passes_nginx_t(conf_text: str, tmp: Path, *, warn_ok: bool = False) -> str:
     return out
 
 
+def emergs_at_marked_lines(conf_text: str, tmp: Path, marker: str = "# BAD") -> list[str]:
+    """As `emerg_at_marked_line` for a config with several bad lines, each carrying `marker`:
+    `nginx -t` fails with exactly one `[emerg]` per marked line, each naming the config file and
+    its line, and no other `[emerg]`; returns them in the order of the marked lines."""
+    bad = [i + 1 for i, line in enumerate(conf_text.splitlines()) if marker in line]
+    assert bad, f"no line carries {marker!r}"
+    rc, out, conf = nginx_t(conf_text, tmp)
+    assert rc != 0, f"nginx -t accepted a bad config:\n{out}"
+    emergs = [l for l in out.splitlines() if "[emerg]" in l]
+    found = []
+    for line in bad:
+        at_line = re.compile(rf"{re.escape(str(conf))}:{line}(?!\d)")
+        hits = [l for l in emergs if at_line.search(l)]
+        assert len(hits) == 1, f"expected one [emerg] line pointing at {conf}:{line}, got {len(hits)}:\n{out}"
+        found.append(hits[0])
+    assert len(emergs) == len(bad), f"[emerg] lines for unmarked lines too:\n{out}"
+    return found
+
+
 def nginx_built_with(flag: str) -> bool:
     """Whether `nginx -V` lists a configure flag (e.g. --with-http_auth_request_module)."""
     try:
