@@ -226,12 +226,35 @@ mod tests {
         let mut slots = [Slot::default(); 3];
         let mut stats = Stats::default();
         for (seq, k) in [1u64, 2, 1, 3, 3].iter().enumerate() {
-            check_counted(&mut slots, [*k, 0], &g, 1_000, seq as u64, false, &mut stats);
+            check_counted(
+                &mut slots,
+                [*k, 0],
+                &g,
+                1_000,
+                seq as u64,
+                false,
+                &mut stats,
+            );
         }
-        assert_eq!(stats, Stats { evictions: 0, keys: 3 });
+        assert_eq!(
+            stats,
+            Stats {
+                evictions: 0,
+                keys: 3
+            }
+        );
         // A fourth key in a full one-bucket table evicts a live key; keys in use stay 3.
         check_counted(&mut slots, [4, 0], &g, 1_000, 9, false, &mut stats);
-        assert_eq!(stats, Stats { evictions: 1, keys: 3 });
-        assert_eq!(slots.iter().filter(|s| !s.is_empty()).count() as u64, stats.keys);
+        assert_eq!(
+            stats,
+            Stats {
+                evictions: 1,
+                keys: 3
+            }
+        );
+        assert_eq!(
+            slots.iter().filter(|s| !s.is_empty()).count() as u64,
+            stats.keys
+        );
     }
 }
