@@ -96,6 +96,11 @@ impl RequestCtx {
         Some(ctx)
     }
 
+    /// The context of `r` if the module made one (for the log phase), without making one.
+    pub fn existing<'a>(r: &Request) -> Option<&'a RequestCtx> {
+        Self::find(r)
+    }
+
     fn find<'a>(r: &Request) -> Option<&'a RequestCtx> {
         let module = MeshModule::module();
         if let Some(ctx) = r.get_module_ctx::<RequestCtx>(module) {

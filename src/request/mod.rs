@@ -11,11 +11,12 @@
 //! - `variables`: the `$mesh_*` variables.
 
 pub mod access;
-mod ctx;
+pub mod ctx;
 mod identify;
 mod limit;
 mod log;
 pub mod response;
+pub mod status;
 pub mod trace;
 mod upstream;
 pub mod variables;

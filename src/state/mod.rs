@@ -1,12 +1,14 @@
 //! What outlives a request: rate-limit zones in shared memory, live key sets, outbound
 //! tokens, and the refresher thread that keeps the last two current.
 //!
+//! - `metrics`: the counters behind `mesh_status`, in their own shared zone;
 //! - `rate_zone`: `mesh_rate_limit_zone`, an explicit `Configured → Ready` state;
 //! - `provider`: a provider whose keys the refresher may replace; trusted roots for key URLs;
 //! - `outbound`: a `mesh_outbound_token` and its current token;
 //! - `wakeup`: how a worker wakes its refresher;
 //! - `refresher/`: the background thread, its HTTP client and its log queue.
 
+pub mod metrics;
 pub mod outbound;
 pub mod provider;
 pub mod rate_zone;

@@ -11,7 +11,7 @@ use std::ffi::c_void;
 use std::ptr;
 
 use mesh_core::gcra::{Gcra, Outcome};
-use mesh_core::ratetable::{self, Slot};
+use mesh_core::ratetable::{self, Slot, Stats};
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_int_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t,
@@ -40,9 +40,9 @@ enum ZoneState {
 #[repr(C)]
 struct Table {
     nslots: usize,
-    /// Live keys evicted to make room. Not read yet: kept (one add under the lock we hold
-    /// anyway) for `mesh_rate_limit_evictions_total`.
-    evictions: u64,
+    /// Live keys evicted to make room and slots in use (counted under the lock we hold
+    /// anyway), for `mesh_rate_limit_evictions_total` and `mesh_rate_limit_keys`.
+    stats: Stats,
     /// Requests seen by the zone: orders slot use for eviction.
     seq: u64,
     // `nslots` slots follow.
@@ -73,12 +73,27 @@ impl RateZone {
                 t.nslots,
             );
             t.seq += 1;
-            let (outcome, evicted) = ratetable::check(slots, key, gcra, now, t.seq, dry_run);
-            if evicted {
-                t.evictions += 1;
-            }
+            let outcome =
+                ratetable::check_counted(slots, key, gcra, now, t.seq, dry_run, &mut t.stats);
             ngx_shmtx_unlock(&mut (*shpool).mutex);
+            if !outcome.allowed && !dry_run {
+                super::metrics::count_rate_limited(&self.name);
+            }
             Some(outcome)
+        }
+    }
+
+    /// Keys in use and evictions so far (for `mesh_status`); `None` if not ready.
+    pub fn stats(&self) -> Option<Stats> {
+        let ZoneState::Ready { shpool, table } = self.state else {
+            return None;
+        };
+        // SAFETY: as in `check`: the header is read under the zone's shared mutex.
+        unsafe {
+            ngx_shmtx_lock(&mut (*shpool).mutex);
+            let stats = (*table).stats;
+            ngx_shmtx_unlock(&mut (*shpool).mutex);
+            Some(stats)
         }
     }
 }

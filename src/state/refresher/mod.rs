@@ -149,10 +149,12 @@ fn refresh_keys(p: &MeshProvider, job: &mut Job) {
                 ),
             );
             p.set_keys(keys);
+            super::metrics::count_key_refresh(&p.name, true, super::unix_now());
             job.backoff = 0;
             job.due = Instant::now() + Duration::from_secs(after);
         }
         Err(e) => {
+            super::metrics::count_key_refresh(&p.name, false, 0);
             job.backoff = next_backoff(job.backoff);
             let kept = if p.snapshot().keys.is_empty() {
                 "no keys yet"
