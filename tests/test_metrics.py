@@ -353,3 +353,67 @@ def test_a_config_with_mesh_status_passes_nginx_t(module_path, conf_dir, keyring
     body = "server {\n listen 127.0.0.1:@PORT@;\n location /m { mesh_status; }\n}\n"
     rc, out, _ = nginx_t(full(body, conf_dir, keyring), conf_dir)
     assert rc == 0, out
+
+
+def test_outbound_token_expiry_is_reported(module_path, launcher_fn):
+    from mesh_test.metadata import MetadataServer
+
+    md = MetadataServer(lifetime=1800)
+    try:
+        body = f"""
+mesh_metadata_server {md.url};
+mesh_outbound_token $orders_token https://orders.example.test;
+server {{
+    listen 127.0.0.1:@PORT@;
+    location = /metrics {{ mesh_status; }}
+    location = /t {{ return 200 "$orders_token"; }}
+}}
+"""
+        s = launcher_fn.start(body)
+        wait_until(lambda: request(s.port, "/t").body, 10.0)
+
+        def expiry(aud):
+            return value(samples(scrape_text(s.port)), "mesh_outbound_token_expiry_seconds", audience=aud)
+
+        # Every worker fetches its own token; the one that answers reports its own.
+        left = wait_until(lambda: expiry("https://orders.example.test"), 10.0)
+        assert 1800 - 120 <= left <= 1800, left
+    finally:
+        md.down()
+
+
+def test_key_refreshes_are_counted(module_path, launcher_fn, keyring):
+    from mesh_test.keyserver import KeyServer
+    from mesh_test.tokens import KID_RSA, public_jwk
+
+    ks = KeyServer(None)
+    try:
+        ks.set("/good", keys=[public_jwk(keyring.rsa, KID_RSA)])
+        ks.set("/bad", status=500)
+        body = f"""
+mesh_provider live {{ issuer https://live.mesh.test; keys {ks.url('/good')}; }}
+mesh_provider dead {{ issuer https://dead.mesh.test; keys {ks.url('/bad')}; }}
+server {{
+    listen 127.0.0.1:@PORT@;
+    location = /metrics {{ mesh_status; }}
+}}
+"""
+        t0 = now()
+        s = launcher_fn.start(body)
+
+        def settled():
+            m = samples(scrape_text(s.port))
+            done = (value(m, "mesh_keys", provider="live") == 1
+                    and value(m, "mesh_keys_refresh_total", provider="dead", result="failure") >= 1)
+            return m if done else None
+
+        m = wait_until(settled, 10.0)
+        assert m, scrape_text(s.port)
+        assert value(m, "mesh_keys_refresh_total", provider="live", result="success") >= 1
+        assert value(m, "mesh_keys_refresh_total", provider="live", result="failure") == 0
+        assert value(m, "mesh_keys_refresh_total", provider="dead", result="success") == 0
+        assert value(m, "mesh_keys", provider="dead") == 0
+        assert value(m, "mesh_keys_last_refresh_timestamp_seconds", provider="live") >= t0
+        assert value(m, "mesh_keys_last_refresh_timestamp_seconds", provider="dead") == 0
+    finally:
+        ks.close()
