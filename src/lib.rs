@@ -15,7 +15,8 @@ use std::ptr;
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_array_push, ngx_conf_t, ngx_cycle_t, ngx_http_handler_pt, ngx_http_module_t,
-    ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE, ngx_int_t,
+    ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_http_phases_NGX_HTTP_LOG_PHASE,
+    ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE, ngx_int_t,
     ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE, NGX_LOG_EMERG,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
@@ -79,6 +80,7 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     let Some(mcf) = (unsafe { MeshModule::main_conf(&*cycle) }) else {
         return Status::NGX_OK.into();
     };
+    state::metrics::activate(&mcf.metrics);
     if let Err(e) = keystore::start_worker(mcf) {
         ngx_log_error!(NGX_LOG_EMERG, log, "mesh: {}", e);
         return Status::NGX_ERROR.into();
@@ -133,6 +135,13 @@ impl HttpModule for MeshModule {
                 return Status::NGX_ERROR.into();
             }
             *h = Some(request::access::access_handler);
+            let h = ngx_array_push(
+                &mut cmcf.phases[ngx_http_phases_NGX_HTTP_LOG_PHASE as usize].handlers,
+            ) as *mut ngx_http_handler_pt;
+            if h.is_null() {
+                return Status::NGX_ERROR.into();
+            }
+            *h = Some(request::status::log_handler);
 
             let h = ngx_array_push(
                 &mut cmcf.phases[ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE as usize].handlers,
@@ -145,6 +154,19 @@ impl HttpModule for MeshModule {
             request::response::install_header_filter();
 
             if let Err(e) = keystore::add_zone(cf) {
+                ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
+                return Status::NGX_ERROR.into();
+            }
+            let Some(mcf) = MeshModule::main_conf_mut(&*cf) else {
+                return Status::NGX_ERROR.into();
+            };
+            let providers: Vec<(String, bool)> = mcf
+                .providers
+                .iter()
+                .map(|p| (p.name.clone(), p.url.is_none()))
+                .collect();
+            let zones = mcf.zones.clone();
+            if let Err(e) = state::metrics::configure(cf, &mut mcf.metrics, &providers, &zones) {
                 ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
                 return Status::NGX_ERROR.into();
             }

@@ -240,3 +240,34 @@ def test_the_include_passes_nginx_t_with_the_module(module_path, conf_dir, keyri
     from mesh_test.nginx import passes_nginx_t, render
 
     passes_nginx_t(render(LOG_HTTP, conf_dir, port=8, upstream="127.0.0.1:9", keys=keyring.dir), conf_dir)
+
+
+def test_a_rollout_shows_in_logs_and_metrics_alike(module_path, launcher_fn, keyring):
+    """After `nginx -s reload` with a new mesh_config_version, log lines and mesh_config_info
+    name the new version, and only it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = LOG_HTTP.replace(
+        "    location /api/ {",
+        "    location = /metrics { mesh_auth off; allow 127.0.0.1; deny all; mesh_status; }\n    location /api/ {",
+    )
+    s = launcher_fn.start(body)
+    token = jwks_token(keyring, claims(sub="svc-log-reader"))
+
+    def versions() -> tuple[str, list[str]]:
+        resp = request(s.port, "/api/rollout", bearer(token))
+        assert resp.status == 200, resp
+        metrics = request(s.port, "/metrics")
+        info = [smp.labels["version"] for fam in text_string_to_metric_families(metrics.body.decode())
+                for smp in fam.samples if smp.name == "mesh_config_info"]
+        time.sleep(0.2)  # the access log is written when the request ends
+        lines = [json.loads(ln) for ln in (s.ngx.tmp / "cloud.log").read_text().splitlines()]
+        last = [e for e in lines if e["httpRequest"]["requestUrl"] == "/api/rollout"][-1]
+        return last["configVersion"], info
+
+    assert versions() == (VERSION, [VERSION])
+    new = VERSION + ".next"
+    s.ngx.conf_text = s.ngx.conf_text.replace(f'mesh_config_version "{VERSION}"', f'mesh_config_version "{new}"')
+    s.ngx.conf_path.write_text(s.ngx.conf_text)
+    s.ngx.reload()
+    assert versions() == (new, [new])

@@ -46,6 +46,8 @@ const EMPTY: [u64; 2] = [0, 0];
 pub struct Stats {
     /// Live keys evicted to make room (the `bool` of [`check`]).
     pub evictions: u64,
+    /// Slots holding a key (live or run out): what [`check_counted`] counts.
+    pub keys: u64,
 }
 
 /// The 128-bit key of `key` in a zone: the first 16 bytes of
@@ -132,13 +134,33 @@ pub fn check(
     seq: u64,
     dry_run: bool,
 ) -> (Outcome, bool) {
+    let mut stats = Stats::default();
+    let outcome = check_counted(slots, key, gcra, now, seq, dry_run, &mut stats);
+    (outcome, stats.evictions > 0)
+}
+
+/// [`check`], counting into `stats` (kept next to the slots, under the same lock): an
+/// eviction of a live key, and a key taking an empty slot (slots are never emptied again, so
+/// `stats.keys` is the number of slots in use).
+pub fn check_counted(
+    slots: &mut [Slot],
+    key: [u64; 2],
+    gcra: &Gcra,
+    now: u64,
+    seq: u64,
+    dry_run: bool,
+    stats: &mut Stats,
+) -> Outcome {
     let _ = dry_run;
     let key = nonzero(key);
     let bucket = bucket(slots, key);
     let slot = match pick(bucket, key, now).and_then(|i| bucket.get_mut(i)) {
         Some(s) => s,
-        None => return (gcra.check(0, now), false),
+        None => return gcra.check(0, now),
     };
+    if slot.is_empty() {
+        stats.keys += 1;
+    }
     let (tat, evicted) = if slot.key == key {
         (slot.tat, false)
     } else {
@@ -150,7 +172,10 @@ pub fn check(
     slot.tat = outcome.new_tat;
     slot.key = key;
     slot.last = seq;
-    (outcome, evicted)
+    if evicted {
+        stats.evictions += 1;
+    }
+    outcome
 }
 
 #[cfg(test)]
@@ -193,5 +218,43 @@ mod tests {
         assert_eq!(bucket(&mut few, [7, 7]).len(), 3);
         let mut none: [Slot; 0] = [];
         assert!(pick(bucket(&mut none, [1, 1]), [1, 1], 0).is_none());
+    }
+
+    #[test]
+    fn counts_keys_in_use_and_evictions() {
+        let g = crate::gcra::Gcra::new(crate::gcra::parse_rate("1r/m").unwrap(), 0);
+        let mut slots = [Slot::default(); 3];
+        let mut stats = Stats::default();
+        for (seq, k) in [1u64, 2, 1, 3, 3].iter().enumerate() {
+            check_counted(
+                &mut slots,
+                [*k, 0],
+                &g,
+                1_000,
+                seq as u64,
+                false,
+                &mut stats,
+            );
+        }
+        assert_eq!(
+            stats,
+            Stats {
+                evictions: 0,
+                keys: 3
+            }
+        );
+        // A fourth key in a full one-bucket table evicts a live key; keys in use stay 3.
+        check_counted(&mut slots, [4, 0], &g, 1_000, 9, false, &mut stats);
+        assert_eq!(
+            stats,
+            Stats {
+                evictions: 1,
+                keys: 3
+            }
+        );
+        assert_eq!(
+            slots.iter().filter(|s| !s.is_empty()).count() as u64,
+            stats.keys
+        );
     }
 }

@@ -67,6 +67,8 @@ pub struct MainConf {
     pub token_cache: usize,
     /// `mesh_config_version`; empty when not set.
     pub config_version: String,
+    /// The counters of `mesh_status` (their shared zone, and this configuration's names).
+    pub metrics: crate::state::metrics::Metrics,
     /// `GOOGLE_CLOUD_PROJECT` as the master saw it at configuration time (nginx clears the
     /// environment of its workers).
     trace_project_env: Option<String>,
@@ -99,6 +101,7 @@ impl Default for MainConf {
             metadata_server: DEFAULT_METADATA_SERVER.into(),
             token_cache: DEFAULT_TOKEN_CACHE,
             config_version: String::new(),
+            metrics: Default::default(),
             trace_project_env: None,
             keystore: Default::default(),
             audit: audit::Audit::default(),

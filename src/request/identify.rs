@@ -122,9 +122,11 @@ pub fn identify(r: &Request, lcf: &LocConf) -> Identity {
         });
         if let Some(v) = hit {
             if auth.providers.iter().any(|p| p.name == v.provider) {
+                crate::state::metrics::count_token_cache(true);
                 return Ok(v);
             }
         }
+        crate::state::metrics::count_token_cache(false);
         let v = Arc::new(verify_any(r, token, auth, &snapshots, now)?);
         cache.put(token, v.clone());
         Ok(v)
@@ -207,7 +209,7 @@ static PLATFORM_WARNED: AtomicBool = AtomicBool::new(false);
 /// The token of the request: `mesh_token` if set, else the Bearer token of
 /// `X-Serverless-Authorization` (what Cloud Run forwards when `Authorization` carries the
 /// app's own credentials), else of `Authorization`.
-fn token_of<'a>(r: &'a Request, lcf: &LocConf) -> Result<Option<&'a [u8]>, AuthError> {
+pub(crate) fn token_of<'a>(r: &'a Request, lcf: &LocConf) -> Result<Option<&'a [u8]>, AuthError> {
     if let Some(cv) = lcf.token {
         // SAFETY: the complex value was compiled at configuration time into the configuration
         // pool, which outlives every request.

@@ -13,13 +13,14 @@
 //! - `variables`: the `$mesh_*` variables.
 
 pub mod access;
-mod ctx;
+pub mod ctx;
 mod identify;
 mod limit;
 mod log;
 pub mod ready;
 pub mod precontent;
 pub mod response;
+pub mod status;
 pub mod trace;
 mod upstream;
 pub mod variables;

@@ -2,6 +2,7 @@
 //! tokens, the shared key store that keeps the last two for all workers, and the refresher
 //! thread that fetches them.
 //!
+//! - `metrics`: the counters behind `mesh_status`, in their own shared zone;
 //! - `rate_zone`: `mesh_rate_limit_zone`, an explicit `Configured → Ready` state;
 //! - `provider`: a provider whose keys may be replaced; trusted roots for key URLs;
 //! - `outbound`: a `mesh_outbound_token` and its current token;
@@ -10,6 +11,7 @@
 //! - `refresher/`: the background thread, its HTTP client and the worker's timer.
 
 pub mod keystore;
+pub mod metrics;
 pub mod outbound;
 pub mod provider;
 pub mod rate_zone;

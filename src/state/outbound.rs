@@ -34,6 +34,15 @@ impl OutboundToken {
         }
     }
 
+    /// When the current token expires (seconds since the epoch), if one is held.
+    pub fn expires_at(&self) -> Option<u64> {
+        let guard = match self.token.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        guard.as_ref().map(|(_, exp)| *exp)
+    }
+
     /// Whether to log that no token is available (at most once a minute per worker).
     pub fn should_warn(&self) -> bool {
         let now = unix_now();

@@ -11,7 +11,7 @@ use std::ffi::c_void;
 use std::ptr;
 
 use mesh_core::gcra::{Gcra, Outcome};
-use mesh_core::ratetable::{self, Slot};
+use mesh_core::ratetable::{self, Slot, Stats};
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_int_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t,
@@ -39,9 +39,14 @@ enum ZoneState {
 /// The start of the allocation in shared memory: how many slots follow.
 #[repr(C)]
 struct Table {
-    nslots: usize,
-    /// Live keys evicted to make room. Not read yet: kept (one add under the lock we hold
-    /// anyway) for `mesh_rate_limit_evictions_total`.
+    /// Slots that follow. With `keys`, the 8 bytes that were one `usize` before keys were
+    /// counted: the header keeps its size, so a zone kept across a reload into a newer module
+    /// is still read right (on a little-endian machine; elsewhere as an empty table).
+    nslots: u32,
+    /// Slots in use (`mesh_rate_limit_keys`).
+    keys: u32,
+    /// Live keys evicted to make room (`mesh_rate_limit_evictions_total`). Both are counted
+    /// under the lock we hold anyway.
     evictions: u64,
     /// Requests seen by the zone: orders slot use for eviction.
     seq: u64,
@@ -70,15 +75,39 @@ impl RateZone {
             let t = &mut *table;
             let slots = std::slice::from_raw_parts_mut(
                 (table as *mut u8).add(size_of::<Table>()) as *mut Slot,
-                t.nslots,
+                t.nslots as usize,
             );
             t.seq += 1;
-            let (outcome, evicted) = ratetable::check(slots, key, gcra, now, t.seq, dry_run);
-            if evicted {
-                t.evictions += 1;
-            }
+            let mut stats = Stats {
+                evictions: t.evictions,
+                keys: u64::from(t.keys),
+            };
+            let outcome =
+                ratetable::check_counted(slots, key, gcra, now, t.seq, dry_run, &mut stats);
+            t.evictions = stats.evictions;
+            t.keys = u32::try_from(stats.keys).unwrap_or(u32::MAX);
             ngx_shmtx_unlock(&mut (*shpool).mutex);
+            if !outcome.allowed && !dry_run {
+                super::metrics::count_rate_limited(&self.name);
+            }
             Some(outcome)
+        }
+    }
+
+    /// Keys in use and evictions so far (for `mesh_status`); `None` if not ready.
+    pub fn stats(&self) -> Option<Stats> {
+        let ZoneState::Ready { shpool, table } = self.state else {
+            return None;
+        };
+        // SAFETY: as in `check`: the header is read under the zone's shared mutex.
+        unsafe {
+            ngx_shmtx_lock(&mut (*shpool).mutex);
+            let stats = Stats {
+                evictions: (*table).evictions,
+                keys: u64::from((*table).keys),
+            };
+            ngx_shmtx_unlock(&mut (*shpool).mutex);
+            Some(stats)
         }
     }
 }
@@ -126,14 +155,15 @@ pub unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
             );
             return Status::NGX_ERROR.into();
         }
-        let nslots = (bytes - size_of::<Table>()) / size_of::<Slot>();
+        // At most u32::MAX slots (a 128 GiB zone); the rest of a bigger zone stays unused.
+        let nslots = ((bytes - size_of::<Table>()) / size_of::<Slot>()).min(u32::MAX as usize);
         // Zero the slots: an all-zero slot is an empty one.
         ptr::write_bytes(
             table as *mut u8,
             0,
             size_of::<Table>() + nslots * size_of::<Slot>(),
         );
-        (*table).nslots = nslots;
+        (*table).nslots = nslots as u32;
         (*shpool).data = table.cast();
         zone.state = ZoneState::Ready { shpool, table };
         ngx::ngx_log_error!(
@@ -146,3 +176,6 @@ pub unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
         Status::NGX_OK.into()
     }
 }
+
+// The header's size is part of the zone's layout, which a reload may hand to a newer module.
+const _: () = assert!(size_of::<Table>() == 24);

@@ -50,7 +50,9 @@ mod start;
 mod worker;
 
 pub use start::init_module;
-pub use worker::{catch_up, missing, request_refetch, start_worker, stop_worker, tick};
+pub use worker::{
+    catch_up, missing, refresh_record, request_refetch, start_worker, stop_worker, tick,
+};
 
 /// The zone's name and size: one page table plus room for every key set and token.
 const ZONE_NAME: &str = "mesh_keys";

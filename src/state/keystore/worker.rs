@@ -246,3 +246,24 @@ pub fn missing(mcf: &MainConf) -> Vec<String> {
     }
     out
 }
+
+/// The shared record of a key URL provider's fetches, as every process sees it in the zone
+/// (the master's fetch at start included, kept across reloads): the time of the last good
+/// fetch (seconds since the epoch, 0: never), and how many fetches succeeded and failed.
+/// `None` for a provider without a key URL, or before this worker found its slot.
+pub fn refresh_record(p: &MeshProvider) -> Option<(u64, u64, u64)> {
+    p.url.as_ref()?;
+    WORKER.with(|cell| {
+        let mut guard = cell.try_borrow_mut().ok()?;
+        let w = guard.as_mut()?;
+        // SAFETY: the KeyZone lives in the configuration pool of the cycle this worker runs.
+        let zone = unsafe { &*w.zone };
+        let local = w.locals.iter_mut().find(
+            |l| matches!(&l.source, Source::Keys(q) if std::ptr::eq(Arc::as_ptr(q), p)),
+        )?;
+        let mut l = zone.lock()?;
+        let i = l.locate(&local.id, &mut local.slot, now_ms())?;
+        let s = &l.slots()[i].sched;
+        Some((s.fetched_at / 1000, s.ok_total, s.failed_total))
+    })
+}

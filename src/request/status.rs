@@ -1,0 +1,340 @@
+//! `mesh_status`: the Prometheus content handler, and the log-phase handler that counts each
+//! request once, with its final decision and verification outcome.
+
+use std::ffi::{c_char, c_void};
+use std::ptr;
+
+use mesh_core::metrics::{
+    Exposition, Kind, AUTH_STATUSES, CONTENT_TYPE, DECISIONS, REFRESH_RESULTS,
+};
+use mesh_core::status::AuthStatus;
+use mesh_core::token::unverified_issuer;
+use ngx::core::{Buffer, Status, NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::ffi::{
+    ngx_chain_t, ngx_command_t, ngx_conf_t, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_HTTP_GET,
+    NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED,
+};
+use ngx::http::{
+    HTTPStatus, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule, Request,
+};
+
+use super::ctx::RequestCtx;
+use crate::conf::MainConf;
+use crate::nginx::no_panic;
+use crate::state::metrics::{self, Snapshot};
+use crate::state::unix_now;
+use crate::MeshModule;
+
+/// `mesh_status;` (location): this location answers with the metrics.
+///
+/// # Safety
+/// nginx calls directive handlers with its configuration context.
+pub unsafe extern "C" fn mesh_status(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    _conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `cf` is live while the directive is handled; in a location its http core
+    // location configuration exists.
+    let clcf = unsafe { NgxHttpCoreModule::location_conf_mut(&*cf) };
+    match clcf {
+        Some(clcf) => {
+            clcf.handler = Some(status_handler);
+            NGX_CONF_OK
+        }
+        None => NGX_CONF_ERROR,
+    }
+}
+
+/// The content handler: GET and HEAD only; never blocks (relaxed loads of shared counters,
+/// and each rate zone's mutex for two words).
+unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
+        // SAFETY: nginx calls content handlers with a live request.
+        let r = unsafe { Request::from_ngx_http_request(r) };
+        let method = r.as_ref().method;
+        if method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as usize == 0 {
+            return NGX_HTTP_NOT_ALLOWED as ngx_int_t;
+        }
+        let rc = r.discard_request_body();
+        if rc != Status::NGX_OK {
+            return rc.into();
+        }
+        let Some(mcf) = MeshModule::main_conf(r) else {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        };
+        let body = render(mcf, metrics::snapshot().as_ref());
+        send(r, &body, method & NGX_HTTP_HEAD as usize != 0)
+    })
+}
+
+fn send(r: &mut Request, body: &str, head: bool) -> ngx_int_t {
+    r.set_status(HTTPStatus::OK);
+    r.set_content_length_n(body.len());
+    // A static string as the response's content type (nginx only reads it).
+    let out = &mut r.as_mut().headers_out;
+    out.content_type = ngx_str_t {
+        len: CONTENT_TYPE.len(),
+        data: CONTENT_TYPE.as_ptr().cast_mut(),
+    };
+    out.content_type_len = CONTENT_TYPE.len();
+    let rc = r.send_header();
+    if rc == Status::NGX_ERROR || rc.0 > Status::NGX_OK.0 || head {
+        return rc.into();
+    }
+    let pool = r.pool();
+    let Some(mut buf) = pool.create_buffer_from_str(body) else {
+        return Status::NGX_ERROR.into();
+    };
+    buf.set_last_buf(r.is_main());
+    buf.set_last_in_chain(true);
+    let chain = pool.alloc_type::<ngx_chain_t>();
+    if chain.is_null() {
+        return Status::NGX_ERROR.into();
+    }
+    // SAFETY: `chain` is a fresh pool allocation for one link; the buffer lives in the pool.
+    unsafe {
+        (*chain).buf = buf.as_ngx_buf_mut();
+        (*chain).next = ptr::null_mut();
+        r.output_filter(&mut *chain).into()
+    }
+}
+
+/// The exposition of this configuration's counters.
+fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
+    let mut e = Exposition::new();
+    let now = unix_now();
+
+    e.family(
+        "mesh_requests_total",
+        Kind::Counter,
+        "Requests decided by the mesh module, by final decision ($mesh_decision).",
+    );
+    for (i, d) in DECISIONS.iter().enumerate() {
+        let v = s.map_or(0, |s| s.decisions[i]);
+        e.sample("mesh_requests_total", &[("decision", d)], v);
+    }
+
+    e.family(
+        "mesh_auth_total",
+        Kind::Counter,
+        "Token verification outcomes ($mesh_auth_status), by provider (empty: none could be named).",
+    );
+    for p in s.map_or(&[][..], |s| &s.providers[..]) {
+        for (i, st) in AUTH_STATUSES.iter().enumerate() {
+            // The unnamed bucket only when something fell into it.
+            if p.name.is_empty() && p.auth[i] == 0 {
+                continue;
+            }
+            e.sample(
+                "mesh_auth_total",
+                &[("provider", &p.name), ("status", st.as_str())],
+                p.auth[i],
+            );
+        }
+    }
+
+    let zones = s.map_or(&[][..], |s| &s.zones[..]);
+    e.family(
+        "mesh_rate_limited_total",
+        Kind::Counter,
+        "Requests refused by a rate-limit zone (dry runs not included).",
+    );
+    for z in zones {
+        e.sample(
+            "mesh_rate_limited_total",
+            &[("zone", &z.name)],
+            z.rate_limited,
+        );
+    }
+    e.family(
+        "mesh_rate_limit_keys",
+        Kind::Gauge,
+        "Keys holding a slot in a rate-limit zone.",
+    );
+    for z in zones {
+        e.sample("mesh_rate_limit_keys", &[("zone", &z.name)], z.keys);
+    }
+    e.family(
+        "mesh_rate_limit_evictions_total",
+        Kind::Counter,
+        "Keys with live state evicted from a full rate-limit zone.",
+    );
+    for z in zones {
+        e.sample(
+            "mesh_rate_limit_evictions_total",
+            &[("zone", &z.name)],
+            z.evictions,
+        );
+    }
+
+    e.family(
+        "mesh_token_cache_hits_total",
+        Kind::Counter,
+        "Verified-token cache lookups that found the token (all workers).",
+    );
+    e.sample(
+        "mesh_token_cache_hits_total",
+        &[],
+        s.map_or(0, |s| s.cache_hits),
+    );
+    e.family(
+        "mesh_token_cache_misses_total",
+        Kind::Counter,
+        "Verified-token cache lookups that did not (the token was verified).",
+    );
+    e.sample(
+        "mesh_token_cache_misses_total",
+        &[],
+        s.map_or(0, |s| s.cache_misses),
+    );
+
+    e.family("mesh_keys", Kind::Gauge, "Keys loaded for a provider.");
+    for p in &mcf.providers {
+        e.sample(
+            "mesh_keys",
+            &[("provider", &p.name)],
+            p.snapshot().keys.keys.len() as u64,
+        );
+    }
+    let named = || {
+        s.into_iter()
+            .flat_map(|s| &s.providers)
+            .filter(|p| !p.name.is_empty())
+    };
+    e.family(
+        "mesh_keys_last_refresh_timestamp_seconds",
+        Kind::Gauge,
+        "When a provider's keys were last loaded (read at configuration time, or fetched), seconds since the epoch; 0: never.",
+    );
+    // A key URL provider: the shared key store's record (one fetch serves every worker, the
+    // master's at start included, kept across reloads); a key file: when it was read.
+    let refresh = |p: &crate::state::metrics::ProviderCounts| -> (u64, u64, u64) {
+        mcf.providers
+            .iter()
+            .find(|q| q.name == p.name)
+            .and_then(|q| crate::state::keystore::refresh_record(q))
+            .unwrap_or((p.last_refresh, p.refresh_ok, p.refresh_failed))
+    };
+    for p in named() {
+        e.sample(
+            "mesh_keys_last_refresh_timestamp_seconds",
+            &[("provider", &p.name)],
+            refresh(p).0,
+        );
+    }
+    e.family(
+        "mesh_keys_refresh_total",
+        Kind::Counter,
+        "Fetches of a provider's key URL, by result.",
+    );
+    for p in named() {
+        let (_, ok, failed) = refresh(p);
+        for (result, v) in REFRESH_RESULTS.iter().zip([ok, failed]) {
+            e.sample(
+                "mesh_keys_refresh_total",
+                &[("provider", &p.name), ("result", result)],
+                v,
+            );
+        }
+    }
+
+    e.family(
+        "mesh_outbound_token_expiry_seconds",
+        Kind::Gauge,
+        "Seconds until the current outbound token for an audience expires; 0: none held.",
+    );
+    for t in &mcf.outbound {
+        let left = t
+            .expires_at()
+            .map_or(0, |exp| exp as i64 - now as i64)
+            .max(0);
+        e.sample(
+            "mesh_outbound_token_expiry_seconds",
+            &[("audience", &t.audience)],
+            left,
+        );
+    }
+
+    e.family(
+        "mesh_config_info",
+        Kind::Gauge,
+        "The configuration in force (mesh_config_version).",
+    );
+    e.sample(
+        "mesh_config_info",
+        &[("version", &mcf.config_version)],
+        1u64,
+    );
+    e.family(
+        "mesh_build_info",
+        Kind::Gauge,
+        "The module's version and the nginx it runs in.",
+    );
+    e.sample(
+        "mesh_build_info",
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("nginx", nginx_version()),
+        ],
+        1u64,
+    );
+    e.finish()
+}
+
+/// The version of the nginx headers the module was built against (it loads only into that nginx).
+fn nginx_version() -> &'static str {
+    ngx::ffi::NGINX_VERSION.to_str().unwrap_or("")
+}
+
+/// The log-phase handler: counts a request the access phase decided, once.
+pub unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    no_panic(Status::NGX_OK.into(), || {
+        // SAFETY: nginx calls phase handlers with a live request.
+        let r = unsafe { Request::from_ngx_http_request(r) };
+        if let Some(ctx) = RequestCtx::existing(r) {
+            count(r, ctx);
+        }
+        Status::NGX_OK.into()
+    })
+}
+
+fn count(r: &Request, ctx: &RequestCtx) {
+    if !ctx.decided() {
+        return;
+    }
+    if let Some(d) = ctx.decision() {
+        metrics::count_decision(d);
+    }
+    let id = ctx.identity();
+    if id.status == AuthStatus::Off {
+        return;
+    }
+    if id.status == AuthStatus::Verified {
+        metrics::count_auth(id.provider(), id.status);
+        return;
+    }
+    // Refused (or anonymous): the provider the token's `iss` names, else the only one the
+    // location accepts, else none.
+    // SAFETY: configurations live for the whole cycle.
+    let Some(lcf) = (unsafe { id.conf.as_ref() }) else {
+        metrics::count_auth("", id.status);
+        return;
+    };
+    let providers = lcf.auth.as_deref().map_or(&[][..], |a| &a.providers[..]);
+    let by_issuer = super::identify::token_of(r, lcf)
+        .ok()
+        .flatten()
+        .and_then(unverified_issuer)
+        .and_then(|iss| {
+            providers
+                .iter()
+                .find(|p| p.snapshot().issuers.contains(&iss))
+        });
+    let name = match (by_issuer, providers) {
+        (Some(p), _) => p.name.as_str(),
+        (None, [only]) => only.name.as_str(),
+        _ => "",
+    };
+    metrics::count_auth(name, id.status);
+}

@@ -1,0 +1,409 @@
+//! The counters behind `mesh_status`: plain atomics in one shared memory zone, summed over
+//! all workers because every worker adds to the same memory (as nginx's `stub_status`).
+//!
+//! The zone (`mesh_metrics`, created by the module with its own tag) has a fixed layout:
+//! per-decision counters, the token cache's hits and misses, and a table of name slots, one
+//! per provider and per rate-limit zone of the configuration. A slot is found by its kind and
+//! name, so `nginx -s reload` keeps the counts of the names that still exist; slots are bound
+//! to names at configuration time (in the master, under the zone's mutex), so a request only
+//! ever does one relaxed atomic add, without a lock.
+//!
+//! Workers find this cycle's view through `ACTIVE`, set once in `init_process`.
+
+use std::ffi::c_void;
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+
+use mesh_core::metrics::{auth_index, name_hash, DECISIONS};
+use mesh_core::status::AuthStatus;
+use ngx::core::Status;
+use ngx::ffi::{
+    ngx_conf_t, ngx_int_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc_locked,
+    ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG,
+};
+
+use super::rate_zone::RateZone;
+use crate::request::ctx::Decision;
+
+/// The zone's name (nginx refuses another module's zone of the same name).
+pub const ZONE_NAME: &str = "mesh_metrics";
+/// The zone's size: the table below plus the slab allocator's own pages.
+const ZONE_SIZE: usize = 128 * 1024;
+/// Name slots: providers and rate-limit zones of this and earlier configurations.
+const NSLOTS: usize = 256;
+/// Bytes of a name kept to tell names apart (with the name's length and hash).
+const NAME_LEN: usize = 96;
+/// Counters per name slot.
+const NCOUNTERS: usize = 16;
+/// Marks a table written by this layout.
+const MAGIC: u64 = 0x6d65_7368_6d65_7401;
+
+/// Slot kinds.
+const KIND_EMPTY: u64 = 0;
+const KIND_PROVIDER: u64 = 1;
+const KIND_ZONE: u64 = 2;
+
+/// A provider slot's counters: `0..11` the verification outcomes (`AUTH_STATUSES` order),
+/// then these.
+const P_REFRESH_OK: usize = 11;
+const P_REFRESH_FAILED: usize = 12;
+const P_LAST_REFRESH: usize = 13;
+/// A zone slot's counters.
+const Z_RATE_LIMITED: usize = 0;
+
+#[repr(C)]
+struct Shared {
+    magic: u64,
+    /// Bumped by every configuration that binds names (under the mutex).
+    epoch: u64,
+    decisions: [AtomicU64; DECISIONS.len()],
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    slots: [NameSlot; NSLOTS],
+}
+
+#[repr(C)]
+struct NameSlot {
+    kind: u64,
+    hash: u64,
+    len: u64,
+    /// The last configuration that named this slot.
+    epoch: u64,
+    name: [u8; NAME_LEN],
+    counters: [AtomicU64; NCOUNTERS],
+}
+
+impl NameSlot {
+    fn is(&self, kind: u64, name: &str) -> bool {
+        let n = name.as_bytes();
+        let keep = n.len().min(NAME_LEN);
+        self.kind == kind
+            && self.hash == name_hash(name)
+            && self.len == n.len() as u64
+            && self.name[..keep] == n[..keep]
+    }
+
+    fn bind(&mut self, kind: u64, name: &str, epoch: u64) {
+        let n = name.as_bytes();
+        let keep = n.len().min(NAME_LEN);
+        self.kind = kind;
+        self.hash = name_hash(name);
+        self.len = n.len() as u64;
+        self.epoch = epoch;
+        self.name = [0; NAME_LEN];
+        self.name[..keep].copy_from_slice(&n[..keep]);
+        for c in &self.counters {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// This cycle's view of the zone (in the main configuration): the table, and which slot
+/// each configured name got.
+pub struct Metrics {
+    shared: *mut Shared,
+    /// Providers by name, with their slot; the empty name collects outcomes no provider can
+    /// be named for (a missing token where several providers are accepted).
+    providers: Vec<(String, usize)>,
+    zones: Vec<(String, usize)>,
+    /// Providers whose keys were read at configuration time: their last refresh is then.
+    file_providers: Vec<String>,
+    /// The rate zones' own state (keys in use, evictions), in the configuration pool.
+    rate_zones: Vec<*const RateZone>,
+}
+
+// SAFETY: after `zone_init` (in the master, before workers fork) a `Metrics` is only read;
+// the table it points at is shared memory changed only through atomics (the refresher thread
+// adds to it as nginx's thread does) or under the zone's mutex at configuration time.
+unsafe impl Sync for Metrics {}
+// SAFETY: as above; the pointers stay valid for the cycle, whichever thread reads them.
+unsafe impl Send for Metrics {}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            shared: ptr::null_mut(),
+            providers: Vec::new(),
+            zones: Vec::new(),
+            file_providers: Vec::new(),
+            rate_zones: Vec::new(),
+        }
+    }
+}
+
+/// The worker's cycle's `Metrics`; null in the master and before `init_process`.
+static ACTIVE: AtomicPtr<Metrics> = AtomicPtr::new(ptr::null_mut());
+
+/// Makes `m` the view the worker counts into (`init_process`; the cycle outlives the worker).
+pub fn activate(m: &Metrics) {
+    ACTIVE.store(ptr::from_ref(m).cast_mut(), Ordering::Release);
+}
+
+fn active() -> Option<(&'static Metrics, &'static Shared)> {
+    // SAFETY: `ACTIVE` is null or points at the `Metrics` of the worker's only cycle, which
+    // lives until the worker exits; its `shared` is null or the zone's table.
+    unsafe {
+        let m = ACTIVE.load(Ordering::Acquire).as_ref()?;
+        let s = m.shared.as_ref()?;
+        Some((m, s))
+    }
+}
+
+fn slot_of<'a>(s: &'a Shared, names: &[(String, usize)], name: &str) -> Option<&'a NameSlot> {
+    names
+        .iter()
+        .find(|(n, _)| n == name)
+        .and_then(|(_, i)| s.slots.get(*i))
+}
+
+fn add(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A request's final decision.
+pub fn count_decision(d: Decision) {
+    // `Decision` lists its values in the order of `DECISIONS`.
+    let i = match d {
+        Decision::Allow => 0,
+        Decision::Deny => 1,
+        Decision::Unauthenticated => 2,
+        Decision::RateLimited => 3,
+        Decision::WouldDeny => 4,
+        Decision::WouldRateLimit => 5,
+    };
+    if let Some((_, s)) = active() {
+        add(&s.decisions[i]);
+    }
+}
+
+/// A request's verification outcome, under `provider` (empty when none can be named).
+pub fn count_auth(provider: &str, status: AuthStatus) {
+    let Some(i) = auth_index(status) else { return };
+    if let Some((m, s)) = active() {
+        let slot = slot_of(s, &m.providers, provider).or_else(|| slot_of(s, &m.providers, ""));
+        if let Some(slot) = slot {
+            add(&slot.counters[i]);
+        }
+    }
+}
+
+/// A verified-token cache lookup.
+pub fn count_token_cache(hit: bool) {
+    if let Some((_, s)) = active() {
+        add(if hit { &s.cache_hits } else { &s.cache_misses });
+    }
+}
+
+/// A request refused by a rate-limit zone.
+pub fn count_rate_limited(zone: &str) {
+    if let Some((m, s)) = active() {
+        if let Some(slot) = slot_of(s, &m.zones, zone) {
+            add(&slot.counters[Z_RATE_LIMITED]);
+        }
+    }
+}
+
+/// What a scrape reads: a snapshot of every counter of this configuration's names.
+pub struct Snapshot {
+    pub decisions: [u64; DECISIONS.len()],
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub providers: Vec<ProviderCounts>,
+    pub zones: Vec<ZoneCounts>,
+}
+
+pub struct ProviderCounts {
+    pub name: String,
+    pub auth: [u64; mesh_core::metrics::AUTH_STATUSES.len()],
+    pub refresh_ok: u64,
+    pub refresh_failed: u64,
+    /// Seconds since the epoch; 0: never.
+    pub last_refresh: u64,
+}
+
+pub struct ZoneCounts {
+    pub name: String,
+    pub rate_limited: u64,
+    /// Slots in use and live keys evicted, from the rate zone itself.
+    pub keys: u64,
+    pub evictions: u64,
+}
+
+/// Every counter, read with relaxed loads (each value is exact; the set is not one instant,
+/// as with `stub_status`). `None` before the zone is ready.
+pub fn snapshot() -> Option<Snapshot> {
+    let (m, s) = active()?;
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let providers = m
+        .providers
+        .iter()
+        .filter_map(|(name, i)| {
+            let slot = s.slots.get(*i)?;
+            let mut auth = [0; mesh_core::metrics::AUTH_STATUSES.len()];
+            for (a, c) in auth.iter_mut().zip(&slot.counters) {
+                *a = load(c);
+            }
+            Some(ProviderCounts {
+                name: name.clone(),
+                auth,
+                refresh_ok: load(&slot.counters[P_REFRESH_OK]),
+                refresh_failed: load(&slot.counters[P_REFRESH_FAILED]),
+                last_refresh: load(&slot.counters[P_LAST_REFRESH]),
+            })
+        })
+        .collect();
+    let zones = m
+        .zones
+        .iter()
+        .zip(&m.rate_zones)
+        .filter_map(|((name, i), rz)| {
+            let slot = s.slots.get(*i)?;
+            // SAFETY: the rate zones live in the configuration pool of this cycle.
+            let stats = unsafe { rz.as_ref() }
+                .and_then(RateZone::stats)
+                .unwrap_or_default();
+            Some(ZoneCounts {
+                name: name.clone(),
+                rate_limited: load(&slot.counters[Z_RATE_LIMITED]),
+                keys: stats.keys,
+                evictions: stats.evictions,
+            })
+        })
+        .collect();
+    let mut decisions = [0; DECISIONS.len()];
+    for (d, c) in decisions.iter_mut().zip(&s.decisions) {
+        *d = load(c);
+    }
+    Some(Snapshot {
+        decisions,
+        cache_hits: load(&s.cache_hits),
+        cache_misses: load(&s.cache_misses),
+        providers,
+        zones,
+    })
+}
+
+/// At the end of the http block (`postconfiguration`): asks nginx for the zone, with the
+/// names this configuration counts under: `providers` as (name, keys read from a file now).
+///
+/// # Safety
+/// `cf` is nginx's configuration context; `m` lives in the main configuration (the
+/// configuration pool), at a fixed address for the cycle.
+pub unsafe fn configure(
+    cf: *mut ngx_conf_t,
+    m: &mut Metrics,
+    providers: &[(String, bool)],
+    zones: &[String],
+) -> Result<(), String> {
+    m.providers = std::iter::once(String::new())
+        .chain(providers.iter().map(|(n, _)| n.clone()))
+        .map(|n| (n, usize::MAX))
+        .collect();
+    m.file_providers = providers
+        .iter()
+        .filter(|(_, file)| *file)
+        .map(|(n, _)| n.clone())
+        .collect();
+    m.zones = zones.iter().map(|n| (n.clone(), usize::MAX)).collect();
+    m.rate_zones = Vec::with_capacity(zones.len());
+    for name in zones {
+        // Size 0: the zone `mesh_rate_limit_zone` already declared, found by name.
+        let name = ngx_str_t {
+            len: name.len(),
+            data: name.as_ptr().cast_mut(),
+        };
+        let zone = crate::nginx::conf::shared_zone(cf, name, 0)?;
+        // SAFETY: `data` of a mesh zone is its `RateZone` (set when it was declared).
+        m.rate_zones
+            .push(unsafe { (*zone.as_ptr()).data as *const RateZone });
+    }
+    let name = ngx_str_t {
+        len: ZONE_NAME.len(),
+        data: ZONE_NAME.as_ptr().cast_mut(),
+    };
+    let zone = crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE)?.as_ptr();
+    // SAFETY: nginx's entry for our zone; `data` is set to this cycle's `Metrics`.
+    unsafe {
+        (*zone).data = ptr::from_mut(m).cast();
+        (*zone).init = Some(zone_init);
+    }
+    Ok(())
+}
+
+/// `shm_zone->init`, in the master for every (re)started cycle: finds (or makes) the table
+/// and binds this configuration's names to slots.
+///
+/// # Safety
+/// nginx calls this with our zone, whose `data` is this cycle's `Metrics`.
+unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void) -> ngx_int_t {
+    // SAFETY: see the contract; `shm.addr` starts with the zone's slab pool, which nginx
+    // initialised (or kept from the previous cycle) before calling us. The table is only
+    // written under the pool's mutex, apart from the atomic counters.
+    unsafe {
+        let m = &mut *((*shm_zone).data as *mut Metrics);
+        let shpool = (*shm_zone).shm.addr as *mut ngx_slab_pool_t;
+        ngx_shmtx_lock(&mut (*shpool).mutex);
+        let mut table = (*shpool).data as *mut Shared;
+        if table.is_null() || (*table).magic != MAGIC {
+            table = ngx_slab_alloc_locked(shpool, size_of::<Shared>()) as *mut Shared;
+            if table.is_null() {
+                ngx_shmtx_unlock(&mut (*shpool).mutex);
+                ngx::ngx_log_error!(
+                    NGX_LOG_EMERG,
+                    (*shm_zone).shm.log,
+                    "mesh: the metrics zone is too small"
+                );
+                return Status::NGX_ERROR.into();
+            }
+            ptr::write_bytes(table as *mut u8, 0, size_of::<Shared>());
+            (*table).magic = MAGIC;
+            (*shpool).data = table.cast();
+        }
+        let t = &mut *table;
+        t.epoch += 1;
+        let epoch = t.epoch;
+        let now = super::unix_now();
+        for (kind, names) in [(KIND_PROVIDER, &mut m.providers), (KIND_ZONE, &mut m.zones)] {
+            for (name, index) in names.iter_mut() {
+                *index = bind(t, kind, name, epoch);
+            }
+        }
+        for name in &m.file_providers {
+            if let Some(slot) = slot_of(t, &m.providers, name) {
+                slot.counters[P_LAST_REFRESH].store(now, Ordering::Relaxed);
+            }
+        }
+        ngx_shmtx_unlock(&mut (*shpool).mutex);
+        m.shared = table;
+        Status::NGX_OK.into()
+    }
+}
+
+/// The slot of `(kind, name)`: its own if an earlier configuration had it, else an empty one,
+/// else the one unused the longest (its counts start again). `usize::MAX`: none (more names
+/// than slots; such a name is not counted).
+fn bind(t: &mut Shared, kind: u64, name: &str, epoch: u64) -> usize {
+    if let Some(i) = t.slots.iter().position(|s| s.is(kind, name)) {
+        t.slots[i].epoch = epoch;
+        return i;
+    }
+    let free = t
+        .slots
+        .iter()
+        .position(|s| s.kind == KIND_EMPTY)
+        .or_else(|| {
+            t.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.epoch < epoch)
+                .min_by_key(|(_, s)| s.epoch)
+                .map(|(i, _)| i)
+        });
+    match free {
+        Some(i) => {
+            t.slots[i].bind(kind, name, epoch);
+            i
+        }
+        None => usize::MAX,
+    }
+}
