@@ -275,6 +275,11 @@ def test_health_path_needs_no_token(served):
     assert resp.status == 200 and resp.body == b"ok\n"
 
 
+def test_ready_path_answers_200_once_keys_are_loaded(served):
+    resp = request(served.port, "/ready")
+    assert resp.status == 200 and resp.body == b"ready\n", resp
+
+
 def test_template_with_digits_in_variable_names(served):
     resp = request(served.port, "/extra")
     assert resp.status == 200 and resp.body == b"extra two /extra\n", resp
