@@ -258,9 +258,10 @@ pub fn refresh_record(p: &MeshProvider) -> Option<(u64, u64, u64)> {
         let w = guard.as_mut()?;
         // SAFETY: the KeyZone lives in the configuration pool of the cycle this worker runs.
         let zone = unsafe { &*w.zone };
-        let local = w.locals.iter_mut().find(
-            |l| matches!(&l.source, Source::Keys(q) if std::ptr::eq(Arc::as_ptr(q), p)),
-        )?;
+        let local = w
+            .locals
+            .iter_mut()
+            .find(|l| matches!(&l.source, Source::Keys(q) if std::ptr::eq(Arc::as_ptr(q), p)))?;
         let mut l = zone.lock()?;
         let i = l.locate(&local.id, &mut local.slot, now_ms())?;
         let s = &l.slots()[i].sched;
