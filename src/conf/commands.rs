@@ -17,7 +17,9 @@ use ngx::ffi::{
 use ngx::ngx_string;
 
 use super::directive::{directive, flag, set_once};
-use super::{identity, keys, log, outbound, policy, provider, rate_limit, trace, LocConf, MainConf};
+use super::{
+    identity, keys, log, outbound, policy, provider, rate_limit, trace, LocConf, MainConf,
+};
 
 const M: u32 = NGX_HTTP_MAIN_CONF;
 const MS: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF;
