@@ -102,6 +102,8 @@ image:
 # make test-image: everything podman needs lives under IMAGE_CACHE (config, storage, the base
 # image tarball), so the machine's own container setup is left alone and a rerun is warm.
 IMAGE_CACHE ?= $(ROOT)/target/image
+# This machine's cargo downloads (crate files, index cache), shared with the build in the image.
+CARGO_REGISTRY ?= $(or $(CARGO_HOME),$(HOME)/.cargo)/registry
 TEST_IMAGE := localhost/ngx-mesh:test
 IMAGE_PACKAGES := podman runc debootstrap
 test-image image-deps: export CONTAINERS_CONF := $(IMAGE_CACHE)/containers.conf
@@ -119,11 +121,12 @@ test-image: image-deps $(PYTEST)
 	scripts/debian-base.sh $(IMAGE_CACHE)/trixie-slim.tar
 	podman image exists docker.io/library/debian:trixie-slim \
 		|| podman import --quiet $(IMAGE_CACHE)/trixie-slim.tar docker.io/library/debian:trixie-slim
-	@mkdir -p $(IMAGE_CACHE)/cargo-registry $(IMAGE_CACHE)/cargo-target
-	@# The Dockerfile as users build it; the volumes only keep cargo's downloads and build
-	@# between runs (a rerun recompiles only what changed).
+	@mkdir -p $(CARGO_REGISTRY) $(IMAGE_CACHE)/cargo-target
+	@# The Dockerfile as users build it; the volumes only lend it cargo's downloads (those of
+	@# `make test`, the same Cargo.lock: nothing is fetched again) and keep its build between
+	@# runs (a rerun recompiles only what changed).
 	time podman build --pull=never --network=host $(build-ca-volume) \
-		-v $(IMAGE_CACHE)/cargo-registry:/root/.cargo/registry \
+		-v $(CARGO_REGISTRY):/root/.cargo/registry \
 		-v $(IMAGE_CACHE)/cargo-target:/src/target -t $(TEST_IMAGE) .
 	@podman image inspect --format '{{.Size}}' $(TEST_IMAGE) | awk '{ printf "image size: %.1f MB\n", $$1 / 1e6 }'
 	MESH_TEST_IMAGE=$(TEST_IMAGE) BUILD_CA_DIR=$(BUILD_CA_DIR) $(PYTEST) -q -p no:cacheprovider tests/image

@@ -271,3 +271,62 @@ def test_a_rollout_shows_in_logs_and_metrics_alike(module_path, launcher_fn, key
     s.ngx.conf_path.write_text(s.ngx.conf_text)
     s.ngx.reload()
     assert versions() == (new, [new])
+
+
+# ---------------------------------------------------------------- mesh_log_level
+
+LEVEL_HTTP = f"""
+{JWKS_PROVIDER}
+server {{
+    listen 127.0.0.1:@PORT@;
+    # as the image logs: warn and up (the harness's own error_log stays at info)
+    error_log @TMP@/warn.log warn;
+    mesh_auth jwks;
+    location /warn/    {{ mesh_log_level warn; mesh_deny svc-level-denied; mesh_allow any; proxy_pass http://@UPSTREAM@; }}
+    location /dry/     {{ mesh_log_level warn; mesh_policy_dry_run on; mesh_deny any; proxy_pass http://@UPSTREAM@; }}
+    location /default/ {{ mesh_deny svc-level-denied; mesh_allow any; proxy_pass http://@UPSTREAM@; }}
+    location /default-info/ {{ error_log @TMP@/info.log info; mesh_allow any; proxy_pass http://@UPSTREAM@; }}
+}}
+"""
+
+
+def _mesh_lines(path) -> list[str]:
+    return [l for l in path.read_text().splitlines() if "mesh:" in l] if path.exists() else []
+
+
+def test_mesh_log_level_puts_refusals_where_a_warn_error_log_sees_them(launcher_fn, keyring):
+    site = launcher_fn.start(LEVEL_HTTP, workers=1)
+    warn_log = site.ngx.tmp / "warn.log"
+    denied = jwks_token(keyring, claims(sub="svc-level-denied"))
+    ok = jwks_token(keyring, claims(sub="svc-level-ok"))
+
+    # the default (info) is below a warn error_log: a refusal leaves no line there
+    assert request(site.port, "/default/x").status == 401
+    assert request(site.port, "/default/x", bearer(denied)).status == 403
+    assert _mesh_lines(warn_log) == [], warn_log.read_text()
+    # ... where an info error_log has it
+    assert request(site.port, "/default-info/x").status == 401
+    info = _mesh_lines(site.ngx.tmp / "info.log")
+    assert len(info) == 1 and "[info]" in info[0] and "refused 401" in info[0], "\n".join(info)
+
+    # mesh_log_level warn: each refusal (and a dry run's would-deny) is one [warn] line
+    assert request(site.port, "/warn/x").status == 401
+    assert request(site.port, "/warn/x", bearer(denied)).status == 403
+    assert request(site.port, "/warn/x", bearer(ok)).status == 200
+    assert request(site.port, "/dry/x", bearer(ok)).status == 200
+    lines = _mesh_lines(warn_log)
+    assert len(lines) == 3, "\n".join(lines)
+    assert all("[warn]" in l for l in lines), "\n".join(lines)
+    assert "refused 401" in lines[0] and "decision: unauthenticated" in lines[0], lines[0]
+    assert "refused 403" in lines[1] and 'caller: "svc-level-denied"' in lines[1], lines[1]
+    assert "would deny (dry run)" in lines[2] and "decision: would_deny" in lines[2], lines[2]
+
+
+@pytest.mark.parametrize("value", ["debug", "WARN", "crit"])
+def test_a_bad_mesh_log_level_fails_nginx_t_at_its_line(module_path, conf_dir, keyring, value):
+    from mesh_test.nginx import emerg_at_marked_line, render
+
+    body = f"server {{\n    listen 127.0.0.1:@PORT@;\n    mesh_log_level {value};  # BAD\n}}"
+    line = emerg_at_marked_line(render(body, conf_dir, port=8, upstream="127.0.0.1:9", keys=keyring.dir),
+                                conf_dir, words=["mesh_log_level"])
+    assert f'"{value}"' in line and '"warn"' in line, line

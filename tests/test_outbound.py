@@ -48,6 +48,12 @@ server {{
     location /orders/ {{ proxy_set_header Authorization "Bearer $orders_token"; proxy_pass http://@UPSTREAM@; }}
     location /odd/    {{ proxy_set_header Authorization "Bearer $odd_token"; proxy_pass http://@UPSTREAM@; }}
     location /open/   {{ return 200 "open\\n"; }}
+    # README's guard: no token, 503 (the upstream never sees an empty "Bearer ")
+    location /guarded/ {{
+        if ($orders_token = "") {{ return 503; }}
+        proxy_set_header Authorization "Bearer $orders_token";
+        proxy_pass http://@UPSTREAM@;
+    }}
 }}
 """
 
@@ -228,6 +234,10 @@ def test_while_the_metadata_server_is_down_the_variable_is_empty_and_a_warning_i
         assert got and got[0].group(4) == "1", f"{got}\n{site.ngx.read_error_log()[-2000:]}"
         assert int(got[0].group(1)) in workers, got[0].group(0)
         assert "refused" in got[0].group(3).lower(), got[0].group(0)
+        for pid, conn in conns.items():
+            before = site.echo.requests
+            resp = conn.request("/guarded/x")
+            assert resp.status == 503 and site.echo.requests == before, f"worker {pid}: {resp!r}"
         md.up()
         t_up = time.monotonic()
         for pid, conn in conns.items():
@@ -235,6 +245,8 @@ def test_while_the_metadata_server_is_down_the_variable_is_empty_and_a_warning_i
                               interval=0.2)
             assert auth, f"worker {pid} has no token 15 s after the metadata server came up"
             assert auth == f"Bearer {tokens(md, ORDERS_AUD)[-1]}", auth
+            resp = conn.request("/guarded/x")
+            assert resp.status == 200 and resp.upstream_header("Authorization") == auth, resp
         assert time.monotonic() - t_up < 10.0
     finally:
         close_all(conns)

@@ -17,7 +17,9 @@ use ngx::ffi::{
 use ngx::ngx_string;
 
 use super::directive::{directive, flag, set_once};
-use super::{identity, keys, outbound, policy, provider, rate_limit, trace, LocConf, MainConf};
+use super::{
+    identity, keys, log, outbound, policy, provider, rate_limit, trace, LocConf, MainConf,
+};
 
 const M: u32 = NGX_HTTP_MAIN_CONF;
 const MS: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF;
@@ -88,7 +90,7 @@ const T1: u32 = NGX_CONF_TAKE1;
 const FLAG: u32 = NGX_CONF_FLAG;
 
 #[rustfmt::skip]
-pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 29] = [
+pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 30] = [
     // identity
     each!("mesh_provider",          M | NGX_CONF_BLOCK | T1, MainConf, providers,        provider::block),
     once!("mesh_auth",              MSL | NGX_CONF_1MORE,    LocConf,  auth,             identity::auth),
@@ -118,6 +120,7 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 29] = [
     once!("mesh_forward_identity",  MSL | FLAG,              LocConf,  forward_identity, flag),
     each!("mesh_outbound_token",    M | NGX_CONF_TAKE2,      MainConf, outbound,         outbound::token),
     once!("mesh_metadata_server",   M | T1,                  MainConf, metadata_server,  outbound::metadata_server),
+    once!("mesh_log_level",         MSL | T1,                LocConf,  log_level,        log::level),
     once!("mesh_keys_wait",         M | T1,                  MainConf, keys_wait,        keys::wait),
     command(ngx_string!("mesh_ready"), NGX_HTTP_LOC_CONF | ngx::ffi::NGX_CONF_NOARGS, keys::ready, NGX_HTTP_LOC_CONF_OFFSET),
     command(ngx_string!("mesh_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, crate::request::status::mesh_status, NGX_HTTP_LOC_CONF_OFFSET),

@@ -139,6 +139,7 @@ fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), C
     inherit(&mut s.trace_project, &p.trace_project);
     inherit(&mut s.trace_response, &p.trace_response);
     inherit(&mut s.forward_identity, &p.forward_identity);
+    inherit(&mut s.log_level, &p.log_level);
     inherit(&mut s.require_auth, &p.require_auth);
     for rl in [&prev.set.rate_limit, &conf.set.rate_limit]
         .into_iter()

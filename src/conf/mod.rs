@@ -19,6 +19,7 @@ pub mod commands;
 mod directive;
 mod identity;
 mod keys;
+pub(crate) mod log;
 pub mod merge;
 mod outbound;
 mod policy;
@@ -136,6 +137,8 @@ pub struct LocConf {
     pub trace_project: String,
     pub trace_response: bool,
     pub forward_identity: bool,
+    /// `mesh_log_level`: the level of the refusal lines (an `NGX_LOG_*`).
+    pub log_level: ngx::ffi::ngx_uint_t,
     /// `mesh_require_auth` (http and server levels, inherited by their locations).
     pub require_auth: bool,
     /// Which block made this level, where, and where its `mesh_auth` was written.
@@ -164,6 +167,7 @@ struct LocSet {
     trace_project: Option<String>,
     trace_response: Option<bool>,
     forward_identity: Option<bool>,
+    log_level: Option<ngx::ffi::ngx_uint_t>,
     require_auth: Option<bool>,
 }
 
@@ -187,6 +191,7 @@ impl Default for LocConf {
             trace_project: String::new(),
             trace_response: false,
             forward_identity: false,
+            log_level: log::DEFAULT_LOG_LEVEL,
             require_auth: false,
             facts: audit::LevelFacts::default(),
             set: LocSet::default(),
@@ -230,6 +235,7 @@ impl LocConf {
             .to_string();
         self.trace_response = s.trace_response.unwrap_or(false);
         self.forward_identity = s.forward_identity.unwrap_or(false);
+        self.log_level = s.log_level.unwrap_or(log::DEFAULT_LOG_LEVEL);
         self.require_auth = s.require_auth.unwrap_or(false);
     }
 }

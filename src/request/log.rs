@@ -1,10 +1,12 @@
-//! The one `info` line per refusal (or dry-run would-refusal): caller, reason, rule, trace.
-//! Never the token or a claim value.
+//! The one line per refusal (or dry-run would-refusal), at `mesh_log_level` (default `info`):
+//! caller, reason, rule, trace. Never the token or a claim value.
 
-use ngx::ffi::{ngx_int_t, NGX_LOG_INFO};
-use ngx::http::Request;
+use ngx::ffi::ngx_int_t;
+use ngx::http::{HttpModuleLocationConf, Request};
 
 use super::ctx::{Decision, RequestCtx};
+use crate::conf::log::DEFAULT_LOG_LEVEL;
+use crate::MeshModule;
 
 pub fn log_refusal(r: &Request, ctx: &RequestCtx, code: ngx_int_t, what: &str) {
     let id = ctx.identity();
@@ -22,8 +24,9 @@ pub fn log_refusal(r: &Request, ctx: &RequestCtx, code: ngx_int_t, what: &str) {
     let trace = ctx
         .started_trace()
         .map_or(String::from("-"), |t| t.ctx.trace_id_hex());
+    let level = MeshModule::location_conf(r).map_or(DEFAULT_LOG_LEVEL, |lcf| lcf.log_level);
     ngx::ngx_log_error!(
-        NGX_LOG_INFO,
+        level,
         r.log(),
         "mesh: {} {what}: decision: {decision}, status: {}, reason: {reason}, caller: \"{caller}\", rule: \"{rule}\", trace: {trace}",
         if code == 0 { String::from("logged") } else { format!("refused {code}") },

@@ -348,6 +348,12 @@ def test_every_output_line_is_json_with_severity(served):
     assert refused and refused[0]["severity"] == "WARNING" and refused[0]["caller"] == "limited@test"
     messages = [r["message"] for r in errors]
     assert any("hello from a hook" in m for m in messages), messages
+    # refusals are logged at warn (mesh_log_level warn): a JSON error-log line, severity WARNING
+    refusals = [r for r in errors if r.get("logger") == "nginx" and "mesh: refused 401" in r["message"]]
+    assert refusals and all(r["severity"] == "WARNING" for r in refusals), messages
+    assert any("decision: unauthenticated" in r["message"] and 'caller: "-"' in r["message"] for r in refusals)
+    denied = [r for r in errors if "mesh: refused 403" in r["message"] and 'caller: "stranger@test"' in r["message"]]
+    assert denied and denied[0]["severity"] == "WARNING", messages
     # a MESH_* name the image does not know is pointed out (a misspelt setting would be ignored)
     assert any(r["severity"] == "WARNING" and r["message"].startswith("MESH_EXTRA_2 is not a setting") for r in errors)
     # nginx's own shutdown lines, written after SIGTERM, made it out
