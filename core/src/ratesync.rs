@@ -220,7 +220,16 @@ mod tests {
         assert_eq!(parse_sync("100ms"), Ok(100));
         assert_eq!(parse_sync("1s"), Ok(1000));
         assert_eq!(parse_sync("250"), Ok(250));
-        for bad in ["", "ms", "5ms", "61s", "1m", "-1ms", "1.5s", "99999999999999999999s"] {
+        for bad in [
+            "",
+            "ms",
+            "5ms",
+            "61s",
+            "1m",
+            "-1ms",
+            "1.5s",
+            "99999999999999999999s",
+        ] {
             assert!(parse_sync(bad).is_err(), "{bad}");
         }
         assert!(check_prefix("mesh").is_ok());

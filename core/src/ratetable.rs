@@ -254,7 +254,16 @@ mod tests {
         // Others consumed 3 s worth: the key is refused for that long, even past the clamp
         // a plain check applies, as long as the debt allowed covers it.
         assert!(raise(&mut slots, [5, 9], i, now + 3_000_000));
-        let (o, _) = check_at(&mut slots, [5, 9], &g, now, 2, false, &mut stats, 10_000_000);
+        let (o, _) = check_at(
+            &mut slots,
+            [5, 9],
+            &g,
+            now,
+            2,
+            false,
+            &mut stats,
+            10_000_000,
+        );
         assert!(!o.allowed);
         assert_eq!(o.retry_after_us, 3_000_000);
         // Never lowers a TAT; a wrong hint still finds the key; an absent key is left alone.

@@ -178,10 +178,7 @@ fn sync_of(d: &Directive, zone: &str) -> Result<Option<SyncConf>, ConfError> {
         info = info.set_redis_settings(settings);
     }
     let db = info.redis_settings().db();
-    let shown = format!(
-        "{}{host}:{port}/{db}",
-        if tls { "rediss://" } else { "" }
-    );
+    let shown = format!("{}{host}:{port}/{db}", if tls { "rediss://" } else { "" });
     let client = match ca_file {
         None => redis::Client::open(info).map_err(|e| bad_url(&e.to_string()))?,
         Some(f) => {

@@ -175,7 +175,11 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
     );
     for z in zones {
         if let Some((up, _)) = z.sync {
-            e.sample("mesh_rate_limit_sync_up", &[("zone", &z.name)], u64::from(up));
+            e.sample(
+                "mesh_rate_limit_sync_up",
+                &[("zone", &z.name)],
+                u64::from(up),
+            );
         }
     }
     e.family(
@@ -186,7 +190,11 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
     for z in zones {
         if let Some((_, age)) = z.sync {
             let age = age.map_or(f64::INFINITY, |ms| ms as f64 / 1000.0);
-            e.sample("mesh_rate_limit_sync_age_seconds", &[("zone", &z.name)], age);
+            e.sample(
+                "mesh_rate_limit_sync_age_seconds",
+                &[("zone", &z.name)],
+                age,
+            );
         }
     }
 

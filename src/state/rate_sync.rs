@@ -181,7 +181,11 @@ impl SyncConf {
     }
 
     /// Runs `f` on the locked state and the rate slots.
-    fn with<T>(&self, slots: &RateSlots, f: impl FnOnce(Locked<'_>, &mut [Slot]) -> T) -> Option<T> {
+    fn with<T>(
+        &self,
+        slots: &RateSlots,
+        f: impl FnOnce(Locked<'_>, &mut [Slot]) -> T,
+    ) -> Option<T> {
         if self.pool.is_null() {
             return None;
         }
@@ -509,10 +513,7 @@ fn sync_once(
     }
     let mut pipe = redis::pipe();
     for chunk in batch.chunks(KEYS_PER_CALL) {
-        let cmd = pipe
-            .cmd("EVALSHA")
-            .arg(script.get_hash())
-            .arg(chunk.len());
+        let cmd = pipe.cmd("EVALSHA").arg(script.get_hash()).arg(chunk.len());
         for p in chunk {
             cmd.arg(ratesync::redis_key(prefix, zone, p.key));
         }
