@@ -228,6 +228,40 @@ def test_a_password_from_a_file_authenticates_and_is_never_logged(module_path, l
         redis.stop()
 
 
+def test_rediss_verifies_the_server_against_ca_file(module_path, launcher_fn, tmp_path):
+    from mesh_test.keyserver import TestPKI
+    from mesh_test.nginx import make_private_dir
+
+    pki = TestPKI(make_private_dir("ngx-mesh-redis-pki-"))
+    redis = RedisServer(pki=pki).start()
+    try:
+        # trusted through ca_file=: syncs over TLS
+        body = SITE.replace("redis=@REDIS@", "redis=@REDIS@ ca_file=@TMP@/ca.pem")
+        files = {**FILES, "ca.pem": pki.ca_pem}
+        site = launcher_fn.start(body.replace("@REDIS@", redis.url), files=files)
+        wait_sync_up(site.port, True, 5.0)
+        assert request(site.port, "/g/?k=tls").status == 200
+        deadline = time.monotonic() + 3
+        while not redis.keys("t:g:*") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(redis.keys("t:g:*")) == 1
+        assert "syncing with Redis at rediss://127.0.0.1:" in site.ngx.read_error_log()
+        # the same server without ca_file=: its CA is not in the system store, so never synced
+        # (local limits, one warning), and requests are still served
+        other = launcher_fn.start(SITE.replace("@REDIS@", redis.url), files=FILES)
+        assert request(other.port, "/g/?k=tls2").status == 200
+        deadline = time.monotonic() + 5
+        while "unreachable" not in other.ngx.read_error_log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        warn = [l for l in other.ngx.read_error_log().splitlines() if "unreachable" in l]
+        assert warn and "[warn]" in warn[0], other.ngx.read_error_log()[-2000:]
+        print("\n" + warn[0])
+        assert metric(other.port, "mesh_rate_limit_sync_up") == 0
+        assert metric(other.port, "mesh_rate_limit_sync_age_seconds") == float("inf")
+    finally:
+        redis.stop()
+
+
 # ---------------------------------------------------------------- scenarios (one combination)
 
 

@@ -300,9 +300,13 @@ fn io_timeout(interval_ms: u64) -> Duration {
     Duration::from_millis((interval_ms * 3 / 4).clamp(25, 1000))
 }
 
+/// The timeout to connect (TCP, TLS handshake, AUTH, loading the script): longer than a
+/// sync's, as a TLS handshake costs CPU on both sides; only this worker's thread waits.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long a lease holds without renewal: a few intervals and timeouts.
 fn lease_ms(interval_ms: u64) -> u64 {
-    3 * interval_ms + 2 * io_timeout(interval_ms).as_millis() as u64 + 250
+    3 * interval_ms + 2 * CONNECT_TIMEOUT.as_millis() as u64 + 250
 }
 
 /// `init_process`: starts a timer and a thread for every global zone of the configuration.
@@ -484,10 +488,12 @@ fn connect(
     script: &redis::Script,
     timeout: Duration,
 ) -> redis::RedisResult<redis::Connection> {
-    let mut c = client.get_connection_with_timeout(timeout)?;
+    let mut c = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    c.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    c.set_write_timeout(Some(CONNECT_TIMEOUT))?;
+    script.prepare_invoke().load(&mut c)?;
     c.set_read_timeout(Some(timeout))?;
     c.set_write_timeout(Some(timeout))?;
-    script.prepare_invoke().load(&mut c)?;
     Ok(c)
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -20,21 +21,27 @@ START_TIMEOUT = 5.0
 class RedisServer:
     """`redis-server` in its own directory; `kill()` and `start()` again on the same port."""
 
-    def __init__(self, *, password: str | None = None) -> None:
+    def __init__(self, *, password: str | None = None, pki=None) -> None:
+        """`pki` (a keyserver.TestPKI): TLS only, with its certificate for 127.0.0.1."""
         self.dir = make_private_dir("ngx-mesh-redis-")
         self.port = free_port()
         self.password = password
+        self.pki = pki
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.pki else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.pki:
+            args[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            args += ["--tls-cert-file", str(self.pki.cert_path), "--tls-key-file", str(self.pki.key_path),
+                     "--tls-ca-cert-file", str(self.pki.ca_path), "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
@@ -63,7 +70,11 @@ class RedisServer:
     def commands(self, cmds: list[list[str | int]], timeout: float = 10.0) -> list:
         """Sends `cmds` pipelined on one connection; their replies in order (errors as
         RedisError values)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as raw:
+            s = raw
+            if self.pki:
+                ctx = ssl.create_default_context(cafile=str(self.pki.ca_path))
+                s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
             f = s.makefile("rb")
             pre = [["AUTH", self.password]] if self.password else []
             out = b"".join(_encode(c) for c in pre + cmds)
