@@ -146,7 +146,7 @@ pub fn parse_sync(s: &str) -> Result<u64, String> {
 }
 
 /// `prefix=`: 1 to 64 bytes of letters, digits and `_-.:{}` (no spaces or quotes, so keys
-/// stay readable in `redis-cli`; `{}` allows a cluster hash tag).
+/// stay readable in `redis-cli`).
 pub fn check_prefix(p: &str) -> Result<(), String> {
     let ok = !p.is_empty()
         && p.len() <= 64

@@ -148,9 +148,27 @@ fn sync_of(d: &Directive, zone: &str) -> Result<Option<SyncConf>, ConfError> {
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
         return Err(bad_url("expected redis://HOST[:PORT][/DB] or rediss://..."));
     }
-    // The crate's own reading of the URL (never echoed: it may hold a password).
+    // The crate's own reading of the URL. The URL is never echoed (it may hold a password),
+    // and the user info is scrubbed from the crate's message too, in case it quotes it.
+    let userinfo = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .map(|(u, _)| u)
+        .filter(|u| !u.is_empty());
+    let scrub = |m: String| match userinfo {
+        Some(u) => {
+            let pw = u.split_once(':').map_or(u, |(_, p)| p);
+            let m = m.replace(u, "***");
+            if pw.is_empty() {
+                m
+            } else {
+                m.replace(pw, "***")
+            }
+        }
+        None => m,
+    };
     let mut info = url.into_connection_info().map_err(|e| match e.kind() {
-        redis::ErrorKind::InvalidClientConfig => bad_url(&e.to_string()),
+        redis::ErrorKind::InvalidClientConfig => bad_url(&scrub(e.to_string())),
         _ => bad_url("cannot be read"),
     })?;
     let (host, port, tls) = match info.addr() {
