@@ -197,6 +197,7 @@ def test_a_global_zone_limits_and_leaves_expiring_keys_in_redis(module_path, lau
     ttl = redis_server.command("PTTL", keys[0])
     assert 0 < ttl <= (BURST + 2) * 1000 // RATE + 50, ttl
     assert metric(site.port, "mesh_rate_limit_sync_age_seconds") < 2.0
+    assert metric(site.port, "mesh_rate_limit_sync_dropped_total") == 0
     # a plain zone in the same nginx is not in Redis, and has no sync metrics
     assert request(site.port, "/local/?k=bob").status == 200
     time.sleep(0.3)
@@ -409,6 +410,8 @@ def test_a_flood_of_100000_callers_leaves_every_redis_key_expiring(module_path, 
     time.sleep(0.5)
     assert redis_server.command("DBSIZE") == 0
     assert peak < n / 2, peak
+    dropped = metric(site.port, "mesh_rate_limit_sync_dropped_total")
+    print(f"charges dropped for a full pending list: {dropped:.0f}")
     # still limiting afterwards
     statuses = [request(site.port, "/g/?k=after").status for _ in range(BURST + 2)]
     assert statuses[-1] == 429, statuses

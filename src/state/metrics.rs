@@ -234,8 +234,9 @@ pub struct ZoneCounts {
     /// Slots in use and live keys evicted, from the rate zone itself.
     pub keys: u64,
     pub evictions: u64,
-    /// A global zone's sync: (the last sync reached Redis, ms since one last did).
-    pub sync: Option<(bool, Option<u64>)>,
+    /// A global zone's sync: (the last sync reached Redis, ms since one last did, charges
+    /// dropped for a full pending list).
+    pub sync: Option<(bool, Option<u64>, u64)>,
 }
 
 /// Every counter, read with relaxed loads (each value is exact; the set is not one instant,

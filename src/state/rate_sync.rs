@@ -164,19 +164,24 @@ impl SyncConf {
         }
     }
 
-    /// Sync state for `mesh_status`: (up, ms since the last sync that reached Redis).
-    pub fn status(&self) -> Option<(bool, Option<u64>)> {
+    /// Sync state for `mesh_status`: (up, ms since the last sync that reached Redis, charges
+    /// dropped because the pending list was full).
+    pub fn status(&self) -> Option<(bool, Option<u64>, u64)> {
         if self.pool.is_null() {
             return None;
         }
         // SAFETY: the pool is the rate zone's; its mutex guards the table.
         unsafe {
             ngx_shmtx_lock(&mut (*self.pool).mutex);
-            let r = self.locked().map(|l| (l.t.up, l.t.last_ok_ms));
+            let r = self.locked().map(|l| (l.t.up, l.t.last_ok_ms, l.t.dropped));
             ngx_shmtx_unlock(&mut (*self.pool).mutex);
-            let (up, last) = r?;
+            let (up, last, dropped) = r?;
             let now = now_us() / 1000;
-            Some((up == 1, (last != 0).then(|| now.saturating_sub(last))))
+            Some((
+                up == 1,
+                (last != 0).then(|| now.saturating_sub(last)),
+                dropped,
+            ))
         }
     }
 
