@@ -206,6 +206,35 @@ def test_a_global_zone_limits_and_leaves_expiring_keys_in_redis(module_path, lau
     assert "syncing with Redis at 127.0.0.1:" in site.ngx.read_error_log()
 
 
+def test_reload_turns_a_zone_global_and_back_keeping_its_state(module_path, launcher_fn, redis_server):
+    """The rate zone's layout is the same with or without redis= (the sync state has a zone of
+    its own), so a reload either way keeps every key's state; the sync starts and stops."""
+    plain = SITE.replace("mesh_rate_limit_zone g 4m redis=@REDIS@ sync=100ms prefix=t;", "mesh_rate_limit_zone g 4m;")
+    assert plain != SITE
+    site = launcher_fn.start(plain, files=FILES)
+    assert [request(site.port, "/g/?k=r").status for _ in range(BURST + 2)][-1] == 429
+    assert metric(site.port, "mesh_rate_limit_sync_up") is None
+    text = site.ngx.conf_path.read_text()
+    glob = text.replace("mesh_rate_limit_zone g 4m;", f"mesh_rate_limit_zone g 4m redis={redis_server.url} prefix=t;")
+    site.ngx.conf_path.write_text(glob)
+    site.ngx.reload()
+    # the state was kept: a fresh key would have its whole burst left, this one has what
+    # 10 r/s refilled during the reload
+    left = request(site.port, "/g/?k=r").header("RateLimit")
+    assert left and re.fullmatch(r'"g";r=[01];t=\d+', left), left
+    wait_sync_up(site.port, True, 5.0)
+    assert request(site.port, "/g/?k=r2").status == 200
+    deadline = time.monotonic() + 3
+    while not redis_server.keys("t:g:*") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert redis_server.keys("t:g:*")
+    # and back to a local zone: still limiting, no more sync
+    site.ngx.conf_path.write_text(text)
+    site.ngx.reload()
+    assert metric(site.port, "mesh_rate_limit_sync_up") is None
+    assert [request(site.port, "/g/?k=r3").status for _ in range(BURST + 2)][-1] == 429
+
+
 def test_a_password_from_a_file_authenticates_and_is_never_logged(module_path, launcher_fn):
     redis = RedisServer(password="pw-Zq81x-secret").start()
     try:
