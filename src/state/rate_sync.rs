@@ -451,6 +451,9 @@ fn run(chan: &Chan, client: &redis::Client, prefix: &str, zone: &str, interval_m
     let timeout = io_timeout(interval_ms);
     let mut conn: Option<redis::Connection> = None;
     let mut backoff = Duration::from_millis(interval_ms);
+    // Retries of a Redis that is down: a refused or timed-out connect every half second costs
+    // little, and bounds how long global limits take to come back.
+    let max_backoff = Duration::from_millis(interval_ms.max(500));
     let mut retry_at: Option<Instant> = None;
     let script = redis::Script::new(ratesync::SCRIPT);
     loop {
@@ -478,7 +481,7 @@ fn run(chan: &Chan, client: &redis::Client, prefix: &str, zone: &str, interval_m
                 Err(e) => {
                     conn = None;
                     retry_at = Some(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    backoff = (backoff * 2).min(max_backoff);
                     Reply::Failed(e)
                 }
             }
