@@ -22,7 +22,7 @@ VENDORED_NGINX := $(VENDORED_DIR)/nginx
 VENV := $(ROOT)/.venv
 PYTEST := $(VENV)/bin/pytest
 APT_PACKAGES := nginx nginx-dev libclang-dev libssl-dev libpcre2-dev zlib1g-dev \
-	python3 python3-venv openssl curl wrk make gcc
+	python3 python3-venv openssl curl wrk make gcc redis-server
 
 # Replace the module by rename, never in place: a running nginx maps the file, and
 # overwriting it under a live worker can kill that worker with SIGBUS.
@@ -69,12 +69,14 @@ test-core:
 msrv-check:
 	scripts/msrv-check.sh 1.85
 
+# The last combination also runs the multi-second scenarios marked to run once (MESH_ONCE=1:
+# global rate limits with Redis); the tests start their own redis-server (a `deps` package).
 test-nginx: deps build build-vendored $(PYTEST)
-	@set -e; for combo in "/usr/sbin/nginx $(MODULE) 1" "/usr/sbin/nginx $(MODULE) 2" \
-	                      "$(VENDORED_NGINX) $(VENDORED_MODULE) 1" "$(VENDORED_NGINX) $(VENDORED_MODULE) 2"; do \
+	@set -e; for combo in "/usr/sbin/nginx $(MODULE) 1 0" "/usr/sbin/nginx $(MODULE) 2 0" \
+	                      "$(VENDORED_NGINX) $(VENDORED_MODULE) 1 0" "$(VENDORED_NGINX) $(VENDORED_MODULE) 2 1"; do \
 		set -- $$combo; \
 		echo "== $$($$1 -v 2>&1 | sed 's/.*version: //'), $$3 worker(s)"; \
-		NGINX_BIN=$$1 MESH_MODULE=$$2 MESH_WORKERS=$$3 $(PYTEST) -q -p no:cacheprovider tests; \
+		NGINX_BIN=$$1 MESH_MODULE=$$2 MESH_WORKERS=$$3 MESH_ONCE=$$4 $(PYTEST) -q -p no:cacheprovider tests; \
 	done
 
 test: deps msrv-check test-core test-nginx

@@ -86,6 +86,10 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         return Status::NGX_ERROR.into();
     }
     refresher::timer::start(log);
+    if let Err(e) = state::rate_sync::start_worker(mcf.metrics.rate_zones(), log) {
+        ngx_log_error!(NGX_LOG_EMERG, log, "mesh: {}", e);
+        return Status::NGX_ERROR.into();
+    }
     Status::NGX_OK.into()
 }
 

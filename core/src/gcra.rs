@@ -119,9 +119,21 @@ impl Gcra {
     /// for at most one interval instead of for the length of the step (nginx's
     /// `limit_req` likewise ignores large backward steps).
     pub fn check(&self, tat: u64, now: u64) -> Outcome {
+        self.check_owing(tat, now, 0)
+    }
+
+    /// [`Gcra::check`] for a key that may owe up to `debt_us` more than one instance alone
+    /// can make it owe: a global zone charges each key with what other instances admitted,
+    /// so its TAT may lie up to `now + tau + T + debt_us` ahead (only beyond that is it
+    /// treated as a clock step).
+    pub fn check_owing(&self, tat: u64, now: u64, debt_us: u64) -> Outcome {
         let t = self.interval_us.max(1);
         let tau = self.tolerance_us;
-        let tat = tat.min(now.saturating_add(tau).saturating_add(t));
+        let tat = tat.min(
+            now.saturating_add(tau)
+                .saturating_add(t)
+                .saturating_add(debt_us),
+        );
         let base = tat.max(now);
         let owed = base - now;
         if owed <= tau {
@@ -303,6 +315,22 @@ mod tests {
         assert!(
             ratelimit_field(&name, &worst).to_string().len() <= ratelimit_field_max_len(name.len())
         );
+    }
+
+    #[test]
+    fn owing_keeps_debt_a_plain_check_would_clamp() {
+        let g = Gcra::new(parse_rate("10r/s").unwrap(), 5);
+        let now = 10_000_000;
+        // Owes 2 s beyond the burst: a plain check sees one interval, the owing check all of it.
+        let tat = now + g.tolerance_us + 2_000_000;
+        assert_eq!(g.check(tat, now).retry_after_us, g.interval_us);
+        let o = g.check_owing(tat, now, 60_000_000);
+        assert!(!o.allowed);
+        assert_eq!(o.retry_after_us, 2_000_000);
+        // Bounded by the debt allowed.
+        let o = g.check_owing(u64::MAX, now, 1_000_000);
+        assert_eq!(o.retry_after_us, g.interval_us + 1_000_000);
+        assert_eq!(g.check_owing(0, now, 5), g.check(0, now));
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod keystore;
 pub mod metrics;
 pub mod policy;
 pub mod provider;
+pub mod ratesync;
 pub mod ratetable;
 pub mod refresh;
 pub mod status;

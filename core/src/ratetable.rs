@@ -151,13 +151,30 @@ pub fn check_counted(
     dry_run: bool,
     stats: &mut Stats,
 ) -> Outcome {
+    check_at(slots, key, gcra, now, seq, dry_run, stats, 0).0
+}
+
+/// [`check_counted`] for a key that may owe `debt_us` beyond its burst (see
+/// [`Gcra::check_owing`]), also returning the index of the key's slot (`None`: no slots).
+#[allow(clippy::too_many_arguments)]
+pub fn check_at(
+    slots: &mut [Slot],
+    key: [u64; 2],
+    gcra: &Gcra,
+    now: u64,
+    seq: u64,
+    dry_run: bool,
+    stats: &mut Stats,
+    debt_us: u64,
+) -> (Outcome, Option<usize>) {
     let _ = dry_run;
     let key = nonzero(key);
+    let base = bucket_start(slots.len(), key);
     let bucket = bucket(slots, key);
-    let slot = match pick(bucket, key, now).and_then(|i| bucket.get_mut(i)) {
-        Some(s) => s,
-        None => return gcra.check(0, now),
+    let Some(i) = pick(bucket, key, now) else {
+        return (gcra.check_owing(0, now, debt_us), None);
     };
+    let slot = &mut bucket[i];
     if slot.is_empty() {
         stats.keys += 1;
     }
@@ -166,7 +183,7 @@ pub fn check_counted(
     } else {
         (0, !slot.is_empty() && slot.tat > now)
     };
-    let outcome = gcra.check(tat, now);
+    let outcome = gcra.check_owing(tat, now, debt_us);
     // Refused: `new_tat` is `tat` (or, after a clock step back, lower), so
     // storing it never advances the state.
     slot.tat = outcome.new_tat;
@@ -175,7 +192,33 @@ pub fn check_counted(
     if evicted {
         stats.evictions += 1;
     }
-    outcome
+    (outcome, Some(base + i))
+}
+
+/// Index of the first slot of `key`'s bucket in a table of `len` slots (as [`bucket`]).
+fn bucket_start(len: usize, key: [u64; 2]) -> usize {
+    let nbuckets = len / WAYS;
+    if nbuckets == 0 {
+        return 0;
+    }
+    (key[0] % nbuckets as u64) as usize * WAYS
+}
+
+/// Brings `key`'s TAT up to at least `tat` (what other instances consumed, learnt from a
+/// global zone's sync). `hint` is where the key was last seen; a key no longer in the table
+/// (evicted since) is left alone. Returns whether the key was found.
+pub fn raise(slots: &mut [Slot], key: [u64; 2], hint: usize, tat: u64) -> bool {
+    let key = nonzero(key);
+    let slot = match slots.get(hint) {
+        Some(s) if s.key == key => hint,
+        _ => match bucket(slots, key).iter().position(|s| s.key == key) {
+            Some(i) => bucket_start(slots.len(), key) + i,
+            None => return false,
+        },
+    };
+    let s = &mut slots[slot];
+    s.tat = s.tat.max(tat);
+    true
 }
 
 #[cfg(test)]
@@ -195,6 +238,39 @@ mod tests {
         }
         // The salt's length is hashed: moving bytes between salt and key changes the key.
         assert_ne!(key_hash(b"ab", b"c"), key_hash(b"a", b"bc"));
+    }
+
+    #[test]
+    fn check_at_names_the_slot_and_raise_charges_it() {
+        let g = crate::gcra::Gcra::new(crate::gcra::parse_rate("10r/s").unwrap(), 0);
+        let mut slots = [Slot::default(); 32];
+        let mut stats = Stats::default();
+        let now = 1_000_000;
+        let (o, i) = check_at(&mut slots, [5, 9], &g, now, 1, false, &mut stats, 0);
+        let i = i.unwrap();
+        assert!(o.allowed);
+        assert_eq!(slots[i].key, [5, 9]);
+        assert_eq!(bucket_start(32, [5, 9]), i / WAYS * WAYS);
+        // Others consumed 3 s worth: the key is refused for that long, even past the clamp
+        // a plain check applies, as long as the debt allowed covers it.
+        assert!(raise(&mut slots, [5, 9], i, now + 3_000_000));
+        let (o, _) = check_at(
+            &mut slots,
+            [5, 9],
+            &g,
+            now,
+            2,
+            false,
+            &mut stats,
+            10_000_000,
+        );
+        assert!(!o.allowed);
+        assert_eq!(o.retry_after_us, 3_000_000);
+        // Never lowers a TAT; a wrong hint still finds the key; an absent key is left alone.
+        assert!(raise(&mut slots, [5, 9], 0, now));
+        assert_eq!(slots[i].tat, now + 3_000_000);
+        assert!(!raise(&mut slots, [6, 9], i, now + 1));
+        assert!(!raise(&mut [], [6, 9], 3, now + 1));
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 30] = [
     each!("mesh_deny",              MSL | NGX_CONF_1MORE,    LocConf,  set.rules,        policy::deny),
     once!("mesh_policy_dry_run",    MSL | FLAG,              LocConf,  policy_dry_run,   flag),
     // rate limits
-    each!("mesh_rate_limit_zone",   M | NGX_CONF_TAKE2,      MainConf, zones,            rate_limit::zone),
+    each!("mesh_rate_limit_zone",   M | NGX_CONF_2MORE,      MainConf, zones,            rate_limit::zone),
     once!("mesh_rate_limit",        MSL | NGX_CONF_1MORE,    LocConf,  rate_limit,       rate_limit::limit),
     each!("mesh_rate_limit_caller", MSL | NGX_CONF_2MORE,    LocConf,  set.rate_callers, rate_limit::caller),
     once!("mesh_rate_limit_status", MSL | T1,                LocConf,  rate_status,      rate_limit::status),

@@ -169,6 +169,50 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
     }
 
     e.family(
+        "mesh_rate_limit_sync_up",
+        Kind::Gauge,
+        "Global (redis=) rate-limit zones: 1 if the last sync reached Redis, 0 if not (limits are then local).",
+    );
+    for z in zones {
+        if let Some((up, _, _)) = z.sync {
+            e.sample(
+                "mesh_rate_limit_sync_up",
+                &[("zone", &z.name)],
+                u64::from(up),
+            );
+        }
+    }
+    e.family(
+        "mesh_rate_limit_sync_age_seconds",
+        Kind::Gauge,
+        "Global (redis=) rate-limit zones: seconds since a sync last reached Redis (+Inf: never).",
+    );
+    for z in zones {
+        if let Some((_, age, _)) = z.sync {
+            let age = age.map_or(f64::INFINITY, |ms| ms as f64 / 1000.0);
+            e.sample(
+                "mesh_rate_limit_sync_age_seconds",
+                &[("zone", &z.name)],
+                age,
+            );
+        }
+    }
+    e.family(
+        "mesh_rate_limit_sync_dropped_total",
+        Kind::Counter,
+        "Global (redis=) rate-limit zones: admitted requests not sent to Redis because more keys than one sync carries were used in one interval (limited locally only).",
+    );
+    for z in zones {
+        if let Some((_, _, dropped)) = z.sync {
+            e.sample(
+                "mesh_rate_limit_sync_dropped_total",
+                &[("zone", &z.name)],
+                dropped,
+            );
+        }
+    }
+
+    e.family(
         "mesh_token_cache_hits_total",
         Kind::Counter,
         "Verified-token cache lookups that found the token (all workers).",

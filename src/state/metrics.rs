@@ -134,6 +134,13 @@ impl Default for Metrics {
 /// The worker's cycle's `Metrics`; null in the master and before `init_process`.
 static ACTIVE: AtomicPtr<Metrics> = AtomicPtr::new(ptr::null_mut());
 
+impl Metrics {
+    /// The rate zones of this configuration (in its pool).
+    pub fn rate_zones(&self) -> &[*const RateZone] {
+        &self.rate_zones
+    }
+}
+
 /// Makes `m` the view the worker counts into (`init_process`; the cycle outlives the worker).
 pub fn activate(m: &Metrics) {
     ACTIVE.store(ptr::from_ref(m).cast_mut(), Ordering::Release);
@@ -227,6 +234,9 @@ pub struct ZoneCounts {
     /// Slots in use and live keys evicted, from the rate zone itself.
     pub keys: u64,
     pub evictions: u64,
+    /// A global zone's sync: (the last sync reached Redis, ms since one last did, charges
+    /// dropped for a full pending list).
+    pub sync: Option<(bool, Option<u64>, u64)>,
 }
 
 /// Every counter, read with relaxed loads (each value is exact; the set is not one instant,
@@ -259,14 +269,15 @@ pub fn snapshot() -> Option<Snapshot> {
         .filter_map(|((name, i), rz)| {
             let slot = s.slots.get(*i)?;
             // SAFETY: the rate zones live in the configuration pool of this cycle.
-            let stats = unsafe { rz.as_ref() }
-                .and_then(RateZone::stats)
-                .unwrap_or_default();
+            let rz = unsafe { rz.as_ref() };
+            let stats = rz.and_then(RateZone::stats).unwrap_or_default();
+            let sync = rz.and_then(|z| z.sync.as_ref()).and_then(|s| s.status());
             Some(ZoneCounts {
                 name: name.clone(),
                 rate_limited: load(&slot.counters[Z_RATE_LIMITED]),
                 keys: stats.keys,
                 evictions: stats.evictions,
+                sync,
             })
         })
         .collect();

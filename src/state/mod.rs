@@ -14,6 +14,7 @@ pub mod keystore;
 pub mod metrics;
 pub mod outbound;
 pub mod provider;
+pub mod rate_sync;
 pub mod rate_zone;
 pub mod refresher;
 

@@ -11,6 +11,7 @@ use std::ffi::c_void;
 use std::ptr;
 
 use mesh_core::gcra::{Gcra, Outcome};
+use mesh_core::ratesync::MAX_DEBT_US;
 use mesh_core::ratetable::{self, Slot, Stats};
 use ngx::core::Status;
 use ngx::ffi::{
@@ -21,6 +22,10 @@ use ngx::ffi::{
 /// What `shm_zone->data` points at: this cycle's view of the zone (in the configuration pool).
 pub struct RateZone {
     pub name: String,
+    /// The shared zone's size, as configured.
+    pub size: usize,
+    /// `redis=`: a global zone, and its sync state (`rate_sync`).
+    pub sync: Option<super::rate_sync::SyncConf>,
     state: ZoneState,
 }
 
@@ -54,10 +59,29 @@ struct Table {
 }
 
 impl RateZone {
-    pub fn new(name: String) -> RateZone {
+    pub fn new(name: String, size: usize, sync: Option<super::rate_sync::SyncConf>) -> RateZone {
         RateZone {
             name,
+            size,
+            sync,
             state: ZoneState::Configured,
+        }
+    }
+
+    /// The slab pool (whose mutex guards the zone) and the slot array; `None` if not ready.
+    pub fn parts(&self) -> Option<(*mut ngx_slab_pool_t, super::rate_sync::RateSlots)> {
+        let ZoneState::Ready { shpool, table } = self.state else {
+            return None;
+        };
+        // SAFETY: `table` points at the header in the shared zone (see `check`); `nslots` is
+        // written once by `zone_init`, before any worker exists, so reading it unlocked is
+        // sound. Only the pointer is formed here: slots are touched under the mutex.
+        unsafe {
+            let slots = (table as *mut u8).add(size_of::<Table>()) as *mut Slot;
+            Some((
+                shpool,
+                super::rate_sync::RateSlots(slots, (*table).nslots as usize),
+            ))
         }
     }
 
@@ -82,8 +106,28 @@ impl RateZone {
                 evictions: t.evictions,
                 keys: u64::from(t.keys),
             };
-            let outcome =
-                ratetable::check_counted(slots, key, gcra, now, t.seq, dry_run, &mut stats);
+            let outcome = match &self.sync {
+                None => ratetable::check_counted(slots, key, gcra, now, t.seq, dry_run, &mut stats),
+                // A global zone: a key may owe what other instances admitted; what this one
+                // admits is charged to Redis at the next sync.
+                Some(sync) => {
+                    let (outcome, slot) = ratetable::check_at(
+                        slots,
+                        key,
+                        gcra,
+                        now,
+                        t.seq,
+                        dry_run,
+                        &mut stats,
+                        MAX_DEBT_US,
+                    );
+                    if let (true, Some(i)) = (outcome.allowed, slot) {
+                        // Under the zone's mutex, which guards the sync state too.
+                        sync.note(i, key, gcra.interval_us);
+                    }
+                    outcome
+                }
+            };
             t.evictions = stats.evictions;
             t.keys = u32::try_from(stats.keys).unwrap_or(u32::MAX);
             ngx_shmtx_unlock(&mut (*shpool).mutex);
