@@ -187,6 +187,8 @@ def main() -> None:
         with open(ratios_path, "w") as f:
             for k, v in ratios.items():
                 f.write(f"{k}\t{v:.4f}\n")
+            for k, v in cpu_ratios.items():
+                f.write(f"cpu-{k}\t{v:.4f}\n")
     print()
     print("\n".join(table))
     print()

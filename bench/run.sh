@@ -33,7 +33,7 @@
 #
 # Environment (optional): NGINX_BIN (default /usr/sbin/nginx), BENCH_ROUNDS (5),
 # BENCH_DURATION (3), BENCH_CONNECTIONS (32), BENCH_TOKENS (10000), BENCH_ZONE_KEYS (1000000),
-# BENCH_RSS_TOKENS (1000000; 0 skips the memory check), BENCH_VARIANTS (all), BENCH_RESULTS
+# BENCH_RSS_TOKENS (1000000; 0 skips the memory check), BENCH_VERIFY_SECS (1), BENCH_VARIANTS (all), BENCH_RESULTS
 # (bench/results.md), BENCH_RATIOS (a file to write the ratios to), BENCH_KEEP=1 (keep the temp dir: configs, tokens, error logs, wrk
 # output).
 set -euo pipefail
@@ -51,7 +51,7 @@ zone_keys=${BENCH_ZONE_KEYS:-1000000}
 rss_tokens=${BENCH_RSS_TOKENS:-1000000}
 results=${BENCH_RESULTS:-$bench/results.md}
 threads=1
-verify_secs=1
+verify_secs=${BENCH_VERIFY_SECS:-1}
 issuer=https://bench.local
 audience=bench
 cache_size=4096 # mesh_token_cache (the default)
