@@ -76,7 +76,9 @@ fn pipeline(r: &mut Request, lcf: &'static LocConf) -> ngx_int_t {
         // (Never borrowed twice: nothing below runs a request handler of this module.)
         let mut scratch = scratch.try_borrow_mut();
         let roles = scratch.as_deref_mut().unwrap_or(&mut local);
-        if lcf.roles.is_empty() {
+        // Roles are read by rules and by `mesh_rate_limit_caller` patterns only.
+        let wanted = !lcf.rules.is_empty() || !lcf.rate_callers.is_empty();
+        if lcf.roles.is_empty() || !wanted {
             roles.clear();
         } else {
             roles_into(&lcf.roles, id.principal(), claims, roles);
