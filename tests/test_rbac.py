@@ -325,17 +325,14 @@ def test_methods_let_writers_write_and_everyone_read(site, keyring):
 
 
 # Methods nginx has no constant for (PURGE, REPORT, ...) are compared by their real name too.
-ISSUE_10_METHODS = "issue 10 (3): methods nginx does not know by name all read as UNKNOWN"
 
 
-@pytest.mark.xfail(strict=True, reason=ISSUE_10_METHODS)
 def test_a_deny_rule_for_purge_refuses_purge(site, keyring):
     token = tok(keyring, "svc-purger")
     forbidden(site, "/purge-deny/x", token, "svc-purger", method="PURGE", rule=rule_text(site, "PG-DENY"))
     allowed(site, "/purge-deny/x", token, method="GET", rule=rule_text(site, "PG-ALLOW"))
 
 
-@pytest.mark.xfail(strict=True, reason=ISSUE_10_METHODS)
 def test_an_allow_rule_for_purge_and_report_lets_exactly_those_in(site, keyring):
     token = tok(keyring, "svc-purger")
     for method in ("PURGE", "REPORT"):
@@ -343,7 +340,6 @@ def test_an_allow_rule_for_purge_and_report_lets_exactly_those_in(site, keyring)
     forbidden(site, "/purge-only/x", token, "svc-purger", method="GET", rule="no rule matched")
 
 
-@pytest.mark.xfail(strict=True, reason=ISSUE_10_METHODS)
 def test_methods_unknown_names_a_method_called_unknown_only(site, keyring):
     token = tok(keyring, "svc-purger")
     forbidden(site, "/unknown-name/x", token, "svc-purger", method="PURGE", rule="no rule matched")
