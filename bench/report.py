@@ -38,6 +38,7 @@ TARGETS = {
     "zone": 1 / 1.05,
 }
 RSS_GROWTH = 0.05
+KEEP_MARKER = "<!-- report.py keeps what follows -->"
 BUSY_QUIET = 90.0
 
 
@@ -181,8 +182,17 @@ def main() -> None:
         *per_round,
         "",
     ]
+    # Notes written by hand below the marker (profiles, instruction counts) are kept.
+    kept = ""
+    try:
+        with open(out_path) as f:
+            old = f.read()
+        if KEEP_MARKER in old:
+            kept = old[old.index(KEEP_MARKER):]
+    except FileNotFoundError:
+        pass
     with open(out_path, "w") as f:
-        f.write("\n".join(md))
+        f.write("\n".join(md) + ("\n" + kept if kept else ""))
     if ratios_path:
         with open(ratios_path, "w") as f:
             for k, v in ratios.items():
