@@ -52,7 +52,8 @@ pub struct RequestCtx {
     first: Identity,
     /// Identities computed again after an internal redirect to a location that identifies
     /// differently (rare). Kept, never dropped, until the request is: references handed out
-    /// by `identity` stay valid.
+    /// by `identity` stay valid. Boxed: an identity must not move when the `Vec` grows.
+    #[allow(clippy::vec_box)]
     later: RefCell<Vec<Box<Identity>>>,
     /// The identity in force: `first` or the last of `later`.
     current: Cell<*const Identity>,
