@@ -28,7 +28,7 @@ APT_PACKAGES := nginx nginx-dev libclang-dev libssl-dev libpcre2-dev zlib1g-dev 
 # overwriting it under a live worker can kill that worker with SIGBUS.
 install-module = cp $(1) $(2).tmp && mv -f $(2).tmp $(2)
 
-.PHONY: all deps build build-vendored test test-core test-nginx msrv-check run bench clean image test-image image-deps
+.PHONY: all deps build build-vendored test test-core test-nginx msrv-check run bench bench-guard clean image test-image image-deps
 
 all: build
 
@@ -79,7 +79,12 @@ test-nginx: deps build build-vendored $(PYTEST)
 		NGINX_BIN=$$1 MESH_MODULE=$$2 MESH_WORKERS=$$3 MESH_ONCE=$$4 $(PYTEST) -q -p no:cacheprovider tests; \
 	done
 
-test: deps msrv-check test-core test-nginx
+# A short bench (under a minute): fails only when a ratio to stock nginx falls below 75 % of
+# bench/baseline.tsv (bench/guard.sh MODULE --update rewrites it).
+bench-guard: deps build $(PYTEST)
+	bench/guard.sh $(MODULE)
+
+test: deps msrv-check test-core test-nginx bench-guard
 
 run: deps build
 	nginx-conf/demo/run.sh $(MODULE)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Mints the benchmark's key material and tokens into DIR.
 
-Usage: mint.py DIR COUNT
+Usage: mint.py DIR COUNT [HS_COUNT]
 
 Writes:
   DIR/jwks.json        the provider's public keys: RSA 2048 (kid "bench-rs") and EC P-256
@@ -9,6 +9,8 @@ Writes:
   DIR/cached.txt       one RS256 token (the "cached" variant sends it on every request)
   DIR/rs256.txt        COUNT distinct RS256 tokens, one per line
   DIR/es256.txt        COUNT distinct ES256 tokens, one per line
+  DIR/hs.secret        an HMAC secret, and DIR/hs256.txt: HS_COUNT distinct HS256 tokens
+                       (issuer https://hs.bench.local; default 0), for the memory check
 
 Every token: iss https://bench.local, aud bench, a distinct sub and jti, iat now, exp now + 1 h.
 ES256 signatures are raw r||s (RFC 7518 3.4), not DER. RSA signing is slow in Python
@@ -79,10 +81,27 @@ def sign_es256(key: ec.EllipticCurvePrivateKey, count: int, now: int) -> list[st
     return out
 
 
+def mint_hs256(out: Path, count: int, now: int) -> None:
+    import hashlib
+    import hmac
+
+    secret = os.urandom(32).hex().encode()
+    (out / "hs.secret").write_bytes(secret)
+    header = b64url(compact({"alg": "HS256", "typ": "JWT"}))
+    with open(out / "hs256.txt", "w") as f:
+        for i in range(count):
+            body = {"iss": "https://hs.bench.local", "aud": AUDIENCE, "sub": f"svc-hs-{i}",
+                    "iat": now, "exp": now + 3600}
+            signing_input = f"{header}.{b64url(compact(body))}"
+            sig = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+            f.write(f"{signing_input}.{b64url(sig)}\n")
+
+
 def main() -> None:
-    if len(sys.argv) != 3:
-        sys.exit("usage: mint.py DIR COUNT")
+    if len(sys.argv) not in (3, 4):
+        sys.exit("usage: mint.py DIR COUNT [HS_COUNT]")
     out, count = Path(sys.argv[1]), int(sys.argv[2])
+    hs_count = int(sys.argv[3]) if len(sys.argv) == 4 else 0
     out.mkdir(parents=True, exist_ok=True)
     now = int(time.time())
 
@@ -111,6 +130,7 @@ def main() -> None:
     (out / "rs256.txt").write_text("\n".join(rs[:count]) + "\n")
     (out / "cached.txt").write_text(rs[count] + "\n")
     (out / "es256.txt").write_text("\n".join(sign_es256(es_key, count, now)) + "\n")
+    mint_hs256(out, hs_count, now)
 
 
 if __name__ == "__main__":

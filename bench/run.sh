@@ -10,9 +10,19 @@
 #   rs256   10 000 distinct RS256 tokens in turn: more than `mesh_token_cache 4096` holds, so
 #           the LRU misses on every request and each request is a signature check
 #   es256   the same with ES256 tokens
-#   full    the cached token on a location with everything on: identity, RBAC (10 rules, the
-#           last one matching), a rate limit that never refuses, and mesh_trace
-# and verify_rate (core/examples/verify_rate.rs): one core's verifications per second.
+#   full    the cached token on a location with everything on: identity, RBAC (10 rules, a
+#           regex and claim rules among them, the last one matching), a rate limit that never
+#           refuses, mesh_trace with mesh_trace_response
+#   rbac10, rbac1000  the cached token, RBAC only: 10 rules, or 1 000 (a regex, a claim
+#           rule, exact principals), the caller's exact principal the last rule
+#   zone100, zone1m   no token; a never-refusing rate limit keyed by the Authorization header,
+#           cycling through 100 keys, or through 1 000 000 keys in an equal zone that holds
+#           them all (filled before the rounds)
+# and verify_rate (core/examples/verify_rate.rs): one core's verifications per second; its
+# `awslc` line (aws-lc-rs on a key parsed once) is the raw cost of the crypto, from which the
+# ideal of the rotating variants is computed.
+# Then (BENCH_RSS_TOKENS > 0) the memory check: that many distinct HS256 tokens, once each,
+# through the worker; its RSS after the first 5 % and at the end.
 # Besides wrk's requests/s, each run records the nginx worker's CPU time per request (from
 # /proc/PID/schedstat), which other load on a shared machine disturbs far less.
 #
@@ -22,8 +32,10 @@
 # 4xx/5xx response or socket error fails the run. About two minutes in all.
 #
 # Environment (optional): NGINX_BIN (default /usr/sbin/nginx), BENCH_ROUNDS (5),
-# BENCH_DURATION (3), BENCH_CONNECTIONS (32), BENCH_TOKENS (10000), BENCH_KEEP=1 (keep the
-# temp dir: configs, tokens, error logs, wrk output).
+# BENCH_DURATION (3), BENCH_CONNECTIONS (32), BENCH_TOKENS (10000), BENCH_ZONE_KEYS (1000000),
+# BENCH_RSS_TOKENS (1000000; 0 skips the memory check), BENCH_VERIFY_SECS (1), BENCH_VARIANTS (all), BENCH_RESULTS
+# (bench/results.md), BENCH_RATIOS (a file to write the ratios to), BENCH_KEEP=1 (keep the temp dir: configs, tokens, error logs, wrk
+# output).
 set -euo pipefail
 
 module=$(realpath "${1:?usage: run.sh MODULE.so}")
@@ -35,12 +47,15 @@ rounds=${BENCH_ROUNDS:-5}
 duration=${BENCH_DURATION:-3}
 connections=${BENCH_CONNECTIONS:-32}
 ntokens=${BENCH_TOKENS:-10000}
+zone_keys=${BENCH_ZONE_KEYS:-1000000}
+rss_tokens=${BENCH_RSS_TOKENS:-1000000}
+results=${BENCH_RESULTS:-$bench/results.md}
 threads=1
-verify_secs=1
+verify_secs=${BENCH_VERIFY_SECS:-1}
 issuer=https://bench.local
 audience=bench
 cache_size=4096 # mesh_token_cache (the default)
-variants=(stock cached rs256 es256 full)
+read -r -a variants <<< "${BENCH_VARIANTS:-stock cached full rs256 es256 rbac10 rbac1000 zone100 zone1m}"
 
 # Cycling through N tokens, an LRU of C entries misses on every request only if N > C.
 [ "$ntokens" -gt "$cache_size" ] ||
@@ -115,8 +130,8 @@ cp "$module" "$work/ngx_http_mesh_module.so"
 module_copy=$work/ngx_http_mesh_module.so
 
 # --- Material: keys, tokens, the static file.
-echo "== minting keys and $ntokens RS256 + $ntokens ES256 tokens"
-"$python" "$bench/mint.py" "$work/keys" "$ntokens"
+echo "== minting keys, $ntokens RS256 + $ntokens ES256 tokens, $rss_tokens HS256 tokens"
+"$python" "$bench/mint.py" "$work/keys" "$ntokens" "$rss_tokens"
 chmod -R a+rX "$work/keys"
 mkdir -p "$work/www"
 head -c 99 /dev/zero | tr '\0' 'x' > "$work/www/hello.txt"
@@ -135,7 +150,7 @@ free_port() {
 
 # write_conf DIR PORT with|without
 write_conf() {
-    local dir=$1 port=$2 load="" mesh_http="" mesh_loc="" mesh_full=""
+    local dir=$1 port=$2 load="" mesh_http="" mesh_loc="" mesh_full="" mesh_rbac=""
     if [ "$3" = with ]; then
         load="load_module $module_copy;"
         mesh_http="mesh_provider demo {
@@ -143,10 +158,34 @@ write_conf() {
         keys $work/keys/jwks.json;
         audience $audience;
     }
+    mesh_provider hs {
+        issuer https://hs.bench.local;
+        secret $work/keys/hs.secret;
+        audience $audience;
+    }
     mesh_token_cache $cache_size;
     mesh_rate_limit_zone bench 10m;
+    mesh_rate_limit_zone z100 80m;
+    mesh_rate_limit_zone z1m 80m;
     mesh_role readers svc-rs-*@bench.local;"
         mesh_loc="mesh_auth demo;"
+        local caller
+        caller=$(printf 'svc-rs-%05d@bench.local' "$ntokens") # the cached token's sub
+        # RBAC alone at two sizes: a regex, a claim rule, then exact principals, the
+        # caller's the last of all.
+        rbac_rules() { # rbac_rules N
+            echo "mesh_deny ~^blocked-;"
+            echo "mesh_deny claim:tier=banned;"
+            for ((k = 3; k < $1; k++)); do echo "mesh_allow other-$k@bench.local;"; done
+            echo "mesh_allow $caller;"
+        }
+        mesh_rbac="location /rbac10/ { alias $work/www/; mesh_auth demo; $(rbac_rules 10) }
+        location /rbac1000/ { alias $work/www/; mesh_auth demo; $(rbac_rules 1000) }
+        location /zone100/ { alias $work/www/;
+            mesh_rate_limit zone=z100 rate=1000000r/s burst=1000000 key=\$http_authorization; }
+        location /zone1m/ { alias $work/www/;
+            mesh_rate_limit zone=z1m rate=1000000r/s burst=1000000 key=\$http_authorization; }
+        location /rss/ { alias $work/www/; mesh_auth hs; }"
         # Nine rules that do not match the caller, then the one that does.
         mesh_full="location /full/ {
             alias $work/www/;
@@ -163,7 +202,9 @@ write_conf() {
             mesh_allow role:readers methods=GET,HEAD;
             mesh_rate_limit zone=bench rate=1000000r/s burst=1000000;
             mesh_trace on;
-        }"
+            mesh_trace_response on;
+        }
+        $mesh_rbac"
     fi
     mkdir -p "$dir/tmp"
     cat > "$dir/nginx.conf" <<CONF
@@ -232,18 +273,27 @@ write_conf "$work/mesh" "$port_mesh" with
 start_nginx stock "$port_stock"
 start_nginx mesh "$port_mesh"
 
-declare -A url tokens instance
-instance=([stock]=stock [cached]=mesh [rs256]=mesh [es256]=mesh [full]=mesh)
+declare -A url tokens instance script
+instance=([stock]=stock [cached]=mesh [rs256]=mesh [es256]=mesh [full]=mesh [rbac10]=mesh
+    [rbac1000]=mesh [zone100]=mesh [zone1m]=mesh [rss]=mesh)
 url[stock]=http://127.0.0.1:$port_stock/hello.txt
 url[cached]=http://127.0.0.1:$port_mesh/hello.txt
 url[rs256]=${url[cached]}
 url[es256]=${url[cached]}
 url[full]=http://127.0.0.1:$port_mesh/full/hello.txt
+for v in rbac10 rbac1000 zone100 zone1m rss; do url[$v]=http://127.0.0.1:$port_mesh/$v/hello.txt; done
 tokens[stock]=$work/keys/cached.txt # the same header as `cached`; stock nginx ignores it
 tokens[cached]=$work/keys/cached.txt
 tokens[rs256]=$work/keys/rs256.txt
 tokens[es256]=$work/keys/es256.txt
 tokens[full]=$work/keys/cached.txt
+tokens[rbac10]=$work/keys/cached.txt
+tokens[rbac1000]=$work/keys/cached.txt
+tokens[rss]=$work/keys/hs256.txt
+for v in "${!instance[@]}"; do script[$v]="$bench/tokens.lua"; done
+# The zone variants: keys.lua's arguments (how many keys; where to start) instead of a file.
+script[zone100]="$bench/keys.lua"; tokens[zone100]=100
+script[zone1m]="$bench/keys.lua"; tokens[zone1m]=$zone_keys
 
 # --- Sanity: the module refuses a request without a token, and every variant's token
 # (the first of each file) gets the file.
@@ -256,7 +306,13 @@ expect() { # expect CODE URL [TOKEN]
 }
 expect 200 "${url[stock]}"
 expect 401 "${url[cached]}"
-for v in "${variants[@]}"; do expect 200 "${url[$v]}" "$(head -n1 "${tokens[$v]}")"; done
+for v in "${variants[@]}"; do
+    case $v in
+        zone*) expect 200 "${url[$v]}" k1 ;;
+        *) expect 200 "${url[$v]}" "$(head -n1 "${tokens[$v]}")" ;;
+    esac
+done
+[ "$rss_tokens" = 0 ] || expect 200 "${url[rss]}" "$(head -n1 "${tokens[rss]}")"
 
 # --- Measurements.
 runs=$work/runs.tsv
@@ -269,8 +325,11 @@ bench_wrk() {
     [ "$(worker_of "$inst")" = "${worker[$inst]}" ] ||
         fail "the $inst nginx worker was replaced (a crash?): see $work/$inst/error.log"
     cpu0=$(cpu_ns "${worker[$inst]}")
-    run_bg "${pin_client[@]}" wrk -t"$threads" -c"$connections" -d"$3"s -s "$bench/tokens.lua" \
-        "${url[$2]}" -- "${tokens[$2]}" "$threads" > "$out" 2>&1 || fail "wrk ($2): $(cat "$out")"
+    # tokens.lua: the file, wrk's threads, where to start; keys.lua: how many keys, where.
+    local extra=("$threads" "${4:-0}")
+    [ "${script[$2]}" = "$bench/keys.lua" ] && extra=("${4:-$RANDOM}")
+    run_bg "${pin_client[@]}" wrk -t"$threads" -c"$connections" -d"$3"s -s "${script[$2]}" \
+        "${url[$2]}" -- "${tokens[$2]}" "${extra[@]}" > "$out" 2>&1 || fail "wrk ($2): $(cat "$out")"
     cpu1=$(cpu_ns "${worker[$inst]}")
     line=$(grep '^BENCH ' "$out") || fail "wrk ($2) printed no summary: $(cat "$out")"
     local -A w=()
@@ -287,7 +346,8 @@ bench_wrk() {
     cpu=$(awk -v ns=$((cpu1 - cpu0)) -v n="${w[requests]}" 'BEGIN { printf "%.2f", ns / n / 1000 }')
     # (wrk's own duration: its start-up, reading the tokens, leaves the worker idle.)
     busy=$(awk -v ns=$((cpu1 - cpu0)) -v us="${w[duration_us]}" 'BEGIN { printf "%.1f", ns / us / 10 }')
-    if [ "$1" != warmup ]; then
+    last_requests=${w[requests]}
+    if [ "$1" != warmup ] && [ "$1" != fill ] && [ "$1" != rss ]; then
         printf '%s\t%s\t%s\n%s\tcpu-%s\t%s\n%s\tbusy-%s\t%s\n' \
             "$1" "$2" "$rps" "$1" "$2" "$cpu" "$1" "$2" "$busy" >> "$runs"
     fi
@@ -299,21 +359,30 @@ bench_wrk() {
 # second (what the core does when it is not shared; the formulas use these) and the full
 # path's wall-clock rate (lower when other processes took the core).
 bench_verify() {
-    local out=$work/verify-$1-$2.txt raw full wall
+    local out=$work/verify-$1-$2.txt raw full wall awslc
     run_bg "${pin_server[@]}" "$verify_rate" "$work/keys/jwks.json" "$work/keys/$2.txt" \
         "$issuer" "$audience" "$verify_secs" > "$out" 2>&1 || fail "verify_rate: $(cat "$out")"
     raw=$(awk '$1 == "raw" { print $2 }' "$out")
+    awslc=$(awk '$1 == "awslc" { print $2 }' "$out")
     full=$(awk '$1 == "full" { print $2 }' "$out")
     wall=$(awk '$1 == "full" { gsub(/[^0-9]/, "", $5); print $5 }' "$out")
-    [ -n "$raw" ] && [ -n "$full" ] && [ -n "$wall" ] ||
+    [ -n "$raw" ] && [ -n "$awslc" ] && [ -n "$full" ] && [ -n "$wall" ] ||
         fail "verify_rate printed no rates: $(cat "$out")"
     printf '%s\tverify-%s-%s\t%s\n' "$1" raw "$2" "$raw" "$1" full "$2" "$full" \
-        "$1" wall "$2" "$wall" >> "$runs"
-    printf '   %-7s verify  %8s %s/CPU-s full path (wall %s/s), %s/CPU-s raw signature check\n' \
-        "$1" "$full" "$2" "$wall" "$raw"
+        "$1" wall "$2" "$wall" "$1" awslc "$2" "$awslc" >> "$runs"
+    printf '   %-7s verify  %8s %s/CPU-s full path (wall %s/s), %s/CPU-s aws-lc alone\n' \
+        "$1" "$full" "$2" "$wall" "$awslc"
 }
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+if [[ " ${variants[*]} " == *" zone1m "* ]]; then
+    echo "== filling zone z1m with $zone_keys keys"
+    filled=0
+    while [ "$filled" -lt "$zone_keys" ]; do
+        bench_wrk fill zone1m 5 "$filled"
+        filled=$((filled + last_requests))
+    done
+fi
 echo "== warm-up: 1 s per variant (load average before: $load_before)"
 for v in "${variants[@]}"; do bench_wrk warmup "$v" 1; done
 
@@ -323,6 +392,25 @@ for ((r = 1; r <= rounds; r++)); do
     for ((i = 0; i < n; i++)); do bench_wrk "$r" "${variants[(i + r - 1) % n]}" "$duration"; done
     for alg in rs256 es256; do bench_verify "$r" "$alg"; done
 done
+
+# --- Memory: distinct tokens, each once, through the worker; its RSS after the first run
+# (the token cache, 4096 entries, full long before) and at the end.
+rss_kb() { awk '$1 == "VmRSS:" { print $2 }' "/proc/$1/status"; }
+rss_line=""
+if [ "$rss_tokens" -gt 0 ]; then
+    echo "== memory: $rss_tokens distinct HS256 tokens, each once"
+    sent=0 rss_warm=""
+    while [ "$sent" -lt "$rss_tokens" ]; do
+        bench_wrk rss rss 10 "$sent"
+        sent=$((sent + last_requests))
+        [ -n "$rss_warm" ] || { rss_warm=$(rss_kb "${worker[mesh]}"); rss_warm_at=$sent; }
+    done
+    rss_end=$(rss_kb "${worker[mesh]}")
+    rss_warm=${rss_warm:-$rss_end}
+    printf 'rss\trss-warm\t%s\nrss\trss-warm-at\t%s\nrss\trss-end\t%s\nrss\trss-sent\t%s\n' \
+        "$rss_warm" "$rss_warm_at" "$rss_end" "$sent" >> "$runs"
+    echo "   worker RSS: $rss_warm kB after $rss_warm_at tokens, $rss_end kB after $sent"
+fi
 
 # --- Nothing may have gone wrong inside nginx (a crashed worker is respawned silently).
 for inst in stock mesh; do
@@ -348,9 +436,12 @@ virt=${hypervisor:+virtual machine: $hypervisor}
     echo "ROUNDS=$rounds"
     echo "DURATION=$duration"
     echo "TOKENS=$ntokens"
+    echo "ZONE_KEYS=$zone_keys"
+    echo "RSS_TOKENS=$rss_tokens"
+    echo "VARIANTS=${variants[*]}"
     echo "VERIFY_SECS=$verify_secs"
     echo "MACHINE=$(nproc) cores (${cpu:-unknown CPU}${virt:+, $virt}), $(uname -sr), $(. /etc/os-release && echo "$PRETTY_NAME"), loopback only; $placement; load average before the runs $load_before"
 } > "$work/meta.env"
-"$python" "$bench/report.py" "$runs" "$work/meta.env" "$bench/results.md"
+"$python" "$bench/report.py" "$runs" "$work/meta.env" "$results" ${BENCH_RATIOS:+"$BENCH_RATIOS"}
 echo
-echo "written: bench/results.md"
+echo "written: $results"

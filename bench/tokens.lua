@@ -1,9 +1,10 @@
 -- wrk script: each request carries the next token of a file as "Authorization: Bearer TOKEN".
 --
---   wrk -s tokens.lua URL -- TOKENS_FILE THREADS
+--   wrk -s tokens.lua URL -- TOKENS_FILE THREADS [START]
 --
 -- TOKENS_FILE holds one token a line (one line: the same token on every request). THREADS is
--- wrk's -t, so each thread starts at its own offset in the list. The requests are formatted
+-- wrk's -t, so each thread starts at its own offset in the list, plus START (default 0: a
+-- run that continues where the last one stopped). The requests are formatted
 -- once, in init(), so a request costs wrk one table lookup whatever the token.
 -- done() prints one machine-readable line for run.sh:
 --   BENCH requests=N duration_us=N connect=N read=N write=N status=N timeout=N
@@ -29,7 +30,8 @@ function init(args)
    count = #requests
    if count == 0 then error(path .. ": no tokens") end
    -- Thread k starts k/THREADS of the way through the list (0-based index into requests).
-   index = math.floor(id * count / threads) % count
+   local start = tonumber(args[3] or "0")
+   index = (math.floor(id * count / threads) + start) % count
 end
 
 function request()

@@ -1,18 +1,18 @@
 //! Per-worker cache of verified tokens, never serving an entry at or past its `exp`.
 //!
-//! An entry is found by the SHA-256 of the token's signing input (`HEADER.PAYLOAD`, the
-//! digest [`Hashed`] computes once per request, which RS256/PS256/ES256 verification reuses)
-//! and then the signature segment compared byte for byte. Two tokens share an entry only if
-//! their signing inputs collide under SHA-256 and their signatures are identical: a token
-//! is identified as a whole, as by the SHA-256 of the whole token, with one hash per
-//! request instead of two or three. The cache holds signatures, never a whole token.
+//! An entry is found by [`Hashed::cache_key`] (a keyed SipHash of the whole token, computed
+//! once per request) and served only if its token equals the request's byte for byte: two
+//! tokens share an entry only if they are the same token. A hash collision (chance, since
+//! the key is random per process) costs a miss and a verification, never a token that was
+//! not verified. A hit computes no SHA-256; a miss computes the one RS256/PS256/ES256
+//! verification needs ([`Hashed`]).
 //!
 //! The entry records which provider and which key verified the token: a lookup through
 //! [`TokenCache::get_checked`] drops an entry whose key left the provider's key set.
-//! The entry records which provider verified the token; callers whose
-//! candidate providers differ per location must check `Verified::provider`
+//! Callers whose candidate providers differ per location must check `Verified::provider`
 //! against the location's list (and the audience) on a hit.
 
+use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
@@ -21,21 +21,44 @@ use lru::LruCache;
 use crate::token::{Hashed, Verified};
 
 struct Entry {
-    /// The signature segment (base64url text) of the cached token; `None`: it had no `.`.
-    signature: Option<Box<[u8]>>,
+    /// The whole token, compared on every hit.
+    token: Box<[u8]>,
     verified: Arc<Verified>,
 }
 
+/// The map's hasher: the key already is a keyed hash of the token, so it is used as is.
+#[derive(Default)]
+struct KeyIsHash(u64);
+
+impl Hasher for KeyIsHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed; this is never reached, but stays a correct hash.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type Lru = LruCache<u64, Entry, BuildHasherDefault<KeyIsHash>>;
+
 pub struct TokenCache {
     /// `None` when disabled (capacity 0).
-    lru: Option<LruCache<[u8; 32], Entry>>,
+    lru: Option<Lru>,
 }
 
 impl TokenCache {
     /// A cache of at most `capacity` entries; 0 disables it.
     pub fn new(capacity: usize) -> TokenCache {
         TokenCache {
-            lru: NonZeroUsize::new(capacity).map(LruCache::new),
+            lru: NonZeroUsize::new(capacity).map(|c| LruCache::with_hasher(c, Default::default())),
         }
     }
 
@@ -68,16 +91,12 @@ impl TokenCache {
         still_valid: impl FnOnce(&Verified) -> bool,
     ) -> Option<&Arc<Verified>> {
         let valid = still_valid(self.lookup(token, now)?);
+        let (lru, k) = (self.lru.as_mut()?, token.cache_key()?);
         if !valid {
-            if let (Some(lru), Some(k)) = (self.lru.as_mut(), token.signing_input_sha256()) {
-                lru.pop(k);
-            }
+            lru.pop(&k);
             return None;
         }
-        self.lru
-            .as_mut()?
-            .peek(token.signing_input_sha256()?)
-            .map(|e| &e.verified)
+        lru.peek(&k).map(|e| &e.verified)
     }
 
     /// Remember a verified token (the least recently used entry goes when full).
@@ -89,31 +108,33 @@ impl TokenCache {
     /// (clone the `Arc` to keep it past the next call).
     pub fn lookup(&mut self, token: &Hashed, now: u64) -> Option<&Arc<Verified>> {
         let lru = self.lru.as_mut()?;
-        let k = token.signing_input_sha256()?;
+        let k = token.cache_key()?;
         let expired = {
-            let hit = lru.get(k)?;
-            if hit.signature.as_deref() != token.signature() {
+            let hit = lru.get(&k)?;
+            // The whole token, byte for byte: a key collision is a miss.
+            if *hit.token != *token.token() {
                 return None;
             }
             now >= hit.verified.exp
         };
         if expired {
-            lru.pop(k);
+            lru.pop(&k);
             return None;
         }
-        lru.peek(k).map(|e| &e.verified)
+        lru.peek(&k).map(|e| &e.verified)
     }
 
     /// [`TokenCache::put`] for a token hashed once. A token over the size limit (which
-    /// never verifies) is not kept.
+    /// never verifies) is not kept. An entry of another token under the same key (a
+    /// collision) is replaced.
     pub fn insert(&mut self, token: &Hashed, v: Arc<Verified>) {
-        let (Some(lru), Some(k)) = (self.lru.as_mut(), token.signing_input_sha256()) else {
+        let (Some(lru), Some(k)) = (self.lru.as_mut(), token.cache_key()) else {
             return;
         };
         lru.put(
-            *k,
+            k,
             Entry {
-                signature: token.signature().map(Box::from),
+                token: Box::from(token.token()),
                 verified: v,
             },
         );
@@ -137,5 +158,85 @@ impl TokenCache {
         if let Some(lru) = self.lru.as_mut() {
             lru.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verified(principal: &str) -> Arc<Verified> {
+        Arc::new(Verified {
+            provider: "p".into(),
+            principal: principal.into(),
+            claims: serde_json::Map::new(),
+            claims_json: "{}".into(),
+            claims_b64: "e30".into(),
+            audiences: vec![],
+            exp: 1000,
+            key: None,
+        })
+    }
+
+    /// Two different tokens under one key (a collision): neither is ever served the other's
+    /// verification; the second one inserted replaces the first.
+    #[test]
+    fn a_key_collision_is_a_miss_never_a_pass() {
+        let (a, b) = (&b"h.pa.sa"[..], &b"h.pb.sb"[..]);
+        let mut c = TokenCache::new(8);
+        c.insert(&Hashed::with_cache_key(a, 7), verified("alice"));
+        // `b` was never verified: it collides with `a`, and is not let through.
+        assert!(c.lookup(&Hashed::with_cache_key(b, 7), 1).is_none());
+        assert!(c
+            .lookup_checked(&Hashed::with_cache_key(b, 7), 1, |_| true)
+            .is_none());
+        // The miss left `a`'s entry alone.
+        let hit = c
+            .lookup(&Hashed::with_cache_key(a, 7), 1)
+            .map(|v| v.principal.clone());
+        assert_eq!(hit.as_deref(), Some("alice"));
+        // `b` verified in turn takes the slot: now `a` misses, `b` hits with its own.
+        c.insert(&Hashed::with_cache_key(b, 7), verified("bob"));
+        assert!(c.lookup(&Hashed::with_cache_key(a, 7), 1).is_none());
+        let hit = c
+            .lookup(&Hashed::with_cache_key(b, 7), 1)
+            .map(|v| v.principal.clone());
+        assert_eq!(hit.as_deref(), Some("bob"));
+        assert_eq!(c.len(), 1);
+    }
+
+    /// A token that is a prefix or an extension of a cached one, or differs in one byte
+    /// anywhere, is another token, whatever its key.
+    #[test]
+    fn the_whole_token_is_compared() {
+        let t = &b"hdr.payload.signature"[..];
+        let mut c = TokenCache::new(8);
+        c.insert(&Hashed::with_cache_key(t, 1), verified("alice"));
+        for other in [
+            &b"hdr.payload.signatur"[..],
+            b"hdr.payload.signaturee",
+            b"hdr.payload",
+            b"Hdr.payload.signature",
+            b"hdr.paylOad.signature",
+            b"",
+        ] {
+            assert!(c.lookup(&Hashed::with_cache_key(other, 1), 1).is_none());
+        }
+        assert!(c.lookup(&Hashed::with_cache_key(t, 1), 1).is_some());
+    }
+
+    /// Within a process the key of a token does not change (two requests, one entry), and
+    /// different tokens almost never share one.
+    #[test]
+    fn keys_are_stable_and_spread() {
+        let t = b"a.b.c";
+        assert_eq!(Hashed::new(t).cache_key(), Hashed::new(t).cache_key());
+        let keys: std::collections::HashSet<u64> = (0..10_000u32)
+            .filter_map(|i| Hashed::new(format!("h.p{i}.s").as_bytes()).cache_key())
+            .collect();
+        assert_eq!(keys.len(), 10_000);
+        let mut c = TokenCache::new(8);
+        c.put(t, verified("alice"));
+        assert!(c.get(t, 1).is_some());
     }
 }

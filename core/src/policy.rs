@@ -233,19 +233,37 @@ pub fn roles_of(
     principal: Option<&str>,
     claims: Option<&Map<String, Value>>,
 ) -> Vec<String> {
+    let mut roles = Vec::new();
+    roles_into(bindings, principal, claims, &mut roles);
+    roles
+}
+
+/// [`roles_of`] into `out` (replacing what it held), reusing the buffers of the strings it
+/// holds: once `out` has held as many roles, nothing is allocated (for a per-worker scratch
+/// list on the request path).
+pub fn roles_into(
+    bindings: &[RoleBinding],
+    principal: Option<&str>,
+    claims: Option<&Map<String, Value>>,
+    out: &mut Vec<String>,
+) {
     let caller = Caller {
         principal,
         claims,
         roles: &[],
         provider: None,
     };
-    let mut roles: Vec<String> = Vec::new();
+    let mut n = 0;
     for b in bindings {
-        if !roles.contains(&b.name) && b.patterns.iter().any(|p| p.matches(&caller)) {
-            roles.push(b.name.clone());
+        if !out[..n].contains(&b.name) && b.patterns.iter().any(|p| p.matches(&caller)) {
+            match out.get_mut(n) {
+                Some(slot) => slot.clone_from(&b.name),
+                None => out.push(b.name.clone()),
+            }
+            n += 1;
         }
     }
-    roles
+    out.truncate(n);
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

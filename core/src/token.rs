@@ -265,36 +265,48 @@ fn fail<T>(status: AuthStatus, reason: impl AsRef<str>) -> Result<T, AuthError> 
     Err(AuthError::new(status, reason))
 }
 
-/// A token as received, with the SHA-256 of its signing input (`HEADER.PAYLOAD`, as
-/// sent) computed once per request. That digest, with the signature segment compared byte
-/// for byte, is the key of the token cache ([`crate::cache::TokenCache::lookup`]), and for
-/// RS256, PS256 and ES256 it is the digest the signature is checked on, so a token is
-/// hashed once whether it is found in the cache or verified.
+/// A token as received, with its cache key computed once per request: a keyed hash of the
+/// whole token (SipHash-1-3 under a random key drawn once per process, as std's `HashMap`
+/// uses), cheap next to a SHA-256. The key only finds an entry: a hit is served only if the
+/// entry's token equals this one byte for byte ([`crate::cache::TokenCache::lookup`]), so a
+/// collision can cost a miss, never pass a token that was not verified. The SHA-256 of the
+/// signing input (`HEADER.PAYLOAD`, as sent) is computed on first use only: on a cache miss,
+/// for RS256, PS256 and ES256, it is the digest the signature is checked on.
 #[derive(Clone)]
 pub struct Hashed<'t> {
     token: &'t [u8],
-    /// Where the signature segment starts (after the last `.`); `None` without a `.`
-    /// (then the whole token is hashed).
+    /// Where the signature segment starts (after the last `.`); `None` without a `.`.
     sig_at: Option<usize>,
     /// `None` for a token over [`MAX_TOKEN_LEN`] (never cached, refused by [`Jwt::decode`]).
-    sha256: Option<Digest>,
+    key: Option<u64>,
+    /// The SHA-256 of the signing input (of the whole token when it has no `.`), once asked.
+    sha256: std::cell::OnceCell<Digest>,
+}
+
+/// The process's random key for [`Hashed`]'s cache key (from the OS, once).
+fn cache_key_state() -> &'static std::hash::RandomState {
+    static STATE: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    STATE.get_or_init(std::hash::RandomState::new)
 }
 
 impl<'t> Hashed<'t> {
     pub fn new(token: &'t [u8]) -> Hashed<'t> {
-        if token.len() > MAX_TOKEN_LEN {
-            return Hashed {
-                token,
-                sig_at: None,
-                sha256: None,
-            };
-        }
-        let dot = memchr::memrchr(b'.', token);
-        let signed = dot.map_or(token, |d| &token[..d]);
+        use std::hash::BuildHasher;
+        let fits = token.len() <= MAX_TOKEN_LEN;
         Hashed {
             token,
-            sig_at: dot.map(|d| d + 1),
-            sha256: Some(digest::digest(&digest::SHA256, signed)),
+            sig_at: memchr::memrchr(b'.', token).map(|d| d + 1),
+            key: fits.then(|| cache_key_state().hash_one(token)),
+            sha256: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// A token under a chosen cache key: two tokens colliding, for the cache's tests.
+    #[cfg(test)]
+    pub(crate) fn with_cache_key(token: &'t [u8], key: u64) -> Hashed<'t> {
+        Hashed {
+            key: Some(key),
+            ..Hashed::new(token)
         }
     }
 
@@ -303,12 +315,24 @@ impl<'t> Hashed<'t> {
         self.token
     }
 
-    /// The SHA-256 of the signing input (of the whole token when it has no `.`); `None`
-    /// when the token is too long.
+    /// The cache key: a keyed 64-bit hash of the whole token; `None` when the token is too
+    /// long. Equal tokens have equal keys within a process; different tokens may collide.
+    pub fn cache_key(&self) -> Option<u64> {
+        self.key
+    }
+
+    /// The SHA-256 of the signing input (of the whole token when it has no `.`), computed on
+    /// first call; `None` when the token is too long.
     pub fn signing_input_sha256(&self) -> Option<&[u8; 32]> {
-        self.sha256
-            .as_ref()
-            .and_then(|d| d.as_ref().try_into().ok())
+        self.key?;
+        self.digest().as_ref().try_into().ok()
+    }
+
+    fn digest(&self) -> &Digest {
+        self.sha256.get_or_init(|| {
+            let signed = self.sig_at.map_or(self.token, |at| &self.token[..at - 1]);
+            digest::digest(&digest::SHA256, signed)
+        })
     }
 
     /// The signature segment (base64url text) as sent; `None` when there is no `.`.
@@ -320,7 +344,7 @@ impl<'t> Hashed<'t> {
     /// [`Jwt::decode_hashed`]).
     fn signing_digest(&self, signing_input_len: usize) -> Option<Digest> {
         match self.sig_at {
-            Some(at) if at == signing_input_len + 1 => self.sha256,
+            Some(at) if at == signing_input_len + 1 && self.key.is_some() => Some(*self.digest()),
             _ => None,
         }
     }
@@ -416,7 +440,13 @@ impl<'t> Jwt<'t> {
             signature_b64: s64,
             payload_b64: p64,
             signature,
-            sha256: hashed.and_then(|h| h.signing_digest(signing_len)),
+            // Hashed only for an algorithm that signs a SHA-256 (the others hash anyway).
+            sha256: match header.alg {
+                AlgHeader::Named(a) if crate::keys::signs_sha256(a) => {
+                    hashed.and_then(|h| h.signing_digest(signing_len))
+                }
+                _ => None,
+            },
             alg: header.alg,
             kid: header.kid,
             claims,

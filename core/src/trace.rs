@@ -28,6 +28,8 @@
 //! [`check_tracestate`] ("3.3.1.1 tracestate Header Field Values", RFC 7230
 //! section 3.2.2).
 
+use std::fmt;
+
 /// Length of a version-00 `traceparent`: `2 + 1 + 32 + 1 + 16 + 1 + 2`.
 const TRACEPARENT_LEN: usize = 55;
 /// The `sampled` bit of `trace-flags` ("3.2.2.5.1 Sampled flag").
@@ -116,6 +118,51 @@ fn encode_hex(bytes: &[u8]) -> String {
     }
     s
 }
+
+/// Writes `bytes` as lowercase hex, without allocating (at most 16 bytes).
+fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 32];
+    for (i, &b) in bytes.iter().take(16).enumerate() {
+        buf[2 * i] = DIGITS[usize::from(b >> 4)];
+        buf[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
+    }
+    // Hex digits are ASCII.
+    f.write_str(std::str::from_utf8(&buf[..2 * bytes.len().min(16)]).unwrap_or_default())
+}
+
+/// `traceparent` / `traceresponse` of a context, as a `Display` ([`TraceContext::w3c_field`]).
+pub struct W3cField<'a>(&'a TraceContext);
+
+impl fmt::Display for W3cField<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("00-")?;
+        write_hex(f, &self.0.trace_id)?;
+        f.write_str("-")?;
+        write_hex(f, &self.0.span_id)?;
+        f.write_str(if self.0.sampled { "-01" } else { "-00" })
+    }
+}
+
+/// `X-Cloud-Trace-Context` of a context, as a `Display` ([`TraceContext::cloud_trace_field`]).
+pub struct CloudTraceField<'a>(&'a TraceContext);
+
+impl fmt::Display for CloudTraceField<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_hex(f, &self.0.trace_id)?;
+        write!(
+            f,
+            "/{};o={}",
+            u64::from_be_bytes(self.0.span_id),
+            u8::from(self.0.sampled)
+        )
+    }
+}
+
+/// The length of `traceparent` and `traceresponse` (version 00).
+pub const W3C_FIELD_LEN: usize = TRACEPARENT_LEN;
+/// The longest `X-Cloud-Trace-Context` this module writes (a 20-digit span id).
+pub const CLOUD_TRACE_FIELD_MAX_LEN: usize = 32 + 1 + 20 + 4;
 
 fn is_zero(bytes: &[u8]) -> bool {
     bytes.iter().all(|&b| b == 0)
@@ -478,8 +525,19 @@ impl TraceContext {
 
     /// `00-`, `-01` or `-00` around trace and span.
     fn w3c(&self) -> String {
-        let flags = if self.sampled { "01" } else { "00" };
-        format!("00-{}-{}-{flags}", self.trace_id_hex(), self.span_id_hex())
+        self.w3c_field().to_string()
+    }
+
+    /// [`traceparent`](Self::traceparent) (and [`traceresponse`](Self::traceresponse)) as a
+    /// `Display`, to write into a buffer without allocating: [`W3C_FIELD_LEN`] bytes.
+    pub fn w3c_field(&self) -> W3cField<'_> {
+        W3cField(self)
+    }
+
+    /// [`cloud_trace`](Self::cloud_trace) as a `Display`: at most
+    /// [`CLOUD_TRACE_FIELD_MAX_LEN`] bytes.
+    pub fn cloud_trace_field(&self) -> CloudTraceField<'_> {
+        CloudTraceField(self)
     }
 
     /// The `traceparent` for upstream: `00-TRACE-SPAN-FLAGS`, version 00
@@ -494,12 +552,7 @@ impl TraceContext {
     /// The `X-Cloud-Trace-Context` for upstream: `TRACE/SPAN_DECIMAL;o=1`
     /// (or `;o=0`), the span id as an unsigned decimal.
     pub fn cloud_trace(&self) -> String {
-        format!(
-            "{}/{};o={}",
-            self.trace_id_hex(),
-            u64::from_be_bytes(self.span_id),
-            u8::from(self.sampled)
-        )
+        self.cloud_trace_field().to_string()
     }
 
     /// The `traceresponse` response header (Trace Context Level 2,

@@ -1,7 +1,7 @@
 //! RBAC: patterns, role bindings, rules and decisions.
 
 use mesh_core::policy::{
-    decide, parse_role, parse_rule, roles_of, Caller, Effect, Pattern, Rule, Verdict,
+    decide, parse_role, parse_rule, roles_into, roles_of, Caller, Effect, Pattern, Rule, Verdict,
 };
 use serde_json::{json, Map, Value};
 
@@ -257,6 +257,18 @@ fn roles_of_callers() {
     );
     assert!(roles_of(&bindings, None, None).is_empty());
     assert!(roles_of(&[], Some("a"), Some(&none)).is_empty());
+    // One scratch list reused across callers: always the same answer as roles_of.
+    let mut scratch = vec!["stale".to_string(); 6];
+    for (p, c) in [
+        (Some("batch-1@shop.com"), Some(&ops)),
+        (Some("checkout@shop.com"), Some(&none)),
+        (None, None),
+        (Some("web@other.com"), Some(&none)),
+        (Some("batch-1@shop.com"), Some(&ops)),
+    ] {
+        roles_into(&bindings, p, c, &mut scratch);
+        assert_eq!(scratch, roles_of(&bindings, p, c));
+    }
 }
 
 fn rule(effect: Effect, args: &[&str]) -> Rule {

@@ -793,3 +793,30 @@ fn ratio() {
         "invalid ratio \"1.5\": must be from 0 to 1"
     );
 }
+
+#[test]
+fn fields_render_as_the_strings() {
+    use mesh_core::trace::{CLOUD_TRACE_FIELD_MAX_LEN, W3C_FIELD_LEN};
+    let mut ids = IdGenerator::from_seed([7; 32]);
+    for sampled in [0.0, 1.0] {
+        let mut ctx = TraceContext::start(None, sampled, &mut ids);
+        for span in [[0u8; 8], [0xff; 8], ctx.span_id] {
+            ctx.span_id = span;
+            let tp = ctx.w3c_field().to_string();
+            assert_eq!(tp, ctx.traceparent());
+            assert_eq!(tp, ctx.traceresponse());
+            assert_eq!(tp.len(), W3C_FIELD_LEN);
+            let ct = ctx.cloud_trace_field().to_string();
+            assert_eq!(
+                ct,
+                format!(
+                    "{}/{};o={}",
+                    ctx.trace_id_hex(),
+                    u64::from_be_bytes(span),
+                    u8::from(ctx.sampled)
+                )
+            );
+            assert!(ct.len() <= CLOUD_TRACE_FIELD_MAX_LEN);
+        }
+    }
+}

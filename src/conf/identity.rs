@@ -17,6 +17,9 @@ pub struct AuthSpec {
     pub pos: crate::nginx::conf::ConfPos,
     /// Filled when merging; the same length as `names` from then on.
     pub providers: Vec<Arc<MeshProvider>>,
+    /// Each provider's `audience` list (fixed at configuration time; only keys change
+    /// while nginx runs), so that a cached token's audience is checked without a snapshot.
+    pub audiences: Vec<Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -51,6 +54,7 @@ pub fn auth(d: &Directive) -> Result<Auth, ConfError> {
         names: w,
         pos: d.pos.clone(),
         providers: Vec::new(),
+        audiences: Vec::new(),
     })))
 }
 

@@ -4,6 +4,7 @@
 use std::ffi::{c_char, c_void};
 use std::sync::Arc;
 
+use mesh_core::policy::RuleSet;
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::ngx_conf_t;
 use ngx::http::HttpModuleMainConf;
@@ -67,11 +68,16 @@ fn resolve_auth(mcf: &MainConf, auth: &mut Option<Auth>) -> Result<(), ConfError
             }
         }
     }
+    let audiences = providers
+        .iter()
+        .map(|p| p.snapshot().audiences.clone())
+        .collect();
     *spec = Arc::new(AuthSpec {
         optional: spec.optional,
         names: spec.names.clone(),
         pos: spec.pos.clone(),
         providers,
+        audiences,
     });
     Ok(())
 }
@@ -115,12 +121,21 @@ pub unsafe extern "C" fn merge_loc_conf(
     })
 }
 
+/// Indexes the rules a level wrote, once: levels that inherit them share the index.
+fn index_rules(set: &mut super::LocSet) {
+    if let (Some(rules), None) = (&set.rules, &set.rule_set) {
+        set.rule_set = Some(Arc::new(RuleSet::new(rules.to_vec())));
+    }
+}
+
 fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), ConfError> {
     // The http-level configuration is only ever `prev`, so resolve both sides.
     resolve_auth(mcf, &mut prev.set.auth)?;
     resolve_auth(mcf, &mut conf.set.auth)?;
     let (wrote, parent_wrote) = (conf.set.auth.is_some(), prev.set.auth.is_some());
     conf.facts.inherit(&prev.facts, wrote, parent_wrote);
+    index_rules(&mut prev.set);
+    index_rules(&mut conf.set);
     let (s, p) = (&mut conf.set, &prev.set);
     inherit(&mut s.auth, &p.auth);
     inherit(&mut s.token, &p.token);
@@ -128,6 +143,7 @@ fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), C
     inherit(&mut s.realm, &p.realm);
     inherit(&mut s.roles, &p.roles);
     inherit(&mut s.rules, &p.rules);
+    inherit(&mut s.rule_set, &p.rule_set);
     inherit(&mut s.policy_dry_run, &p.policy_dry_run);
     inherit(&mut s.rate_limit, &p.rate_limit);
     inherit(&mut s.rate_callers, &p.rate_callers);

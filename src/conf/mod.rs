@@ -31,7 +31,8 @@ use std::ptr::NonNull;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use mesh_core::policy::{RoleBinding, Rule};
+use mesh_core::gcra::policy_header;
+use mesh_core::policy::{RoleBinding, Rule, RuleSet};
 use ngx::ffi::ngx_http_complex_value_t;
 
 pub use identity::{Auth, AuthSpec};
@@ -121,13 +122,20 @@ pub struct LocConf {
     /// `mesh_audience`; `None`: each provider's `audience`.
     pub audience: Option<Arc<Vec<String>>>,
     pub realm: String,
+    /// `WWW-Authenticate` without a token, rendered once: `Bearer realm="REALM"`.
+    pub challenge: String,
+    /// `WWW-Authenticate` for a refused token, up to the `error_description` text.
+    pub challenge_invalid: String,
     pub roles: Arc<Vec<RoleBinding>>,
-    /// `mesh_allow` / `mesh_deny`, in order; empty: no rules.
-    pub rules: Arc<Vec<Rule>>,
+    /// `mesh_allow` / `mesh_deny`, in order and indexed; empty: no rules.
+    pub rules: Arc<RuleSet>,
     pub policy_dry_run: bool,
     /// `Rc`: holds nginx pointers, so it stays on the thread that owns the configuration.
     pub rate_limit: Option<Rc<RateLimit>>,
     pub rate_callers: Arc<Vec<CallerRate>>,
+    /// `RateLimit-Policy` for `rate_limit`'s rate (first), then for each of
+    /// `rate_callers`, rendered once.
+    pub rate_policies: Vec<String>,
     pub rate_status: u16,
     pub rate_headers: bool,
     pub rate_dry_run: bool,
@@ -156,6 +164,8 @@ struct LocSet {
     /// `mesh_role` lines of this level (http or server).
     roles: Option<Arc<Vec<RoleBinding>>>,
     rules: Option<Arc<Vec<Rule>>>,
+    /// `rules` indexed, built once for the level that wrote them (in `merge`).
+    rule_set: Option<Arc<RuleSet>>,
     policy_dry_run: Option<bool>,
     rate_limit: Option<Rc<RateLimit>>,
     rate_callers: Option<Arc<Vec<CallerRate>>>,
@@ -178,11 +188,14 @@ impl Default for LocConf {
             token: None,
             audience: None,
             realm: String::new(),
+            challenge: String::new(),
+            challenge_invalid: String::new(),
             roles: Arc::default(),
             rules: Arc::default(),
             policy_dry_run: false,
             rate_limit: None,
             rate_callers: Arc::default(),
+            rate_policies: Vec::new(),
             rate_status: 0,
             rate_headers: false,
             rate_dry_run: false,
@@ -217,11 +230,24 @@ impl LocConf {
         self.token = s.token;
         self.audience = s.audience.clone();
         self.realm = s.realm.as_deref().unwrap_or(DEFAULT_REALM).to_string();
+        // `mesh_realm` refuses quotes, backslashes and control characters: quoted as is.
+        self.challenge = format!("Bearer realm=\"{}\"", self.realm);
+        self.challenge_invalid = format!(
+            "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"",
+            self.realm
+        );
         self.roles = s.roles.clone().unwrap_or_default();
-        self.rules = s.rules.clone().unwrap_or_default();
+        self.rules = s.rule_set.clone().unwrap_or_default();
         self.policy_dry_run = s.policy_dry_run.unwrap_or(false);
         self.rate_limit = s.rate_limit.clone();
         self.rate_callers = s.rate_callers.clone().unwrap_or_default();
+        self.rate_policies = match &self.rate_limit {
+            Some(rl) => std::iter::once(&rl.gcra)
+                .chain(self.rate_callers.iter().map(|c| &c.gcra))
+                .map(|g| policy_header(&rl.zone_name, g))
+                .collect(),
+            None => Vec::new(),
+        };
         self.rate_status = s.rate_status.unwrap_or(DEFAULT_RATE_STATUS);
         self.rate_headers = s.rate_headers.unwrap_or(DEFAULT_RATE_HEADERS);
         self.rate_dry_run = s.rate_dry_run.unwrap_or(false);

@@ -4,7 +4,7 @@ use std::ptr;
 
 use ngx::ffi::{
     add_to_ngx_table, ngx_http_request_t, ngx_list_part_t, ngx_list_push, ngx_list_t, ngx_palloc,
-    ngx_table_elt_t,
+    ngx_pool_t, ngx_str_t, ngx_table_elt_t, ngx_uint_t,
 };
 
 /// The value of the first request header named `name` (case-insensitive).
@@ -22,7 +22,9 @@ pub fn headers_in_all<'a>(r: &'a ngx::http::Request, name: &str) -> Vec<&'a [u8]
         .collect()
 }
 
-/// Adds a response header (copied into the request pool).
+/// Adds a response header named at run time (name and value copied into the request pool).
+/// The request path uses [`push_header_out`] with a [`HeaderName`].
+#[allow(dead_code)]
 pub fn add_header_out(r: &mut ngx::http::Request, key: &str, value: &str) -> bool {
     !add_header_out_elt(r, key, value).is_null()
 }
@@ -143,7 +145,9 @@ pub fn remove_headers_in(r: &mut ngx_http_request_t, matches: impl Fn(&[u8]) -> 
     }
 }
 
-/// Adds a request header (for the upstream), copied into the request pool.
+/// Adds a request header (for the upstream) named at run time, copied into the request
+/// pool. The request path uses [`push_header_in`] with a [`HeaderName`].
+#[allow(dead_code)]
 pub fn add_header_in(r: &mut ngx_http_request_t, key: &str, value: &[u8]) -> bool {
     // SAFETY: as `add_header_out`, on the request's `headers_in` list.
     unsafe {
@@ -162,4 +166,132 @@ pub fn add_header_in(r: &mut ngx_http_request_t, key: &str, value: &[u8]) -> boo
         }
     }
     true
+}
+
+/// A header name known when the module is built: its lower-case form and nginx's hash of it
+/// (`ngx_hash_strlow`), computed at compile time, so adding the header copies neither.
+pub struct HeaderName {
+    name: &'static str,
+    lower: &'static str,
+    hash: ngx_uint_t,
+}
+
+impl HeaderName {
+    /// `lower` must be `name` in lower case (checked at compile time).
+    pub const fn new(name: &'static str, lower: &'static str) -> HeaderName {
+        let (n, l) = (name.as_bytes(), lower.as_bytes());
+        assert!(n.len() == l.len());
+        let mut hash: ngx_uint_t = 0;
+        let mut i = 0;
+        while i < l.len() {
+            assert!(n[i].to_ascii_lowercase() == l[i]);
+            // nginx's `ngx_hash(key, c)`: key * 31 + c.
+            hash = hash.wrapping_mul(31).wrapping_add(l[i] as ngx_uint_t);
+            i += 1;
+        }
+        HeaderName { name, lower, hash }
+    }
+}
+
+/// A header value: copied into the request pool, or pointing at memory that outlives every
+/// request (the configuration, whose references are `'static`; or static text).
+pub enum HeaderValue<'a> {
+    Copy(&'a [u8]),
+    Kept(&'static [u8]),
+    /// Already written into the request pool ([`pool_fmt`]).
+    InPool(PoolText),
+}
+
+/// Text written into a request's pool by [`pool_fmt`]: valid until that request is freed.
+pub struct PoolText(ngx_str_t);
+
+fn push_header(
+    list: &mut ngx_list_t,
+    pool: *mut ngx_pool_t,
+    name: &HeaderName,
+    value: HeaderValue,
+) -> *mut ngx_table_elt_t {
+    let value = match value {
+        HeaderValue::Kept(v) => ngx_str_t {
+            len: v.len(),
+            data: v.as_ptr().cast_mut(),
+        },
+        // SAFETY: `pool` is the live request's pool, which outlives the headers.
+        HeaderValue::Copy(v) if !v.is_empty() => match unsafe { ngx_str_t::from_bytes(pool, v) } {
+            Some(s) => s,
+            None => return ptr::null_mut(),
+        },
+        HeaderValue::Copy(_) => ngx_str_t::default(),
+        HeaderValue::InPool(PoolText(s)) => s,
+    };
+    // SAFETY: `list` is a live header list of the request (allocated from `pool`);
+    // `ngx_list_push` returns a slot (or NULL) that is filled completely here before nginx
+    // reads it. The key and its lower-case form are static text: nginx only ever reads
+    // them (`lowcase_key` is `*mut` in C for headers nginx parses into its own buffers).
+    unsafe {
+        let h = ngx_list_push(list) as *mut ngx_table_elt_t;
+        if h.is_null() {
+            return h;
+        }
+        #[cfg(ngx_table_elt_next)]
+        {
+            (*h).next = ptr::null_mut();
+        }
+        (*h).hash = name.hash;
+        (*h).key = ngx_str_t {
+            len: name.name.len(),
+            data: name.name.as_ptr().cast_mut(),
+        };
+        (*h).lowcase_key = name.lower.as_ptr().cast_mut();
+        (*h).value = value;
+        h
+    }
+}
+
+/// Adds a response header: no copy of the name, the value copied or kept.
+pub fn push_header_out(r: &mut ngx::http::Request, name: &HeaderName, value: HeaderValue) -> bool {
+    !push_header_out_elt(r, name, value).is_null()
+}
+
+/// [`push_header_out`], returning the header's element (for [`hide_header_out`]); NULL when
+/// it could not be added.
+pub fn push_header_out_elt(
+    r: &mut ngx::http::Request,
+    name: &HeaderName,
+    value: HeaderValue,
+) -> *mut ngx_table_elt_t {
+    let r: &mut ngx_http_request_t = r.as_mut();
+    push_header(&mut r.headers_out.headers, r.pool, name, value)
+}
+
+/// Adds a request header (for the upstream): no copy of the name, the value copied or kept.
+pub fn push_header_in(r: &mut ngx_http_request_t, name: &HeaderName, value: HeaderValue) -> bool {
+    !push_header(&mut r.headers_in.headers, r.pool, name, value).is_null()
+}
+
+/// Writes `value` (at most `max` bytes) into the request pool: a header value formatted
+/// without a heap allocation. `None` if the pool is exhausted or `value` is longer.
+pub fn pool_fmt(
+    r: &ngx::http::Request,
+    max: usize,
+    value: impl std::fmt::Display,
+) -> Option<PoolText> {
+    use std::io::Write;
+    let max = max.max(1);
+    // SAFETY: `ngx_pnalloc` returns `max` writable bytes from the live request pool (or
+    // NULL); they stay valid, and are not reused, until the request is freed. The slice is
+    // used only inside this function.
+    let (p, buf) = unsafe {
+        let p = ngx::ffi::ngx_pnalloc(r.as_ref().pool, max) as *mut u8;
+        if p.is_null() {
+            return None;
+        }
+        (p, std::slice::from_raw_parts_mut(p, max))
+    };
+    let mut cursor = std::io::Cursor::new(buf);
+    write!(cursor, "{value}").ok()?;
+    Some(PoolText(ngx_str_t {
+        len: cursor.position() as usize,
+        data: p,
+    }))
 }

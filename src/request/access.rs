@@ -5,7 +5,9 @@
 //! may overrule, and the rate-limit status, which it may not. A request refused at one step
 //! is not counted by the next.
 
-use mesh_core::policy::{decide, roles_of, Caller, Verdict};
+use std::cell::RefCell;
+
+use mesh_core::policy::{roles_into, Caller, Verdict};
 use mesh_core::status::AuthStatus;
 use ngx::core::Status;
 use ngx::ffi::{
@@ -20,13 +22,24 @@ use super::limit::limit;
 use super::log::log_refusal;
 use super::upstream;
 use crate::conf::LocConf;
-use crate::nginx::headers::{add_header_out, add_header_out_elt};
+use crate::nginx::headers::{
+    pool_fmt, push_header_out, push_header_out_elt, HeaderName, HeaderValue,
+};
 use crate::nginx::no_panic;
 use crate::nginx::request::method_name;
 use crate::MeshModule;
 
 /// Seconds a client is told to wait when a provider has no keys yet.
-const NO_KEYS_RETRY_AFTER: &str = "10";
+const NO_KEYS_RETRY_AFTER: &[u8] = b"10";
+
+pub(super) const RETRY_AFTER: HeaderName = HeaderName::new("Retry-After", "retry-after");
+const WWW_AUTHENTICATE: HeaderName = HeaderName::new("WWW-Authenticate", "www-authenticate");
+
+thread_local! {
+    /// The caller's roles, a scratch list of the worker reused by every request (its strings
+    /// keep their buffers: nothing is allocated per request once it has held the roles).
+    static ROLES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
 
 pub unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
@@ -50,7 +63,7 @@ pub unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     })
 }
 
-fn pipeline(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
+fn pipeline(r: &mut Request, lcf: &'static LocConf) -> ngx_int_t {
     let Some(ctx) = RequestCtx::of(r) else {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     };
@@ -60,34 +73,46 @@ fn pipeline(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
     let id = ctx.identity();
     if !id.passes() {
         ctx.decide(Decision::Unauthenticated);
-        let code = refuse_unauthenticated(r, ctx, &id, &lcf.realm);
+        let code = refuse_unauthenticated(r, ctx, id, lcf);
         log_refusal(r, ctx, code, id.status.as_str());
         return code;
     }
-    // 2. authorize
-    let roles = roles_of(
-        &lcf.roles,
-        id.principal(),
-        id.verified.as_ref().map(|v| &v.claims),
-    );
-    let caller = Caller {
-        principal: id.principal(),
-        claims: id.verified.as_ref().map(|v| &v.claims),
-        roles: &roles,
-        provider: id.verified.as_ref().map(|v| v.provider.as_str()),
-    };
-    let allowed_by_rule = match authorize(r, ctx, lcf, &caller) {
+    // 2. authorize, 3. limit
+    let verified = id.verified.as_deref();
+    let claims = verified.map(|v| &v.claims);
+    let decided = ROLES.with(|scratch| {
+        let mut local = Vec::new();
+        // (Never borrowed twice: nothing below runs a request handler of this module.)
+        let mut scratch = scratch.try_borrow_mut();
+        let roles = scratch.as_deref_mut().unwrap_or(&mut local);
+        // Roles are read by rules and by `mesh_rate_limit_caller` patterns only.
+        let wanted = !lcf.rules.is_empty() || !lcf.rate_callers.is_empty();
+        if lcf.roles.is_empty() || !wanted {
+            roles.clear();
+        } else {
+            roles_into(&lcf.roles, id.principal(), claims, roles);
+        }
+        let caller = Caller {
+            principal: id.principal(),
+            claims,
+            roles,
+            provider: verified.map(|v| v.provider.as_str()),
+        };
+        let allowed_by_rule = authorize(r, ctx, lcf, &caller)?;
+        if let Some(rl) = &lcf.rate_limit {
+            if let Some(code) = limit(r, ctx, lcf, rl, &caller) {
+                // Final even where `satisfy any` would let a 401/403 be overruled
+                // (precontent).
+                ctx.set_rate_refused(r);
+                return Err(code);
+            }
+        }
+        Ok(allowed_by_rule)
+    });
+    let allowed_by_rule = match decided {
         Ok(allowed) => allowed,
         Err(code) => return code,
     };
-    // 3. limit
-    if let Some(rl) = &lcf.rate_limit {
-        if let Some(code) = limit(r, ctx, lcf, rl, &caller) {
-            // Final even where `satisfy any` would let a 401/403 be overruled (precontent).
-            ctx.set_rate_refused(r);
-            return code;
-        }
-    }
     if lcf.decides() && !ctx.decided() {
         ctx.decide(Decision::Allow);
     }
@@ -108,22 +133,23 @@ fn pipeline(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
 fn authorize(
     r: &Request,
     ctx: &RequestCtx,
-    lcf: &LocConf,
+    lcf: &'static LocConf,
     caller: &Caller,
 ) -> Result<bool, ngx_int_t> {
     // The method as the client sent it (`r->method_name`): ngx's `Method` names every
     // method outside nginx's own list `UNKNOWN`, which would make PURGE, REPORT, ... alike.
     let method = method_name(r);
-    let denied = match decide(&lcf.rules, caller, method) {
+    // `$mesh_rule` borrowed from the configuration (`'static`): nothing copied.
+    let text: &'static str = match lcf.rules.decide(caller, method) {
         Verdict::NoRules => return Ok(false),
         Verdict::Allowed(rule) => {
             ctx.set_rule(&rule.text);
             return Ok(true);
         }
-        Verdict::Denied(rule) => rule.text.as_str(),
+        Verdict::Denied(rule) => &rule.text,
         Verdict::NoMatch => "no rule matched",
     };
-    ctx.set_rule(denied);
+    ctx.set_rule(text);
     if lcf.policy_dry_run {
         ctx.decide(Decision::WouldDeny);
         log_refusal(r, ctx, 0, "would deny (dry run)");
@@ -139,22 +165,27 @@ fn refuse_unauthenticated(
     r: &mut Request,
     ctx: &RequestCtx,
     id: &Identity,
-    realm: &str,
+    lcf: &'static LocConf,
 ) -> ngx_int_t {
     if id.status == AuthStatus::NoKeys {
-        add_header_out(r, "Retry-After", NO_KEYS_RETRY_AFTER);
+        push_header_out(r, &RETRY_AFTER, HeaderValue::Kept(NO_KEYS_RETRY_AFTER));
         return NGX_HTTP_SERVICE_UNAVAILABLE as ngx_int_t;
     }
     let challenge = if id.status == AuthStatus::Missing {
-        format!("Bearer realm=\"{realm}\"")
+        HeaderValue::Kept(lcf.challenge.as_bytes())
     } else {
-        format!(
-            "Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{}\"",
-            id.reason
-        )
+        let len = lcf.challenge_invalid.len() + id.reason.len() + 1;
+        match pool_fmt(
+            r,
+            len,
+            format_args!("{}{}\"", lcf.challenge_invalid, id.reason),
+        ) {
+            Some(t) => HeaderValue::InPool(t),
+            None => return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
+        }
     };
     // Kept to be withdrawn if another access module admits the request (`satisfy any`).
-    let h = add_header_out_elt(r, "WWW-Authenticate", &challenge);
+    let h = push_header_out_elt(r, &WWW_AUTHENTICATE, challenge);
     ctx.set_challenge(r, h);
     NGX_HTTP_UNAUTHORIZED as ngx_int_t
 }

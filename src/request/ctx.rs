@@ -11,7 +11,6 @@
 use std::cell::{Cell, OnceCell, RefCell};
 use std::ffi::c_void;
 use std::ptr;
-use std::rc::Rc;
 
 use mesh_core::status::AuthStatus;
 use ngx::ffi::{ngx_http_request_t, ngx_pool_cleanup_add, ngx_table_elt_t};
@@ -49,14 +48,24 @@ impl Decision {
 pub struct RequestCtx {
     /// The request this context belongs to (subrequests share the pool, not the context).
     owner: *const ngx_http_request_t,
-    /// Who the caller is, under the location configuration it was computed for.
-    identity: RefCell<Rc<Identity>>,
+    /// Who the caller is, as first identified (in the context itself: nothing allocated).
+    first: Identity,
+    /// Identities computed again after an internal redirect to a location that identifies
+    /// differently (rare). Kept, never dropped, until the request is: references handed out
+    /// by `identity` stay valid. Boxed: an identity must not move when the `Vec` grows.
+    #[allow(clippy::vec_box)]
+    later: RefCell<Vec<Box<Identity>>>,
+    /// The identity in force: `first` or the last of `later`.
+    current: Cell<*const Identity>,
     /// Set by the access phase; before it, derived from the identity.
     decision: Cell<Option<Decision>>,
-    /// The rule that decided (`$mesh_rule`), as written with its file:line.
-    rule: RefCell<String>,
-    /// Rate-limit zones this request was already charged in (by address).
-    charged: RefCell<Vec<*const c_void>>,
+    /// The rule that decided (`$mesh_rule`), as written with its file:line: borrowed from
+    /// the configuration, which outlives every request.
+    rule: Cell<&'static str>,
+    /// Rate-limit zones this request was already charged in (by address); a location has
+    /// one, so two slots cover a redirect, and more go to `charged_more`.
+    charged: Cell<[*const c_void; 2]>,
+    charged_more: RefCell<Vec<*const c_void>>,
     /// This hop's trace (`mesh_trace on`), started on first use; kept across redirects.
     trace: OnceCell<Option<Trace>>,
     /// The access handler rewrote the upstream headers in this pass of the phases (taken by
@@ -94,7 +103,7 @@ impl RequestCtx {
             Some(ctx) => ctx,
             None => return Self::create(r, lcf),
         };
-        let old = ctx.identity.borrow().conf;
+        let old = ctx.identity().conf;
         if !ptr::eq(old, lcf) {
             // SAFETY: configurations live for the whole cycle.
             let same = unsafe { old.as_ref() }.is_some_and(|o| same_identity_settings(o, lcf));
@@ -186,16 +195,21 @@ impl RequestCtx {
                 p,
                 RequestCtx {
                     owner: r.into(),
-                    identity: RefCell::new(Rc::new(id)),
+                    first: id,
+                    later: RefCell::new(Vec::new()),
+                    current: Cell::new(ptr::null()),
                     decision: Cell::new(None),
-                    rule: RefCell::new(String::new()),
-                    charged: RefCell::new(Vec::new()),
+                    rule: Cell::new(""),
+                    charged: Cell::new([ptr::null(); 2]),
+                    charged_more: RefCell::new(Vec::new()),
                     trace: OnceCell::new(),
                     upstream_rewritten: Cell::new(false),
                     challenge: Cell::new((ptr::null_mut(), 0)),
                     rate_refused_pass: Cell::new(None),
                 },
             );
+            // The context does not move from here on: `current` may point into it.
+            (*p).current.set(ptr::addr_of!((*p).first));
             (*cln).handler = Some(cleanup);
             r.set_module_ctx(p.cast(), MeshModule::module());
             Some(&*p)
@@ -203,21 +217,26 @@ impl RequestCtx {
     }
 
     fn set_identity(&self, id: Identity) {
-        *self.identity.borrow_mut() = Rc::new(id);
+        let id = Box::new(id);
+        self.current.set(&*id);
+        self.later.borrow_mut().push(id);
         self.decision.set(None);
-        self.rule.borrow_mut().clear();
+        self.rule.set("");
     }
 
-    /// Who the caller is (a snapshot: no borrow is held).
-    pub fn identity(&self) -> Rc<Identity> {
-        self.identity.borrow().clone()
+    /// Who the caller is (no borrow is held: a later identity does not replace this one in
+    /// memory).
+    pub fn identity(&self) -> &Identity {
+        // SAFETY: `current` points at `first` or at a boxed identity in `later`; neither
+        // moves nor is dropped before the context (see `later`).
+        unsafe { &*self.current.get() }
     }
 
     pub fn decision(&self) -> Option<Decision> {
         if let Some(d) = self.decision.get() {
             return Some(d);
         }
-        let id = self.identity.borrow();
+        let id = self.identity();
         match id.status {
             AuthStatus::Off => None,
             AuthStatus::Verified => Some(Decision::Allow),
@@ -235,23 +254,30 @@ impl RequestCtx {
         self.decision.set(Some(d));
     }
 
-    pub fn rule(&self) -> String {
-        self.rule.borrow().clone()
+    /// `$mesh_rule`; empty before a rule decided.
+    pub fn rule(&self) -> &'static str {
+        self.rule.get()
     }
 
-    pub fn set_rule(&self, rule: &str) {
-        let mut r = self.rule.borrow_mut();
-        r.clear();
-        r.push_str(rule);
+    /// The rule that decided: text of the configuration (`'static`, as nginx's
+    /// configurations are to the module), or static text.
+    pub fn set_rule(&self, rule: &'static str) {
+        self.rule.set(rule);
     }
 
     /// Charges the request in a zone once: `false` if it was charged there already.
     pub fn charge_once(&self, zone: *const c_void) -> bool {
-        let mut charged = self.charged.borrow_mut();
-        if charged.contains(&zone) {
+        let mut slots = self.charged.get();
+        if slots.contains(&zone) || self.charged_more.borrow().contains(&zone) {
             return false;
         }
-        charged.push(zone);
+        match slots.iter_mut().find(|s| s.is_null()) {
+            Some(free) => {
+                *free = zone;
+                self.charged.set(slots);
+            }
+            None => self.charged_more.borrow_mut().push(zone),
+        }
         true
     }
 

@@ -8,10 +8,7 @@ use std::sync::Arc;
 use mesh_core::cache::TokenCache;
 use mesh_core::extract::{bearer, strip_bearer, Bearer};
 use mesh_core::status::{AuthError, AuthStatus};
-use mesh_core::token::{
-    check_audience, is_signature_removed, unverified_issuer, verify, verify_platform, Provider,
-    Verified,
-};
+use mesh_core::token::{check_audience, Hashed, Jwt, Provider, Verified};
 use ngx::ffi::NGX_LOG_WARN;
 use ngx::http::{HttpModuleMainConf, Request};
 
@@ -81,7 +78,9 @@ thread_local! {
 
 /// Whether two locations would identify a caller the same way.
 pub fn same_identity_settings(a: &LocConf, b: &LocConf) -> bool {
-    let names = |c: &LocConf| c.auth.as_ref().map(|s| (s.optional, s.names.clone()));
+    fn names(c: &LocConf) -> Option<(bool, &[String])> {
+        c.auth.as_ref().map(|s| (s.optional, s.names.as_slice()))
+    }
     names(a) == names(b) && a.audience == b.audience && a.token == b.token
 }
 
@@ -99,61 +98,47 @@ pub fn identify(r: &Request, lcf: &LocConf) -> Identity {
         Err(e) => return id.refused(e),
     };
     let now = ngx::ffi::ngx_time().max(0) as u64;
-    // Snapshots: keys fetched from URLs may change between requests.
-    let mut snapshots: Vec<Arc<Provider>> = auth.providers.iter().map(|p| p.snapshot()).collect();
-    let no_keys_yet = |(m, p): (&Arc<crate::state::provider::MeshProvider>, &Arc<Provider>)| {
-        m.url.is_some() && p.keys.is_empty()
+    // Keys another worker published since this worker's timer last looked (no snapshot
+    // is kept: on a cache hit only the verifying provider's current keys are read again).
+    let no_keys_yet = |m: &Arc<crate::state::provider::MeshProvider>| {
+        m.url.is_some() && m.snapshot().keys.is_empty()
     };
-    if auth.providers.iter().zip(&snapshots).any(no_keys_yet) {
-        // Keys another worker published since this worker's timer last looked.
+    if auth.providers.iter().any(no_keys_yet) {
         crate::state::keystore::catch_up();
-        snapshots = auth.providers.iter().map(|p| p.snapshot()).collect();
     }
-    let verified: Result<Arc<Verified>, AuthError> = TOKEN_CACHE.with(|cell| {
+    // Hashed once: the cache key, and for RS256/PS256/ES256 the digest a miss verifies.
+    let hashed = Hashed::new(token);
+    // The verified token, and which of the location's providers verified it.
+    let verified: Result<(Arc<Verified>, usize), AuthError> = TOKEN_CACHE.with(|cell| {
         let mut cell = cell.borrow_mut();
         let cache = cell.get_or_insert_with(|| TokenCache::new(mcf.token_cache));
         // A hit counts only while the provider's current keys hold the key that verified
         // it: a key withdrawn (rotated out, compromised) stops its cached tokens at once.
-        let hit = cache.get_checked(token, now, |v| {
-            snapshots
+        let hit = cache.lookup_checked(&hashed, now, |v| {
+            auth.providers
                 .iter()
-                .find(|p| p.name == v.provider)
-                .is_none_or(|p| v.key_still_held(&p.keys))
+                .find(|m| m.name == v.provider)
+                .is_none_or(|m| v.key_still_held(&m.snapshot().keys))
         });
         if let Some(v) = hit {
-            if auth.providers.iter().any(|p| p.name == v.provider) {
+            if let Some(i) = auth.providers.iter().position(|p| p.name == v.provider) {
                 crate::state::metrics::count_token_cache(true);
-                return Ok(v);
+                return Ok((v.clone(), i));
             }
         }
         crate::state::metrics::count_token_cache(false);
-        let v = Arc::new(verify_any(r, token, auth, &snapshots, now)?);
-        cache.put(token, v.clone());
-        Ok(v)
+        let (v, i) = verify_any(r, &hashed, auth, now)?;
+        let v = Arc::new(v);
+        cache.insert(&hashed, v.clone());
+        Ok((v, i))
     });
-    let verified = match verified {
+    let (verified, provider) = match verified {
         Ok(v) => v,
-        Err(e) => {
-            if e.status == AuthStatus::UnknownKey {
-                // Maybe the issuer rotated its keys: fetch that provider's keys again
-                // (rate-limited, in the background; this request is answered now).
-                if let Some(iss) = unverified_issuer(token) {
-                    auth.providers
-                        .iter()
-                        .zip(&snapshots)
-                        .filter(|(_, p)| p.issuers.contains(&iss))
-                        .for_each(|(m, _)| m.request_refetch());
-                }
-            }
-            return id.refused(e);
-        }
+        Err(e) => return id.refused(e),
     };
     let accepted = match &lcf.audience {
         Some(a) => a.as_slice(),
-        None => snapshots
-            .iter()
-            .find(|p| p.name == verified.provider)
-            .map_or(&[][..], |p| p.audiences.as_slice()),
+        None => auth.audiences.get(provider).map_or(&[][..], Vec::as_slice),
     };
     if let Err(e) = check_audience(&verified, accepted) {
         return id.refused(e);
@@ -165,42 +150,70 @@ pub fn identify(r: &Request, lcf: &LocConf) -> Identity {
     }
 }
 
-/// Verifies a token against the location's providers. A token whose signature Cloud Run
-/// removed (it checked the token before the request arrived) is accepted only by providers
-/// with `platform_verified on`; with none, it is refused and the first such token of the
-/// worker logs how to deploy.
+/// Verifies a token (decoded once) against the location's providers, on a snapshot of each
+/// (keys fetched from URLs may change between requests); the verified token and the index
+/// of the provider that verified it. A token whose signature Cloud Run removed (it checked
+/// the token before the request arrived) is accepted only by providers with
+/// `platform_verified on`; with none, it is refused and the first such token of the worker
+/// logs how to deploy.
 fn verify_any(
     r: &Request,
-    token: &[u8],
+    token: &Hashed,
     auth: &AuthSpec,
-    snapshots: &[Arc<Provider>],
     now: u64,
-) -> Result<Verified, AuthError> {
-    let all: Vec<&Provider> = snapshots.iter().map(|p| &**p).collect();
-    if !is_signature_removed(token) {
-        return verify(token, &all, now);
+) -> Result<(Verified, usize), AuthError> {
+    let jwt = Jwt::decode_hashed(token)?;
+    let snapshots: Vec<Arc<Provider>> = auth.providers.iter().map(|p| p.snapshot()).collect();
+    let checked = if !jwt.is_signature_removed() {
+        let all: Vec<&Provider> = snapshots.iter().map(|p| &**p).collect();
+        jwt.check(&all, now)
+    } else {
+        let trusted: Vec<&Provider> = auth
+            .providers
+            .iter()
+            .zip(&snapshots)
+            .filter(|(m, _)| m.platform_verified)
+            .map(|(_, p)| &**p)
+            .collect();
+        if trusted.is_empty() {
+            if !PLATFORM_WARNED.swap(true, Ordering::Relaxed) {
+                ngx::ngx_log_error!(
+                    NGX_LOG_WARN,
+                    r.log(),
+                    "mesh: a token arrived with its signature removed by Google (SIGNATURE_REMOVED_BY_GOOGLE): Cloud Run's invoker check verified it before it reached nginx and stripped the signature. Either turn the invoker check off (gcloud run services update SERVICE --no-invoker-iam-check) so nginx verifies every token itself, or trust the platform with \"platform_verified on;\" in the mesh_provider block"
+                );
+            }
+            return Err(AuthError {
+                status: AuthStatus::BadSignature,
+                reason: "signature removed by the platform; platform_verified is off".into(),
+            });
+        }
+        jwt.check_platform(&trusted, now)
+    };
+    match checked {
+        Ok(p) => {
+            let i = auth
+                .providers
+                .iter()
+                .position(|m| m.name == p.name)
+                .unwrap_or(0);
+            Ok((jwt.into_verified(p), i))
+        }
+        Err(e) => {
+            if e.status == AuthStatus::UnknownKey {
+                // Maybe the issuer rotated its keys: fetch that provider's keys again
+                // (rate-limited, in the background; this request is answered now).
+                if let Some(iss) = jwt.issuer() {
+                    auth.providers
+                        .iter()
+                        .zip(&snapshots)
+                        .filter(|(_, p)| p.issuers.iter().any(|i| i == iss))
+                        .for_each(|(m, _)| m.request_refetch());
+                }
+            }
+            Err(e)
+        }
     }
-    let trusted: Vec<&Provider> = auth
-        .providers
-        .iter()
-        .zip(snapshots)
-        .filter(|(m, _)| m.platform_verified)
-        .map(|(_, p)| &**p)
-        .collect();
-    if !trusted.is_empty() {
-        return verify_platform(token, &trusted, now);
-    }
-    if !PLATFORM_WARNED.swap(true, Ordering::Relaxed) {
-        ngx::ngx_log_error!(
-            NGX_LOG_WARN,
-            r.log(),
-            "mesh: a token arrived with its signature removed by Google (SIGNATURE_REMOVED_BY_GOOGLE): Cloud Run's invoker check verified it before it reached nginx and stripped the signature. Either turn the invoker check off (gcloud run services update SERVICE --no-invoker-iam-check) so nginx verifies every token itself, or trust the platform with \"platform_verified on;\" in the mesh_provider block"
-        );
-    }
-    Err(AuthError {
-        status: AuthStatus::BadSignature,
-        reason: "signature removed by the platform; platform_verified is off".into(),
-    })
 }
 
 /// Whether this worker already explained `SIGNATURE_REMOVED_BY_GOOGLE` (once per worker).

@@ -1,23 +1,27 @@
 //! Rate limiting: the request's key charged once per zone, the caller's rate chosen by
 //! `mesh_rate_limit_caller`, and the `RateLimit` headers.
 
-use mesh_core::gcra::{policy_header, ratelimit_header, retry_after_secs, Gcra};
+use mesh_core::gcra::{ratelimit_field, ratelimit_field_max_len, retry_after_secs};
 use mesh_core::policy::Caller;
-use mesh_core::ratetable::key_hash;
+use mesh_core::ratetable::key_hash_parts;
 use ngx::ffi::ngx_int_t;
 use ngx::http::Request;
 
+use super::access::RETRY_AFTER;
 use super::ctx::{Decision, RequestCtx};
 use super::log::log_refusal;
 use crate::conf::{LocConf, RateLimit};
-use crate::nginx::headers::add_header_out;
+use crate::nginx::headers::{pool_fmt, push_header_out, HeaderName, HeaderValue};
 use crate::nginx::request::{client_addr, now_us};
+
+const RATELIMIT_POLICY: HeaderName = HeaderName::new("RateLimit-Policy", "ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::new("RateLimit", "ratelimit");
 
 /// Charges the request against its rate-limit key; `Some(status)` if it is refused.
 pub fn limit(
     r: &mut Request,
     ctx: &RequestCtx,
-    lcf: &LocConf,
+    lcf: &'static LocConf,
     rl: &RateLimit,
     caller: &Caller,
 ) -> Option<ngx_int_t> {
@@ -25,40 +29,48 @@ pub fn limit(
     if !ctx.charge_once(zone as *const _ as *const _) {
         return None;
     }
-    let gcra: &Gcra = lcf
+    // The caller's rate (`mesh_rate_limit_caller`, first match), and its `RateLimit-Policy`,
+    // rendered at configuration time.
+    let (gcra, policy) = match lcf
         .rate_callers
         .iter()
-        .find(|c| c.pattern.matches(caller))
-        .map_or(&rl.gcra, |c| &c.gcra);
+        .position(|c| c.pattern.matches(caller))
+    {
+        Some(i) => (&lcf.rate_callers[i].gcra, lcf.rate_policies.get(i + 1)),
+        None => (&rl.gcra, lcf.rate_policies.first()),
+    };
+    let salt = zone.name.as_bytes();
     let key = match rl.key {
         // SAFETY: compiled at configuration time into the configuration pool.
-        Some(cv) => r
-            .get_complex_value(unsafe { cv.as_ref() })
-            .map(|v| v.as_bytes().to_vec())
-            .unwrap_or_default(),
+        Some(cv) => {
+            let v = r.get_complex_value(unsafe { cv.as_ref() });
+            key_hash_parts(salt, &[v.map_or(&[][..], |v| v.as_bytes())])
+        }
         // The provider is part of the caller: the same principal from two issuers is two
         // callers. NUL cannot occur in a provider name (nginx's configuration words hold
         // none), so `provider NUL principal` is unambiguous.
         None => match caller.principal {
-            Some(p) => [
-                b"caller:".as_slice(),
-                caller.provider.unwrap_or("").as_bytes(),
-                b"\0",
-                p.as_bytes(),
-            ]
-            .concat(),
-            None => [b"addr:".as_slice(), client_addr(r)].concat(),
+            Some(p) => key_hash_parts(
+                salt,
+                &[
+                    b"caller:",
+                    caller.provider.unwrap_or("").as_bytes(),
+                    b"\0",
+                    p.as_bytes(),
+                ],
+            ),
+            None => key_hash_parts(salt, &[b"addr:", client_addr(r)]),
         },
     };
-    let outcome = zone.check(
-        key_hash(zone.name.as_bytes(), &key),
-        gcra,
-        now_us(),
-        lcf.rate_dry_run,
-    )?;
+    let outcome = zone.check(key, gcra, now_us(), lcf.rate_dry_run)?;
     if lcf.rate_headers {
-        add_header_out(r, "RateLimit-Policy", &policy_header(&zone.name, gcra));
-        add_header_out(r, "RateLimit", &ratelimit_header(&zone.name, &outcome));
+        if let Some(p) = policy {
+            push_header_out(r, &RATELIMIT_POLICY, HeaderValue::Kept(p.as_bytes()));
+        }
+        let max = ratelimit_field_max_len(zone.name.len());
+        if let Some(v) = pool_fmt(r, max, ratelimit_field(&zone.name, &outcome)) {
+            push_header_out(r, &RATELIMIT, HeaderValue::InPool(v));
+        }
     }
     if outcome.allowed {
         return None;
@@ -70,7 +82,9 @@ pub fn limit(
     }
     ctx.decide(Decision::RateLimited);
     if lcf.rate_headers {
-        add_header_out(r, "Retry-After", &retry_after_secs(&outcome).to_string());
+        if let Some(v) = pool_fmt(r, 20, retry_after_secs(&outcome)) {
+            push_header_out(r, &RETRY_AFTER, HeaderValue::InPool(v));
+        }
     }
     let code = lcf.rate_status as ngx_int_t;
     log_refusal(r, ctx, code, "rate limited");

@@ -18,7 +18,7 @@ pub fn log_refusal(r: &Request, ctx: &RequestCtx, code: ngx_int_t, what: &str) {
         }
     };
     let caller = or_dash(id.caller());
-    let rule = or_dash(&ctx.rule());
+    let rule = or_dash(ctx.rule());
     let reason = or_dash(&id.reason);
     let decision = ctx.decision().map_or("-", Decision::as_str);
     let trace = ctx

@@ -8,7 +8,9 @@ use ngx::ffi::{ngx_http_output_header_filter_pt, ngx_http_request_t, ngx_int_t};
 use ngx::http::{HttpModuleLocationConf, Request};
 
 use super::ctx::RequestCtx;
-use crate::nginx::headers::add_header_out;
+use crate::nginx::headers::{push_header_out, HeaderName, HeaderValue};
+
+const TRACERESPONSE: HeaderName = HeaderName::new("traceresponse", "traceresponse");
 use crate::nginx::no_panic;
 use crate::MeshModule;
 
@@ -44,9 +46,11 @@ unsafe extern "C" fn header_filter(r: *mut ngx_http_request_t) -> ngx_int_t {
         let Some(ctx) = RequestCtx::of(req) else {
             return;
         };
-        let value = ctx.trace(req, lcf).map(|t| t.ctx.traceresponse());
-        if let Some(v) = value {
-            add_header_out(req, "traceresponse", &v);
+        // `traceresponse` is the `traceparent` sent upstream (`TraceContext::traceresponse`:
+        // the same shape, this hop's span id as child id), rendered once per request.
+        if let Some(t) = ctx.trace(req, lcf) {
+            let value = HeaderValue::Copy(t.traceparent.as_bytes());
+            push_header_out(req, &TRACERESPONSE, value);
         }
     });
     // SAFETY: the chain was set up by `install_header_filter`; the next filter is nginx's.

@@ -4,20 +4,48 @@
 
 use std::cell::RefCell;
 
+use std::fmt;
+
 use mesh_core::trace::{
     check_tracestate, cloud_logging_trace, parse_cloud_trace, parse_traceparent, IdGenerator,
-    TraceContext,
+    TraceContext, CLOUD_TRACE_FIELD_MAX_LEN, W3C_FIELD_LEN,
 };
 use ngx::http::Request;
 
 use crate::conf::LocConf;
 use crate::nginx::headers::{header_in, headers_in_all};
 
+/// Text of at most `N` bytes, rendered once into the value itself (no heap).
+pub struct FixedText<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> FixedText<N> {
+    /// `value`, cut at `N` bytes (callers size `N` for the longest value).
+    pub fn render(value: impl fmt::Display) -> FixedText<N> {
+        use std::io::Write;
+        let mut buf = [0u8; N];
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        let _ = write!(cursor, "{value}");
+        let len = cursor.position() as usize;
+        FixedText { buf, len }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("")
+    }
+}
+
 /// This hop's trace: the context, plus the header values derived from it.
 pub struct Trace {
     pub ctx: TraceContext,
-    pub traceparent: String,
-    pub cloud_trace: String,
+    pub traceparent: FixedText<W3C_FIELD_LEN>,
+    pub cloud_trace: FixedText<CLOUD_TRACE_FIELD_MAX_LEN>,
     /// The incoming `tracestate`, kept only with a valid incoming `traceparent`.
     pub tracestate: Option<Vec<u8>>,
 }
@@ -42,9 +70,13 @@ pub fn seed_worker() -> bool {
 pub(super) fn start(r: &Request, lcf: &LocConf) -> Option<Trace> {
     // Several `traceparent` headers make the context invalid; several `tracestate` headers
     // are one list (W3C Trace Context, 3.2 and 3.3).
-    let parents = headers_in_all(r, "traceparent");
-    let parent = match parents.as_slice() {
-        [one] => parse_traceparent(one),
+    let mut parents = r
+        .headers_in_iterator()
+        .filter(|(k, _)| k.as_bytes().eq_ignore_ascii_case(b"traceparent"));
+    let (first, second) = (parents.next(), parents.next());
+    let any_parent = first.is_some();
+    let parent = match (first, second) {
+        (Some((_, one)), None) => parse_traceparent(one.as_bytes()),
         _ => None,
     };
     let (incoming, tracestate) = match parent {
@@ -56,7 +88,7 @@ pub(super) fn start(r: &Request, lcf: &LocConf) -> Option<Trace> {
         // A `traceparent` that is present but invalid starts a new trace, with no
         // `tracestate` (W3C Trace Context 3.2.2, 3.3.1): it is not a reason to trust
         // `X-Cloud-Trace-Context`, which only counts when no `traceparent` came at all.
-        None if !parents.is_empty() => (None, None),
+        None if any_parent => (None, None),
         None => (
             header_in(r, "X-Cloud-Trace-Context").and_then(parse_cloud_trace),
             None,
@@ -72,8 +104,8 @@ pub(super) fn start(r: &Request, lcf: &LocConf) -> Option<Trace> {
             .map(|g| TraceContext::start(incoming.as_ref(), lcf.trace_sample, g))
     })?;
     Some(Trace {
-        traceparent: ctx.traceparent(),
-        cloud_trace: ctx.cloud_trace(),
+        traceparent: FixedText::render(ctx.w3c_field()),
+        cloud_trace: FixedText::render(ctx.cloud_trace_field()),
         ctx,
         tracestate,
     })

@@ -7,14 +7,19 @@
 //! redirect and the old headers are removed before the new ones are added, the upstream sees
 //! each header exactly once.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use ngx::ffi::ngx_http_request_t;
 use ngx::http::Request;
 
 use super::ctx::RequestCtx;
 use crate::conf::LocConf;
-use crate::nginx::headers::{add_header_in, remove_headers_in};
+use crate::nginx::headers::{push_header_in, remove_headers_in, HeaderName, HeaderValue};
+
+const TRACEPARENT: HeaderName = HeaderName::new("traceparent", "traceparent");
+const TRACESTATE: HeaderName = HeaderName::new("tracestate", "tracestate");
+const CLOUD_TRACE: HeaderName = HeaderName::new("X-Cloud-Trace-Context", "x-cloud-trace-context");
+const MESH_CALLER: HeaderName = HeaderName::new("X-Mesh-Caller", "x-mesh-caller");
+const MESH_PROVIDER: HeaderName = HeaderName::new("X-Mesh-Provider", "x-mesh-provider");
+const MESH_CLAIMS: HeaderName = HeaderName::new("X-Mesh-Claims", "x-mesh-claims");
 
 fn is_trace_header(name: &[u8]) -> bool {
     name.eq_ignore_ascii_case(b"traceparent")
@@ -62,11 +67,12 @@ pub fn rewrite(r: &mut Request, lcf: &LocConf, ctx: &RequestCtx) -> bool {
         if !remove_headers_in(r, is_mesh_header) {
             return false;
         }
+        // Copied into the pool (memcpy, no heap): a redirect may identify the caller again.
         if let Some(v) = &ctx.identity().verified {
-            add_header_in(r, "X-Mesh-Caller", v.principal.as_bytes());
-            add_header_in(r, "X-Mesh-Provider", v.provider.as_bytes());
-            let claims = URL_SAFE_NO_PAD.encode(v.claims_json.as_bytes());
-            add_header_in(r, "X-Mesh-Claims", claims.as_bytes());
+            push_header_in(r, &MESH_CALLER, HeaderValue::Copy(v.principal.as_bytes()));
+            push_header_in(r, &MESH_PROVIDER, HeaderValue::Copy(v.provider.as_bytes()));
+            // The payload segment as sent: base64url of the verified claims JSON.
+            push_header_in(r, &MESH_CLAIMS, HeaderValue::Copy(v.claims_b64.as_bytes()));
         }
     }
     true
@@ -79,10 +85,10 @@ pub fn rewrite_trace(r: &mut Request, lcf: &LocConf, ctx: &RequestCtx) {
     if let Some(t) = ctx.trace(r, lcf) {
         let r: &mut ngx_http_request_t = r.as_mut();
         remove_headers_in(r, is_trace_header);
-        add_header_in(r, "traceparent", t.traceparent.as_bytes());
+        push_header_in(r, &TRACEPARENT, HeaderValue::Copy(t.traceparent.as_bytes()));
         if let Some(ts) = &t.tracestate {
-            add_header_in(r, "tracestate", ts);
+            push_header_in(r, &TRACESTATE, HeaderValue::Copy(ts));
         }
-        add_header_in(r, "X-Cloud-Trace-Context", t.cloud_trace.as_bytes());
+        push_header_in(r, &CLOUD_TRACE, HeaderValue::Copy(t.cloud_trace.as_bytes()));
     }
 }

@@ -213,10 +213,11 @@ unsafe extern "C" fn var_rule(
     v: *mut ngx_variable_value_t,
     _data: usize,
 ) -> ngx_int_t {
-    with_ctx(r, v, |req, ctx, v| {
-        let ok = set_var_copy(req.as_ref(), v, ctx.rule().as_bytes());
+    with_ctx(r, v, |_, ctx, v| {
+        // The rule's text lives in the configuration: pointed at, not copied.
+        set_var(v, ctx.rule().as_bytes());
         v.set_no_cacheable(1);
-        ok
+        true
     })
 }
 
@@ -276,7 +277,7 @@ unsafe extern "C" fn var_trace(
             x if x == TraceField::Sampled as usize => {
                 String::from(if t.ctx.sampled { "1" } else { "0" })
             }
-            x if x == TraceField::TraceParent as usize => t.traceparent.clone(),
+            x if x == TraceField::TraceParent as usize => t.traceparent.as_str().to_owned(),
             x if x == TraceField::CloudTrace as usize => trace::cloud_logging(lcf, t),
             _ => String::new(),
         };
