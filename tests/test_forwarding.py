@@ -222,14 +222,38 @@ def test_identity_from_each_token_on_one_connection(site, keyring):
         conn.close()
 
 
-def test_forwarding_off_passes_client_mesh_headers_unchanged(site, keyring):
-    # documented: without mesh_forward_identity the module does not touch X-Mesh-* headers
+def test_forwarding_off_still_drops_client_mesh_headers(site, keyring):
+    # with mesh_forward_identity off nothing is sent for the caller, and the client's own
+    # X-Mesh-* headers are dropped all the same: an upstream may trust them
     token, _ = token_and_payload(keyring)
     sent = arrange("duplicated", OTHERS, SPOOFS) + bearer(token)
     resp = site.get("/off/x", sent)
     assert resp.header("X-Auth-Status") == "verified", resp
-    got = [(n, v) for n, v in upstream_list(resp) if n.lower() not in ("host", "connection")]
-    assert got == sent, f"with forwarding off the client's headers must pass as sent:\n{sent}\n{got}"
+    assert mesh_headers(resp) == [], "client X-Mesh-* headers reached the upstream"
+    check_passthrough(resp, sent)
+
+
+NO_MESH_HTTP = JWKS_PROVIDER + """
+server {
+    listen 127.0.0.1:@PORT@;
+    underscores_in_headers on;
+    proxy_set_header Host $http_host;
+    location /            { proxy_pass http://@UPSTREAM@; }
+    location /satisfied/  { satisfy any; allow 127.0.0.1; deny all; proxy_pass http://@UPSTREAM@; }
+}
+"""
+
+
+@pytest.mark.parametrize("path", ["/plain", "/satisfied/x"])
+def test_location_without_mesh_directives_drops_client_mesh_headers(launcher_fn, path):
+    # the module is loaded but this server uses none of its directives: X-Mesh-* headers
+    # (any case, `_` for `-`) still never reach the upstream; everything else passes as sent
+    site = launcher_fn.start(NO_MESH_HTTP)
+    sent = arrange("middle", OTHERS, SPOOFS + [("X_Mesh_Caller", "admin")])
+    resp = site.get(path, sent)
+    assert mesh_headers(resp) == [], "client X-Mesh-* headers reached the upstream"
+    assert [n for n, _ in upstream_list(resp) if n.lower().replace("_", "-").startswith("x-mesh-")] == []
+    check_passthrough(resp, [(n, v) for n, v in sent if n != "X_Mesh_Caller"])
 
 
 # ---------------------------------------------------------------- many headers, redirects, tracing

@@ -48,16 +48,20 @@ pub unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         let Some(lcf) = MeshModule::location_conf(r) else {
             return Status::NGX_DECLINED.into();
         };
-        // nginx skips the access phase for subrequests; a main request with nothing to
-        // decide or forward costs nothing more.
-        if !r.is_main() || !(lcf.decides() || lcf.trace || lcf.forward_identity) {
+        // nginx skips the access phase for subrequests.
+        if !r.is_main() {
             return Status::NGX_DECLINED.into();
         }
-        // Before anything is decided: whatever admits the request in the end (this module,
-        // or `allow`/`auth_basic`/`auth_request` under `satisfy any`), the client's own
-        // X-Mesh-* headers are gone. Failing that, the request fails: never a pass.
-        if lcf.forward_identity && !upstream::strip_client_identity(r) {
+        // Before anything is decided, in every location (also where this module decides
+        // nothing): whatever admits the request in the end (this module, `allow`,
+        // `auth_basic`, `auth_request`, or nothing at all), the client's own X-Mesh-*
+        // headers never reach an upstream, which may trust them. Failing that, the request
+        // fails: never a pass. Nothing else is done where nothing is decided or forwarded.
+        if !upstream::strip_client_identity(r) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        }
+        if !(lcf.decides() || lcf.trace || lcf.forward_identity) {
+            return Status::NGX_DECLINED.into();
         }
         pipeline(r, lcf)
     })

@@ -42,7 +42,7 @@ pub fn is_mesh_header(name: &[u8]) -> bool {
 }
 
 /// Drops every client-sent `X-Mesh-*` header of the main request: called first thing in the
-/// access phase wherever `mesh_forward_identity` is on, whatever is decided next, so that no
+/// access phase of every main request, whatever is decided next, so that no
 /// access module that admits the request (`satisfy any`: `allow`, `auth_basic`,
 /// `auth_request`, whose subrequest copies these headers) lets the client's own identity
 /// through. `false` if the list could not be rewritten: the caller answers 500.
