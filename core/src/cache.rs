@@ -1,7 +1,8 @@
 //! Per-worker cache of verified tokens, never serving an entry at or past its `exp`.
 //!
-//! An entry is found by [`Hashed::cache_key`] (a keyed SipHash of the whole token, computed
-//! once per request) and served only if its token equals the request's byte for byte: two
+//! An entry is found by [`Hashed::cache_key`] (a keyed SipHash of the token's length and
+//! signature end, computed once per request) and served only if its token equals the
+//! request's byte for byte: two
 //! tokens share an entry only if they are the same token. A hash collision (chance, since
 //! the key is random per process) costs a miss and a verification, never a token that was
 //! not verified. A hit computes no SHA-256; a miss computes the one RS256/PS256/ES256

@@ -265,9 +265,10 @@ fn fail<T>(status: AuthStatus, reason: impl AsRef<str>) -> Result<T, AuthError> 
     Err(AuthError::new(status, reason))
 }
 
-/// A token as received, with its cache key computed once per request: a keyed hash of the
-/// whole token (SipHash-1-3 under a random key drawn once per process, as std's `HashMap`
-/// uses), cheap next to a SHA-256. The key only finds an entry: a hit is served only if the
+/// A token as received, with its cache key computed once per request: a keyed hash
+/// (SipHash-1-3 under a random key drawn once per process, as std's `HashMap` uses) of the
+/// token's length and its last [`KEY_TAIL`] bytes ([`cache_key_input`]), cheap next to a
+/// SHA-256 and next to hashing the whole token. The key only finds an entry: a hit is served only if the
 /// entry's token equals this one byte for byte ([`crate::cache::TokenCache::lookup`]), so a
 /// collision can cost a miss, never pass a token that was not verified. The SHA-256 of the
 /// signing input (`HEADER.PAYLOAD`, as sent) is computed on first use only: on a cache miss,
@@ -283,6 +284,26 @@ pub struct Hashed<'t> {
     sha256: std::cell::OnceCell<Digest>,
 }
 
+/// Bytes of a token's end that its cache key hashes (with its length).
+const KEY_TAIL: usize = 32;
+
+/// What [`Hashed`]'s cache key hashes: the token's length and its last [`KEY_TAIL`] bytes,
+/// when they are all signature (every signature the module verifies is longer: HS256's
+/// 43 characters at the least); otherwise the whole token. A signature's end is as
+/// unpredictable as the whole token for tokens that verify, and only tokens that verified
+/// are ever cached, so the entries stay spread however a client picks the tokens it sends.
+/// A token with a short or no signature (Cloud Run's `SIGNATURE_REMOVED_BY_GOOGLE`, the
+/// same for every caller) is hashed whole, so that such tokens do not share one entry.
+/// `sig_at`: where the signature starts (after the last `.`).
+fn cache_key_input(token: &[u8], sig_at: Option<usize>) -> (usize, &[u8]) {
+    let sig_len = sig_at.map_or(0, |at| token.len() - at);
+    if sig_len > KEY_TAIL {
+        (token.len(), &token[token.len() - KEY_TAIL..])
+    } else {
+        (token.len(), token)
+    }
+}
+
 /// The process's random key for [`Hashed`]'s cache key (from the OS, once).
 fn cache_key_state() -> &'static std::hash::RandomState {
     static STATE: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
@@ -293,10 +314,11 @@ impl<'t> Hashed<'t> {
     pub fn new(token: &'t [u8]) -> Hashed<'t> {
         use std::hash::BuildHasher;
         let fits = token.len() <= MAX_TOKEN_LEN;
+        let sig_at = memchr::memrchr(b'.', token).map(|d| d + 1);
         Hashed {
             token,
-            sig_at: memchr::memrchr(b'.', token).map(|d| d + 1),
-            key: fits.then(|| cache_key_state().hash_one(token)),
+            sig_at,
+            key: fits.then(|| cache_key_state().hash_one(cache_key_input(token, sig_at))),
             sha256: std::cell::OnceCell::new(),
         }
     }
@@ -315,7 +337,7 @@ impl<'t> Hashed<'t> {
         self.token
     }
 
-    /// The cache key: a keyed 64-bit hash of the whole token; `None` when the token is too
+    /// The cache key: a keyed 64-bit hash of [`cache_key_input`]; `None` when the token is too
     /// long. Equal tokens have equal keys within a process; different tokens may collide.
     pub fn cache_key(&self) -> Option<u64> {
         self.key
@@ -1147,5 +1169,35 @@ mod tests {
         assert!(!is_signature_removed(b"a.bSIGNATURE_REMOVED_BY_GOOGLE"));
         assert!(!is_signature_removed(b"a.b.xSIGNATURE_REMOVED_BY_GOOGLE"));
         assert!(!is_signature_removed(b"a.b.c.SIGNATURE_REMOVED_BY_GOOGLE"));
+    }
+
+    #[test]
+    fn cache_key_reads_the_signature_end_and_the_length() {
+        let sig = "s".repeat(60) + &"t".repeat(KEY_TAIL);
+        let a = format!("hdr.payload-one.{sig}");
+        let b = format!("hdr.payload-two.{sig}");
+        let key = |t: &str| Hashed::new(t.as_bytes()).cache_key().unwrap();
+        // the same length and signature end: one key (the entry's full compare tells them apart)
+        assert_eq!(key(&a), key(&b));
+        // another length, or another last byte: another input
+        assert_ne!(key(&a), key(&format!("hdr.payload-three.{sig}")));
+        let mut c = a.clone();
+        c.pop();
+        c.push('u');
+        assert_ne!(key(&a), key(&c));
+    }
+
+    #[test]
+    fn cache_key_hashes_a_short_signature_with_the_whole_token() {
+        // Cloud Run's stripped signature is the same for every caller: such tokens must not
+        // all share one cache entry
+        let a = b"hdr.payload-one.SIGNATURE_REMOVED_BY_GOOGLE";
+        let b = b"hdr.payload-two.SIGNATURE_REMOVED_BY_GOOGLE";
+        assert_eq!(cache_key_input(a, Some(16)), (a.len(), &a[..]));
+        assert_ne!(
+            Hashed::new(a).cache_key().unwrap(),
+            Hashed::new(b).cache_key().unwrap()
+        );
+        assert_eq!(cache_key_input(b"no-dot", None), (6, &b"no-dot"[..]));
     }
 }
