@@ -28,7 +28,7 @@ APT_PACKAGES := nginx nginx-dev libclang-dev libssl-dev libpcre2-dev zlib1g-dev 
 # overwriting it under a live worker can kill that worker with SIGBUS.
 install-module = cp $(1) $(2).tmp && mv -f $(2).tmp $(2)
 
-.PHONY: all deps build build-vendored test test-core test-nginx msrv-check run bench bench-guard clean image test-image image-deps
+.PHONY: all deps build build-vendored test test-core test-nginx msrv-check run bench bench-guard clean image test-image test-image-build image-deps
 
 all: build
 
@@ -113,8 +113,8 @@ IMAGE_CACHE ?= $(ROOT)/target/image
 CARGO_REGISTRY ?= $(or $(CARGO_HOME),$(HOME)/.cargo)/registry
 TEST_IMAGE := localhost/ngx-mesh:test
 IMAGE_PACKAGES := podman runc debootstrap
-test-image image-deps: export CONTAINERS_CONF := $(IMAGE_CACHE)/containers.conf
-test-image image-deps: export CONTAINERS_STORAGE_CONF := $(IMAGE_CACHE)/storage.conf
+test-image test-image-build image-deps: export CONTAINERS_CONF := $(IMAGE_CACHE)/containers.conf
+test-image test-image-build image-deps: export CONTAINERS_STORAGE_CONF := $(IMAGE_CACHE)/storage.conf
 
 image-deps:
 	@missing=$$(for p in $(IMAGE_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
@@ -124,7 +124,9 @@ image-deps:
 	fi
 	scripts/podman-conf.sh $(IMAGE_CACHE)
 
-test-image: image-deps $(PYTEST)
+# The image alone (`.ci/run` builds it in the background, at low priority, while `make test`
+# runs, then calls `make test-image`, which finds it built).
+test-image-build: image-deps
 	scripts/debian-base.sh $(IMAGE_CACHE)/trixie-slim.tar
 	podman image exists docker.io/library/debian:trixie-slim \
 		|| podman import --quiet $(IMAGE_CACHE)/trixie-slim.tar docker.io/library/debian:trixie-slim
@@ -136,6 +138,8 @@ test-image: image-deps $(PYTEST)
 		-v $(CARGO_REGISTRY):/root/.cargo/registry \
 		-v $(IMAGE_CACHE)/cargo-target:/src/target -t $(TEST_IMAGE) .
 	@podman image inspect --format '{{.Size}}' $(TEST_IMAGE) | awk '{ printf "image size: %.1f MB\n", $$1 / 1e6 }'
+
+test-image: test-image-build $(PYTEST)
 	MESH_TEST_IMAGE=$(TEST_IMAGE) BUILD_CA_DIR=$(BUILD_CA_DIR) $(PYTEST) -q -p no:cacheprovider tests/image
 
 clean:
