@@ -160,11 +160,15 @@ def test_bad_redis_zone_fails_nginx_t_at_its_line(module_path, conf_dir, keyring
     emerg_at_marked_line(conf_text, conf_dir, words=words)
 
 
-def test_password_in_the_url_is_never_printed_by_nginx_t(module_path, conf_dir, keyring):
-    body = ("mesh_rate_limit_zone g 1m redis=redis://:s3cr3t-pw@127.0.0.1:99999/0;  # BAD\n"
+@pytest.mark.parametrize("zone,words", [
+    ("redis=redis://:s3cr3t-pw@127.0.0.1:99999/0", ["redis URL"]),
+    ("redis=redis://:s3cr3t-pw@127.0.0.1/0 redis=redis://:s3cr3t-pw@127.0.0.2/0", ["redis="]),
+], ids=["bad-port", "twice"])
+def test_password_in_the_url_is_never_printed_by_nginx_t(module_path, conf_dir, keyring, zone, words):
+    body = (f"mesh_rate_limit_zone g 1m {zone};  # BAD\n"
             "server { listen 127.0.0.1:@PORT@; }\n")
     conf_text = render(body, conf_dir, port=8, upstream="127.0.0.1:9", keys=keyring.dir)
-    line = emerg_at_marked_line(conf_text, conf_dir, words=["redis URL"])
+    line = emerg_at_marked_line(conf_text, conf_dir, words=words)
     assert "s3cr3t-pw" not in line, line
 
 

@@ -120,7 +120,9 @@ fn sync_of(d: &Directive, zone: &str) -> Result<Option<SyncConf>, ConfError> {
             _ => return Err(invalid(format!("invalid parameter \"{text}\""))),
         };
         if v.is_empty() || slot.replace(v).is_some() {
-            return Err(invalid(format!("invalid parameter \"{text}\"")));
+            // A Redis URL may hold a password: named, never echoed.
+            let shown = if k == "redis" { "redis=..." } else { text };
+            return Err(invalid(format!("invalid parameter \"{shown}\"")));
         }
     }
     let Some(url) = url else {
