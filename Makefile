@@ -112,6 +112,8 @@ IMAGE_CACHE ?= $(ROOT)/target/image
 # This machine's cargo downloads (crate files, index cache), shared with the build in the image.
 CARGO_REGISTRY ?= $(or $(CARGO_HOME),$(HOME)/.cargo)/registry
 TEST_IMAGE := localhost/ngx-mesh:test
+# Extra `podman build` flags for make test-image-build (.ci/run: --cpu-shares=2).
+IMAGE_BUILD_FLAGS ?=
 IMAGE_PACKAGES := podman runc debootstrap
 test-image test-image-build image-deps: export CONTAINERS_CONF := $(IMAGE_CACHE)/containers.conf
 test-image test-image-build image-deps: export CONTAINERS_STORAGE_CONF := $(IMAGE_CACHE)/storage.conf
@@ -134,7 +136,7 @@ test-image-build: image-deps
 	@# The Dockerfile as users build it; the volumes only lend it cargo's downloads (those of
 	@# `make test`, the same Cargo.lock: nothing is fetched again) and keep its build between
 	@# runs (a rerun recompiles only what changed).
-	time podman build --pull=never --network=host $(build-ca-volume) \
+	time podman build --pull=never --network=host $(IMAGE_BUILD_FLAGS) $(build-ca-volume) \
 		-v $(CARGO_REGISTRY):/root/.cargo/registry \
 		-v $(IMAGE_CACHE)/cargo-target:/src/target -t $(TEST_IMAGE) .
 	@podman image inspect --format '{{.Size}}' $(TEST_IMAGE) | awk '{ printf "image size: %.1f MB\n", $$1 / 1e6 }'
