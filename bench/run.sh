@@ -66,10 +66,18 @@ for tool in wrk curl "$nginx"; do
 done
 
 # --- Cleanup: every process this script started, by pid; the temp dir unless BENCH_KEEP=1.
-# (Under target/, not /tmp: nothing else sweeps it while a run is under way.)
+# (Under target/ where nginx's workers can reach it, not /tmp: nothing else sweeps it while a
+# run is under way.)
 mkdir -p "$root/target/bench"
 work=$(mktemp -d "$root/target/bench/run.XXXXXX")
 chmod 755 "$work" # nginx's workers run as nobody when started as root
+# ...and must reach the files they serve: a checkout inside a private directory (a
+# `mktemp -d`, mode 0700) cannot be reached, so the run goes to /tmp instead.
+if [ "$(id -u)" = 0 ] && ! runuser -u nobody -- test -x "$work" 2>/dev/null; then
+    rmdir "$work"
+    work=$(mktemp -d /tmp/ngx-mesh-bench.XXXXXX)
+    chmod 755 "$work"
+fi
 nginx_pids=() # nginx masters (they stop their workers)
 bg_pid=""     # the wrk or verify_rate running now, if any
 exec 3>&2     # the script's stderr, for cleanup's word (a signal may come while 2 is redirected)
