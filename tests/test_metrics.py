@@ -286,20 +286,30 @@ def test_a_scrape_under_load_answers_quickly(site, keyring):
     """Clients keep every worker busy with verified requests; scrapes still answer fast, and
     the counters keep rising."""
     t = tok(keyring, sub="svc-load")
-    stop = time.monotonic() + 4.0
+    scrapes_done = threading.Event()
     done: list[int] = []
     errors: list = []
+    # Bounded by count, never by time: on a fast machine a client on one connection for a
+    # fixed time would pass nginx's keepalive_requests (1000) and see its close as an error.
+    # Each client opens a new connection well before that, and stops when the scrapes are done.
+    per_connection, most = 500, 20_000
 
     def client():
         n = 0
+        c = None
         try:
-            c = Connection(site.port)
-            while time.monotonic() < stop:
+            while not scrapes_done.is_set() and n < most:
+                if n % per_connection == 0:
+                    if c is not None:
+                        c.close()
+                    c = Connection(site.port)
                 assert c.request("/two/", bearer(t)).status == 200
                 n += 1
-            c.close()
         except Exception as e:  # noqa: BLE001
             errors.append(e)
+        finally:
+            if c is not None:
+                c.close()
         done.append(n)
 
     base = value(samples(scrape_text(site.port)), "mesh_requests_total", decision="allow")
@@ -307,18 +317,20 @@ def test_a_scrape_under_load_answers_quickly(site, keyring):
     for th in threads:
         th.start()
     latencies, allows = [], []
-    while time.monotonic() < stop:
-        t0 = time.monotonic()
-        m = samples(scrape_text(site.port))
-        latencies.append(time.monotonic() - t0)
-        allows.append(value(m, "mesh_requests_total", decision="allow"))
-        time.sleep(0.1)
-    for th in threads:
-        th.join(timeout=10)
+    try:
+        for _ in range(25):
+            t0 = time.monotonic()
+            m = samples(scrape_text(site.port))
+            latencies.append(time.monotonic() - t0)
+            allows.append(value(m, "mesh_requests_total", decision="allow"))
+            time.sleep(0.1)
+    finally:
+        scrapes_done.set()
+        for th in threads:
+            th.join(timeout=30)
     assert not errors, errors
     done_total = sum(done)
     assert done_total > 50, done
-    assert len(latencies) >= 10
     latencies.sort()
     # The machine is shared and slow; a scrape that waited for a worker would take seconds.
     assert latencies[len(latencies) // 2] < 0.5, latencies
