@@ -126,6 +126,10 @@ impl HttpModule for MeshModule {
         if unsafe { conf::audit::finish(cf) }.is_err() {
             return Status::NGX_ERROR.into();
         }
+        // SAFETY: as above; the audit passed, so the configuration is one nginx will run.
+        if unsafe { conf::report::finish(cf) }.is_err() {
+            return Status::NGX_ERROR.into();
+        }
         // SAFETY: nginx calls this with a valid configuration context, after the http block
         // was parsed, so the core module's main configuration exists.
         unsafe {

@@ -735,11 +735,13 @@ fn write_route(o: &mut String, r: &RouteInfo) -> std::fmt::Result {
             list(&r.route.providers, "")
         )
     };
-    writeln!(
-        o,
-        "- mesh_auth: {auth} (written {})",
-        written_name(r.route.written)
-    )?;
+    let written = match r.route.written {
+        Written::Location => "written in the location",
+        Written::Server => "written in the server",
+        Written::Http => "written at the http level",
+        Written::Nowhere => "the default",
+    };
+    writeln!(o, "- mesh_auth: {auth} ({written})")?;
     match &r.token {
         Some(t) => writeln!(o, "- token: {}", code(t))?,
         None => writeln!(

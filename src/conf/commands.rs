@@ -10,15 +10,15 @@ use std::ptr;
 
 use ngx::ffi::{
     ngx_command_t, ngx_conf_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_2MORE,
-    NGX_CONF_BLOCK, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE2,
-    NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET,
-    NGX_HTTP_SRV_CONF,
+    NGX_CONF_BLOCK, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12,
+    NGX_CONF_TAKE2, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
+    NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF,
 };
 use ngx::ngx_string;
 
 use super::directive::{directive, flag, set_once};
 use super::{
-    identity, keys, log, outbound, policy, provider, rate_limit, trace, LocConf, MainConf,
+    identity, keys, log, outbound, policy, provider, rate_limit, report, trace, LocConf, MainConf,
 };
 
 const M: u32 = NGX_HTTP_MAIN_CONF;
@@ -90,7 +90,7 @@ const T1: u32 = NGX_CONF_TAKE1;
 const FLAG: u32 = NGX_CONF_FLAG;
 
 #[rustfmt::skip]
-pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 30] = [
+pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 31] = [
     // identity
     each!("mesh_provider",          M | NGX_CONF_BLOCK | T1, MainConf, providers,        provider::block),
     once!("mesh_auth",              MSL | NGX_CONF_1MORE,    LocConf,  auth,             identity::auth),
@@ -125,5 +125,6 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 30] = [
     command(ngx_string!("mesh_ready"), NGX_HTTP_LOC_CONF | ngx::ffi::NGX_CONF_NOARGS, keys::ready, NGX_HTTP_LOC_CONF_OFFSET),
     command(ngx_string!("mesh_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, crate::request::status::mesh_status, NGX_HTTP_LOC_CONF_OFFSET),
     once!("mesh_config_version",    M | T1,                  MainConf, config_version,   identity::config_version),
+    each!("mesh_access_report",     M | NGX_CONF_TAKE12,     MainConf, reports,          report::directive),
     ngx_command_t::empty(),
 ];

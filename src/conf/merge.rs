@@ -10,7 +10,7 @@ use ngx::ffi::ngx_conf_t;
 use ngx::http::HttpModuleMainConf;
 
 use super::directive::ConfError;
-use super::{audit, Auth, AuthSpec, LocConf, MainConf, TRACE_PROJECT_ENV};
+use super::{audit, report, Auth, AuthSpec, LocConf, MainConf, TRACE_PROJECT_ENV};
 use crate::MeshModule;
 
 /// `init_main_conf`: the http-level values in force.
@@ -116,7 +116,10 @@ pub unsafe extern "C" fn merge_loc_conf(
             return e.report(cf, "");
         }
         // SAFETY: this is the module's `merge_loc_conf` of `conf`.
-        unsafe { audit::record(cf, &mut mcf.audit, prev, conf) };
+        if let Some(r) = unsafe { audit::record(cf, &mut mcf.audit, prev, conf) } {
+            // SAFETY: as above.
+            unsafe { report::record(cf, &mut mcf.report, r.route, conf, r.catches_all) };
+        }
         NGX_CONF_OK
     })
 }

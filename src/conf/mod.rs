@@ -7,6 +7,7 @@
 //!   directive family;
 //! - `merge`: inheritance and resolution (`init_main_conf`, `merge_loc_conf`);
 //! - `audit`: `mesh_require_auth`, the check of every route once all are merged;
+//! - `report`: `mesh_access_report`, the access matrix written once all are merged;
 //! - this file: the configuration structures and their defaults.
 //!
 //! As in nginx's C modules, parsing fills `set` (what a level wrote, `None` where it wrote
@@ -25,6 +26,7 @@ mod outbound;
 mod policy;
 mod provider;
 mod rate_limit;
+pub mod report;
 mod trace;
 
 use std::ptr::NonNull;
@@ -78,6 +80,10 @@ pub struct MainConf {
     pub keystore: crate::state::keystore::StoreConf,
     /// The routes `mesh_require_auth` checks, gathered while merging.
     pub(crate) audit: audit::Audit,
+    /// `mesh_access_report` files.
+    pub reports: Vec<report::ReportFile>,
+    /// What the access report says, gathered while merging.
+    pub(crate) report: report::Collected,
     set: MainSet,
 }
 
@@ -107,6 +113,8 @@ impl Default for MainConf {
             trace_project_env: None,
             keystore: Default::default(),
             audit: audit::Audit::default(),
+            reports: Vec::new(),
+            report: report::Collected::default(),
             set: MainSet::default(),
         }
     }

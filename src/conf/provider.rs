@@ -22,6 +22,8 @@ struct Block {
     pos: ConfPos,
     secret_pos: Option<ConfPos>,
     algorithms_pos: Option<ConfPos>,
+    /// The key or secret file, for the access report.
+    key_file: Option<mesh_core::report::KeySource>,
 }
 
 /// `mesh_provider NAME { ... }`
@@ -49,6 +51,7 @@ pub fn block(providers: &mut Vec<Arc<MeshProvider>>, d: &Directive) -> Result<()
         pos: d.pos.clone(),
         secret_pos: None,
         algorithms_pos: None,
+        key_file: None,
     };
     // SAFETY: the block is parsed with a copy of `cf` whose handler reads each line into
     // `block`, which outlives the call (the same technique as nginx's `map` and `types`).
@@ -67,6 +70,7 @@ pub fn block(providers: &mut Vec<Arc<MeshProvider>>, d: &Directive) -> Result<()
         pos,
         secret_pos,
         algorithms_pos,
+        key_file,
     } = block;
     let built = core.finish(|url| KeyUrl::new(url, None)).map_err(|e| {
         let at = match e.line {
@@ -76,7 +80,9 @@ pub fn block(providers: &mut Vec<Arc<MeshProvider>>, d: &Directive) -> Result<()
         };
         ConfError::At(at.unwrap_or(pos), e.message)
     })?;
-    providers.push(Arc::new(MeshProvider::new(built)));
+    let mut provider = MeshProvider::new(built);
+    provider.key_file = key_file;
+    providers.push(Arc::new(provider));
     Ok(())
 }
 
@@ -132,6 +138,7 @@ impl Block {
                     let path = full_path(d.cf, src);
                     let bytes = std::fs::read(&path)
                         .map_err(|e| invalid(format!("cannot read \"{path}\": {e}")))?;
+                    self.key_file = Some(mesh_core::report::KeySource::File(path.clone()));
                     KeySource::File(
                         KeySet::load(&bytes).map_err(|e| format!("keys \"{path}\": {e}"))?,
                     )
@@ -153,6 +160,7 @@ impl Block {
                 }
                 self.core.set_secret(KeySet::from_secret(&bytes));
                 self.secret_pos = Some(d.pos.clone());
+                self.key_file = Some(mesh_core::report::KeySource::Secret(path));
             }
             _ => {
                 self.core.line(dir, &w)?;

@@ -9,6 +9,8 @@ use super::unix_now;
 /// `mesh_outbound_token $VAR AUDIENCE;`: a Google ID token for AUDIENCE.
 pub struct OutboundToken {
     pub audience: String,
+    /// `VAR` (without its `$`), for the access report; empty when not named.
+    pub variable: String,
     token: RwLock<Option<(Arc<str>, u64)>>,
     last_warn: AtomicU64,
 }
@@ -17,6 +19,7 @@ impl OutboundToken {
     pub fn new(audience: String) -> OutboundToken {
         OutboundToken {
             audience,
+            variable: String::new(),
             token: RwLock::new(None),
             last_warn: AtomicU64::new(0),
         }
