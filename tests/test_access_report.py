@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import re
+import shutil
+import subprocess
 import threading
 import time
+from pathlib import Path
 
-from mesh_test.nginx import emerg_at_marked_line, line_of, passes_nginx_t, render
+from mesh_test.nginx import MESH_MODULE, NGINX_BIN, emerg_at_marked_line, line_of, passes_nginx_t, render
 
 VERSION = "2026-12-04.r1"
 
@@ -337,3 +342,35 @@ def test_the_report_is_rewritten_on_reload_and_never_half_written(module_path, l
     assert len(seen) >= 2, seen
     leftovers = [p.name for p in ngx.tmp.iterdir() if p.name.startswith(".access.json")]
     assert not leftovers, leftovers
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+EXAMPLE = re.compile(r"(<!-- access-report-example:(?P<name>\w+) -->\n```\w*\n)(?P<body>.*?)(\n```)", re.S)
+
+
+def test_the_readme_examples_are_what_the_module_writes(module_path, conf_dir, keyring):
+    """README's example reports are this module's output for README's example nginx.conf
+    (`MESH_UPDATE_README=1` rewrites them)."""
+    readme = README.read_text()
+    blocks = {m["name"]: m["body"] for m in EXAMPLE.finditer(readme)}
+    assert set(blocks) == {"conf", "markdown", "json"}, blocks.keys()
+    etc = str(conf_dir)
+    conf = conf_dir / "nginx.conf"
+    conf.write_text(blocks["conf"].replace("modules/ngx_http_mesh_module.so", MESH_MODULE)
+                    .replace("/etc/nginx", etc) + "\n")
+    shutil.copy(keyring.dir / "jwks.json", conf_dir / "ci-jwks.json")
+    (conf_dir / "logs").mkdir(exist_ok=True)
+    done = subprocess.run([NGINX_BIN, "-t", "-e", "stderr", "-p", etc, "-c", str(conf), "-g", f"pid {etc}/nginx.pid;"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30)
+    assert done.returncode == 0 and "[emerg]" not in done.stdout, done.stdout
+    written = {
+        "markdown": (conf_dir / "access.md").read_text().replace(etc, "/etc/nginx").rstrip("\n"),
+        "json": (conf_dir / "access.json").read_text().replace(etc, "/etc/nginx").rstrip("\n"),
+    }
+    assert "PASSWORD" not in written["markdown"] + written["json"]
+    if os.environ.get("MESH_UPDATE_README"):
+        README.write_text(EXAMPLE.sub(lambda m: m.group(1) + written.get(m["name"], m["body"]) + m.group(4), readme))
+        return
+    for name, text in written.items():
+        assert blocks[name] == text, f"README's {name} example is not what the module writes " \
+            "(MESH_UPDATE_README=1 rewrites it):\n" + "\n".join(diff(blocks[name], text))

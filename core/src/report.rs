@@ -597,10 +597,13 @@ impl Report {
         out
     }
 
-    /// The report as Markdown: one heading per server and route, one fact a line.
+    /// The report as Markdown: one heading per server and route, one fact a line; ends with
+    /// one newline.
     pub fn to_markdown(&self) -> String {
         let mut o = String::new();
         let _ = self.write_markdown(&mut o);
+        o.truncate(o.trim_end().len());
+        o.push('\n');
         o
     }
 
@@ -1082,7 +1085,9 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(v["config_version"], serde_json::Value::Null);
         assert_eq!(v["servers"], serde_json::json!([]));
-        assert!(r.to_markdown().contains("(no mesh_config_version)"));
+        let md = r.to_markdown();
+        assert!(md.contains("(no mesh_config_version)"));
+        assert!(md.ends_with("None.\n") && !md.ends_with("\n\n"), "{md:?}");
     }
 
     #[test]
