@@ -116,7 +116,10 @@ pub unsafe extern "C" fn merge_loc_conf(
             return e.report(cf, "");
         }
         // SAFETY: this is the module's `merge_loc_conf` of `conf`.
-        if let Some(r) = unsafe { audit::record(cf, &mut mcf.audit, prev, conf) } {
+        let recorded = unsafe { audit::record(cf, &mut mcf.audit, prev, conf) };
+        // The access report's notes, only when a report is written (`mesh_access_report` is
+        // an http-level directive, all read before merging starts).
+        if let (Some(r), false) = (recorded, mcf.reports.is_empty()) {
             // SAFETY: as above.
             unsafe { report::record(cf, &mut mcf.report, r.route, conf, r.catches_all) };
         }

@@ -117,9 +117,12 @@ pub unsafe fn record(
 }
 
 /// The text of a complex value as written in the configuration.
-fn complex_text(cv: std::ptr::NonNull<ngx_http_complex_value_t>) -> String {
-    // SAFETY: compiled at configuration time into the configuration pool; `value` is the
-    // source text nginx keeps beside the compiled code.
+///
+/// # Safety
+/// `cv` must be a complex value compiled into this configuration's pool (`mesh_token`, `key=`).
+unsafe fn complex_text(cv: std::ptr::NonNull<ngx_http_complex_value_t>) -> String {
+    // SAFETY: see the function's contract; `value` is the source text nginx keeps beside the
+    // compiled code, in the same pool.
     unsafe { cv.as_ref() }.value.to_string()
 }
 
@@ -133,7 +136,8 @@ fn route_info(route: Route, conf: &LocConf) -> RouteInfo {
             .map(|s| s.shown.clone()),
         rate: rl.gcra.rate.to_string(),
         burst: rl.gcra.burst,
-        key: rl.key.map(complex_text),
+        // SAFETY: `key=` was compiled by `mesh_rate_limit` into the configuration pool.
+        key: rl.key.map(|k| unsafe { complex_text(k) }),
         callers: conf
             .rate_callers
             .iter()
@@ -149,7 +153,8 @@ fn route_info(route: Route, conf: &LocConf) -> RouteInfo {
     RouteInfo {
         route,
         checked: conf.require_auth,
-        token: conf.token.map(complex_text),
+        // SAFETY: `mesh_token` was compiled into the configuration pool.
+        token: conf.token.map(|t| unsafe { complex_text(t) }),
         audience: conf.audience.as_deref().cloned(),
         rules: conf
             .rules
