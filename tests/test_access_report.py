@@ -294,10 +294,14 @@ def test_a_file_that_cannot_be_written_fails_nginx_t_at_its_line(module_path, co
 
 
 def test_bad_parameters_fail_at_their_line(module_path, conf_dir, keyring):
-    for bad in ["mesh_access_report @TMP@/a.json format=yaml;  # BAD",
-                "mesh_access_report @TMP@/a.json;\nmesh_access_report @TMP@/a.json format=markdown;  # BAD",
-                "server { mesh_access_report @TMP@/a.json; }  # BAD"]:
-        emerg_at_marked_line(conf_text(bad + "\n", conf_dir, keyring), conf_dir)
+    for bad, says in [
+        ("mesh_access_report @TMP@/a.json format=yaml;  # BAD", "(format=json or format=markdown)"),
+        ("mesh_access_report @TMP@/a.json;\nmesh_access_report @TMP@/a.json format=markdown;  # BAD",
+         "is written twice"),
+        ("server { mesh_access_report @TMP@/a.json; }  # BAD", "is not allowed here"),
+    ]:
+        line = emerg_at_marked_line(conf_text(bad + "\n", conf_dir, keyring), conf_dir, words=[says])
+        assert "mesh_access_report" in line, line
 
 
 def test_the_report_is_rewritten_on_reload_and_never_half_written(module_path, launcher_fn):
