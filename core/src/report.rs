@@ -46,11 +46,26 @@ pub struct Report {
     pub servers: Vec<ServerInfo>,
 }
 
+/// A URL with its user info and query values replaced by `***` ([`scrub_url`]): the only
+/// form in which a key URL enters the report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScrubbedUrl(String);
+
+impl ScrubbedUrl {
+    pub fn new(url: &str) -> ScrubbedUrl {
+        ScrubbedUrl(scrub_url(url))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Where a provider's keys come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeySource {
-    /// `keys URL` (or a preset's), scrubbed with [`scrub_url`] by [`KeySource::url`].
-    Url(String),
+    /// `keys URL` (or a preset's).
+    Url(ScrubbedUrl),
     /// `keys FILE`: the path as nginx resolved it.
     File(String),
     /// `secret FILE`: the path only, never what it holds.
@@ -62,7 +77,7 @@ pub enum KeySource {
 impl KeySource {
     /// A key URL, scrubbed.
     pub fn url(url: &str) -> KeySource {
-        KeySource::Url(scrub_url(url))
+        KeySource::Url(ScrubbedUrl::new(url))
     }
 
     fn kind(&self) -> &'static str {
@@ -76,7 +91,8 @@ impl KeySource {
 
     fn location(&self) -> Option<&str> {
         match self {
-            KeySource::Url(s) | KeySource::File(s) | KeySource::Secret(s) => Some(s),
+            KeySource::Url(u) => Some(u.as_str()),
+            KeySource::File(s) | KeySource::Secret(s) => Some(s),
             KeySource::Unknown => None,
         }
     }
@@ -639,7 +655,7 @@ impl Report {
                 list(&p.algorithms, "whatever the keys allow")
             )?;
             let keys = match &p.keys {
-                KeySource::Url(u) => format!("URL {}", code(u)),
+                KeySource::Url(u) => format!("URL {}", code(u.as_str())),
                 KeySource::File(f) => format!("file {}", code(f)),
                 KeySource::Secret(f) => format!("HMAC secret file {}", code(f)),
                 KeySource::Unknown => "unknown".to_string(),
