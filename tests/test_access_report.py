@@ -66,7 +66,7 @@ server {  # S1
 }
 server {  # S2
     listen 127.0.0.1:@PORT@;
-    server_name admin.test *.admin.test;
+    server_name admin.test *.admin.test ~^(?<tenant>[a-z]+)\\.admin\\.test$;
     mesh_auth ci;
     mesh_role ops ~^ops-;
     location / {  # ADMIN
@@ -163,7 +163,7 @@ def expected(text: str, tmp, keyring) -> dict:
                  route("location", "@fallback", at("FALLBACK"), "exempt",
                        "internal: only nginx sends requests here", [], "location"),
              ]},
-            {"names": ["admin.test", "*.admin.test"], "listen": ["127.0.0.1:8"], "file": CONF,
+            {"names": ["admin.test", "*.admin.test", "~^(?<tenant>[a-z]+)\\.admin\\.test$"], "listen": ["127.0.0.1:8"], "file": CONF,
              "line": at("S2"),
              "routes": [
                  # no server default: `location /` answers every request of this server

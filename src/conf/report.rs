@@ -266,7 +266,7 @@ fn provider_info(p: &crate::state::provider::MeshProvider) -> ProviderInfo {
     }
 }
 
-/// A server's `server_name` values.
+/// A server's `server_name` values, as written (nginx keeps a regex name without its `~`).
 ///
 /// # Safety
 /// `cscf` must be null or a core server configuration of the cycle being configured.
@@ -279,7 +279,14 @@ unsafe fn server_names(cscf: *const ngx_http_core_srv_conf_t) -> Vec<String> {
         };
         array::<ngx_http_server_name_t>(&c.server_names)
             .iter()
-            .map(|n| n.name.to_string())
+            .map(|n| {
+                let name = n.name.to_string();
+                if n.regex.is_null() {
+                    name
+                } else {
+                    format!("~{name}")
+                }
+            })
             .collect()
     }
 }
