@@ -50,11 +50,12 @@ $(NGINX_TREE)/objs/ngx_auto_config.h:
 	scripts/nginx-tree.sh $(NGINX_TREE)
 
 # One-way layers and no circle between files (it prints the folder graph), formatting, and
-# clippy on both crates with every warning an error.
+# clippy on both crates with every warning an error (release: the build scripts' output, nginx
+# bindings and aws-lc, is then shared with make build).
 check: deps $(NGINX_TREE)/objs/ngx_auto_config.h
 	python3 scripts/layers.py
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy --release --workspace --all-targets --locked -- -D warnings
 
 # The module for the machine's stock nginx (Debian 12: 1.22.1).
 build: $(NGINX_TREE)/objs/ngx_auto_config.h
