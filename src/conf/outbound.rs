@@ -29,9 +29,7 @@ pub fn token(outbound: &mut Vec<Arc<OutboundToken>>, d: &Directive) -> Result<()
     {
         return Err(invalid(format!("invalid audience \"{audience}\"")));
     }
-    let mut token = OutboundToken::new(audience.to_string());
-    token.variable = name.to_string();
-    let token = Arc::new(token);
+    let token = Arc::new(OutboundToken::new(name.to_string(), audience.to_string()));
     define_variable(d.cf, name, &token)
         .map_err(|_| invalid(format!("cannot define variable \"{var}\"")))?;
     outbound.push(token);

@@ -164,7 +164,8 @@ fn route_info(route: Route, conf: &LocConf) -> RouteInfo {
             .collect(),
         policy_dry_run: conf.policy_dry_run,
         rate_limit,
-        // `mesh_outbound_auth` (per location) is not in this build: the slot stays empty.
+        // The slot for `mesh_outbound_auth $VAR` (per location), not in this build yet: once
+        // it is, `conf.outbound_auth.as_ref().map(|t| format!("${}", t.var))`.
         outbound_auth: None,
     }
 }
@@ -203,7 +204,7 @@ unsafe fn write(cf: *mut ngx_conf_t, mcf: &mut MainConf) -> Result<(), ()> {
         outbound_tokens: mcf
             .outbound
             .iter()
-            .map(|t| (format!("${}", t.variable), t.audience.clone()))
+            .map(|t| (format!("${}", t.var), t.audience.clone()))
             .collect(),
         servers: collected
             .servers

@@ -8,18 +8,18 @@ use super::unix_now;
 
 /// `mesh_outbound_token $VAR AUDIENCE;`: a Google ID token for AUDIENCE.
 pub struct OutboundToken {
+    /// The variable's name, without `$`.
+    pub var: String,
     pub audience: String,
-    /// `VAR` (without its `$`), for the access report; empty when not named.
-    pub variable: String,
     token: RwLock<Option<(Arc<str>, u64)>>,
     last_warn: AtomicU64,
 }
 
 impl OutboundToken {
-    pub fn new(audience: String) -> OutboundToken {
+    pub fn new(var: String, audience: String) -> OutboundToken {
         OutboundToken {
+            var,
             audience,
-            variable: String::new(),
             token: RwLock::new(None),
             last_warn: AtomicU64::new(0),
         }
