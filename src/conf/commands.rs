@@ -90,7 +90,7 @@ const T1: u32 = NGX_CONF_TAKE1;
 const FLAG: u32 = NGX_CONF_FLAG;
 
 #[rustfmt::skip]
-pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 30] = [
+pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 32] = [
     // identity
     each!("mesh_provider",          M | NGX_CONF_BLOCK | T1, MainConf, providers,        provider::block),
     once!("mesh_auth",              MSL | NGX_CONF_1MORE,    LocConf,  auth,             identity::auth),
@@ -116,6 +116,8 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 30] = [
     once!("mesh_trace_sample",      MSL | T1,                LocConf,  trace_sample,     trace::sample),
     once!("mesh_trace_project",     MS | T1,                 LocConf,  trace_project,    trace::project),
     once!("mesh_trace_response",    MSL | FLAG,              LocConf,  trace_response,   flag),
+    once!("mesh_trace_export",      M | NGX_CONF_1MORE,      MainConf, trace_export,     trace::export),
+    once!("mesh_trace_service",     M | T1,                  MainConf, trace_service,    trace::service),
     // identity forwarding, outbound identity, operations
     once!("mesh_forward_identity",  MSL | FLAG,              LocConf,  forward_identity, flag),
     each!("mesh_outbound_token",    M | NGX_CONF_TAKE2,      MainConf, outbound,         outbound::token),

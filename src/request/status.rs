@@ -21,7 +21,7 @@ use ngx::http::{
 use super::ctx::RequestCtx;
 use crate::conf::MainConf;
 use crate::nginx::no_panic;
-use crate::state::metrics::{self, Snapshot};
+use crate::state::metrics::{self, Snapshot, SPAN_DROPS};
 use crate::state::unix_now;
 use crate::MeshModule;
 
@@ -233,6 +233,31 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
         s.map_or(0, |s| s.cache_misses),
     );
 
+    if mcf.trace_export.is_some() {
+        e.family(
+            "mesh_trace_spans_exported_total",
+            Kind::Counter,
+            "Spans the mesh_trace_export receiver accepted.",
+        );
+        e.sample(
+            "mesh_trace_spans_exported_total",
+            &[],
+            s.map_or(0, |s| s.spans_exported),
+        );
+        e.family(
+            "mesh_trace_spans_dropped_total",
+            Kind::Counter,
+            "Spans lost, by reason: queue_full (the worker's queue was full), export_failed (the receiver did not take them), shutdown (still queued when a leaving worker's flush time ran out).",
+        );
+        for (i, reason) in SPAN_DROPS.iter().enumerate() {
+            e.sample(
+                "mesh_trace_spans_dropped_total",
+                &[("reason", reason)],
+                s.map_or(0, |s| s.spans_dropped[i]),
+            );
+        }
+    }
+
     e.family("mesh_keys", Kind::Gauge, "Keys loaded for a provider.");
     for p in &mcf.providers {
         e.sample(
@@ -338,6 +363,7 @@ pub unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         let r = unsafe { Request::from_ngx_http_request(r) };
         if let Some(ctx) = RequestCtx::existing(r) {
             count(r, ctx);
+            super::span::export(r, ctx);
         }
         Status::NGX_OK.into()
     })

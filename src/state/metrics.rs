@@ -36,7 +36,7 @@ const NAME_LEN: usize = 96;
 /// Counters per name slot.
 const NCOUNTERS: usize = 16;
 /// Marks a table written by this layout.
-const MAGIC: u64 = 0x6d65_7368_6d65_7401;
+const MAGIC: u64 = 0x6d65_7368_6d65_7402;
 
 /// Slot kinds.
 const KIND_EMPTY: u64 = 0;
@@ -59,6 +59,8 @@ struct Shared {
     decisions: [AtomicU64; DECISIONS.len()],
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
+    spans_exported: AtomicU64,
+    spans_dropped: [AtomicU64; SPAN_DROPS.len()],
     slots: [NameSlot; NSLOTS],
 }
 
@@ -183,6 +185,34 @@ pub fn count_decision(d: Decision) {
     }
 }
 
+/// Why spans of `mesh_trace_export` were lost (`mesh_trace_spans_dropped_total{reason}`).
+#[derive(Clone, Copy)]
+pub enum SpanDrop {
+    /// The worker's queue was full (the receiver is slower than the traffic).
+    QueueFull = 0,
+    /// The receiver did not take the batch (unreachable, refused, timed out).
+    ExportFailed = 1,
+    /// Still queued when the leaving worker's flush time ran out.
+    Shutdown = 2,
+}
+
+/// The `reason` label of each [`SpanDrop`], in its order.
+pub const SPAN_DROPS: [&str; 3] = ["queue_full", "export_failed", "shutdown"];
+
+/// Spans the receiver accepted (any thread).
+pub fn count_spans_exported(n: u64) {
+    if let Some((_, s)) = active() {
+        s.spans_exported.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Spans lost, and why (any thread).
+pub fn count_spans_dropped(why: SpanDrop, n: u64) {
+    if let Some((_, s)) = active() {
+        s.spans_dropped[why as usize].fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 /// A request's verification outcome, under `provider` (empty when none can be named).
 pub fn count_auth(provider: &str, status: AuthStatus) {
     let Some(i) = auth_index(status) else { return };
@@ -215,6 +245,8 @@ pub struct Snapshot {
     pub decisions: [u64; DECISIONS.len()],
     pub cache_hits: u64,
     pub cache_misses: u64,
+    pub spans_exported: u64,
+    pub spans_dropped: [u64; SPAN_DROPS.len()],
     pub providers: Vec<ProviderCounts>,
     pub zones: Vec<ZoneCounts>,
 }
@@ -289,6 +321,8 @@ pub fn snapshot() -> Option<Snapshot> {
         decisions,
         cache_hits: load(&s.cache_hits),
         cache_misses: load(&s.cache_misses),
+        spans_exported: load(&s.spans_exported),
+        spans_dropped: s.spans_dropped.each_ref().map(load),
         providers,
         zones,
     })

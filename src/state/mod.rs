@@ -17,6 +17,7 @@ pub mod provider;
 pub mod rate_sync;
 pub mod rate_zone;
 pub mod refresher;
+pub mod span_export;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

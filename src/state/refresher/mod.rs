@@ -14,7 +14,7 @@
 //! fetch per refresh for all workers. The master fetches with the same functions before the
 //! workers fork (`fetch_keys`, `fetch_token`).
 
-mod http;
+pub(crate) mod http;
 pub mod timer;
 
 use std::collections::VecDeque;
