@@ -90,7 +90,7 @@ const T1: u32 = NGX_CONF_TAKE1;
 const FLAG: u32 = NGX_CONF_FLAG;
 
 #[rustfmt::skip]
-pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 32] = [
+pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 33] = [
     // identity
     each!("mesh_provider",          M | NGX_CONF_BLOCK | T1, MainConf, providers,        provider::block),
     once!("mesh_auth",              MSL | NGX_CONF_1MORE,    LocConf,  auth,             identity::auth),
@@ -126,6 +126,7 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 32] = [
     once!("mesh_keys_wait",         M | T1,                  MainConf, keys_wait,        keys::wait),
     command(ngx_string!("mesh_ready"), NGX_HTTP_LOC_CONF | ngx::ffi::NGX_CONF_NOARGS, keys::ready, NGX_HTTP_LOC_CONF_OFFSET),
     command(ngx_string!("mesh_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, crate::request::status::mesh_status, NGX_HTTP_LOC_CONF_OFFSET),
+    once!("mesh_metrics_callers",   M | T1,                  MainConf, metrics_callers,  log::metrics_callers),
     once!("mesh_config_version",    M | T1,                  MainConf, config_version,   identity::config_version),
     ngx_command_t::empty(),
 ];

@@ -43,6 +43,9 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
             mcf.config_version = v;
         }
         mcf.keystore.wait_ms = mcf.set.keys_wait;
+        if let Some(n) = mcf.set.metrics_callers {
+            mcf.metrics.callers = n;
+        }
         // Read once, here in the master: nginx clears the environment of its workers.
         mcf.trace_project_env = std::env::var(TRACE_PROJECT_ENV).ok();
         mcf.trace_export = mcf.set.trace_export.take().map(|settings| {

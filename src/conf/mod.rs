@@ -96,6 +96,7 @@ struct MainSet {
     rule_providers: Vec<(String, crate::nginx::conf::ConfPos)>,
     trace_export: Option<mesh_core::otlp::ExportSettings>,
     trace_service: Option<String>,
+    metrics_callers: Option<usize>,
 }
 
 impl Default for MainConf {
