@@ -8,9 +8,10 @@ use mesh_core::otlp::{span_name, Attr, Span, SpanKind};
 use ngx::ffi::NGX_LOG_WARN;
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule, Request};
 
-use super::ctx::{Decision, RequestCtx};
+use super::ctx::RequestCtx;
 use crate::nginx::request::{client_addr, method_name};
 use crate::state::span_export;
+use mesh_core::decision::Decision;
 
 /// Queues this request's span when its trace is sampled and spans are exported.
 pub fn export(r: &Request, ctx: &RequestCtx) {

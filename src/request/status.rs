@@ -1,54 +1,31 @@
 //! `mesh_status`: the Prometheus content handler, and the log-phase handler that counts each
 //! request once, with its final decision and verification outcome.
 
-use std::ffi::{c_char, c_void};
 use std::ptr;
 
+use mesh_core::decision::Decision;
 use mesh_core::metrics::{
-    Exposition, Kind, AUTH_STATUSES, CODE_CLASSES, CONTENT_TYPE, DECISIONS, REFRESH_RESULTS,
+    Exposition, Kind, AUTH_STATUSES, CODE_CLASSES, CONTENT_TYPE, REFRESH_RESULTS,
 };
 use mesh_core::status::AuthStatus;
 use mesh_core::token::unverified_issuer;
-use ngx::core::{Buffer, Status, NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::core::{Buffer, Status};
 use ngx::ffi::{
-    ngx_chain_t, ngx_command_t, ngx_conf_t, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_HTTP_GET,
-    NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED,
+    ngx_chain_t, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_HTTP_GET, NGX_HTTP_HEAD,
+    NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED,
 };
-use ngx::http::{
-    HTTPStatus, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule, Request,
-};
+use ngx::http::{HTTPStatus, HttpModuleMainConf, Request};
 
-use super::ctx::{Decision, RequestCtx};
+use super::ctx::RequestCtx;
 use crate::conf::MainConf;
 use crate::nginx::no_panic;
 use crate::state::metrics::{self, CallerCounts, Snapshot, SPAN_DROPS};
 use crate::state::unix_now;
 use crate::MeshModule;
 
-/// `mesh_status;` (location): this location answers with the metrics.
-///
-/// # Safety
-/// nginx calls directive handlers with its configuration context.
-pub unsafe extern "C" fn mesh_status(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    _conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: `cf` is live while the directive is handled; in a location its http core
-    // location configuration exists.
-    let clcf = unsafe { NgxHttpCoreModule::location_conf_mut(&*cf) };
-    match clcf {
-        Some(clcf) => {
-            clcf.handler = Some(status_handler);
-            NGX_CONF_OK
-        }
-        None => NGX_CONF_ERROR,
-    }
-}
-
 /// The content handler: GET and HEAD only; never blocks (relaxed loads of shared counters,
 /// and each rate zone's mutex for two words).
-unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+pub unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
         // SAFETY: nginx calls content handlers with a live request.
         let r = unsafe { Request::from_ngx_http_request(r) };
@@ -386,7 +363,7 @@ fn render_requests(e: &mut Exposition, callers: &[CallerCounts]) {
         c.name.as_deref().is_none_or(str::is_empty) || c.requests[d].iter().any(|&n| n > 0)
     };
     for c in callers {
-        for (d, decision) in DECISIONS.iter().enumerate() {
+        for (d, decision) in Decision::ALL.iter().map(|d| d.as_str()).enumerate() {
             if !fresh(c, d) {
                 continue;
             }
@@ -395,7 +372,7 @@ fn render_requests(e: &mut Exposition, callers: &[CallerCounts]) {
                 if c.requests[d][k] == 0 && c.name.as_deref().is_some_and(|n| !n.is_empty()) {
                     continue;
                 }
-                let mut labels = vec![("decision", *decision), ("code", *code)];
+                let mut labels = vec![("decision", decision), ("code", *code)];
                 if let Some(name) = &c.name {
                     labels.insert(0, ("caller", name.as_str()));
                 }
@@ -409,11 +386,11 @@ fn render_requests(e: &mut Exposition, callers: &[CallerCounts]) {
         "Time from the request's first byte to its log phase (nginx's $request_time), by caller and final decision.",
     );
     for c in callers {
-        for (d, decision) in DECISIONS.iter().enumerate() {
+        for (d, decision) in Decision::ALL.iter().map(|d| d.as_str()).enumerate() {
             if !fresh(c, d) {
                 continue;
             }
-            let mut labels = vec![("decision", *decision)];
+            let mut labels = vec![("decision", decision)];
             if let Some(name) = &c.name {
                 labels.insert(0, ("caller", name.as_str()));
             }

@@ -14,19 +14,18 @@ use std::ffi::c_void;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
+use mesh_core::decision::Decision;
 use mesh_core::metrics::{
-    auth_index, code_class, duration_bucket, name_hash, CODE_CLASSES, DECISIONS,
-    DURATION_BUCKETS_MS,
+    auth_index, code_class, duration_bucket, name_hash, CODE_CLASSES, DURATION_BUCKETS_MS,
 };
 use mesh_core::status::AuthStatus;
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_conf_t, ngx_int_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc_locked,
-    ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG,
+    ngx_conf_t, ngx_int_t, ngx_module_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock,
+    ngx_slab_alloc_locked, ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG,
 };
 
 use super::rate_zone::RateZone;
-use crate::request::ctx::Decision;
 
 /// The zone's name (nginx refuses another module's zone of the same name).
 pub const ZONE_NAME: &str = "mesh_metrics";
@@ -83,9 +82,9 @@ struct CallerSlot {
     hash: u64,
     len: u64,
     name: [u8; NAME_LEN],
-    requests: [[AtomicU64; CODE_CLASSES.len()]; DECISIONS.len()],
-    buckets: [[AtomicU64; NBUCKETS]; DECISIONS.len()],
-    sum_ms: [AtomicU64; DECISIONS.len()],
+    requests: [[AtomicU64; CODE_CLASSES.len()]; Decision::ALL.len()],
+    buckets: [[AtomicU64; NBUCKETS]; Decision::ALL.len()],
+    sum_ms: [AtomicU64; Decision::ALL.len()],
 }
 
 impl CallerSlot {
@@ -215,18 +214,6 @@ fn add(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A decision's index in `DECISIONS`.
-fn decision_index(d: Decision) -> usize {
-    match d {
-        Decision::Allow => 0,
-        Decision::Deny => 1,
-        Decision::Unauthenticated => 2,
-        Decision::RateLimited => 3,
-        Decision::WouldDeny => 4,
-        Decision::WouldRateLimit => 5,
-    }
-}
-
 /// Why spans of `mesh_trace_export` were lost (`mesh_trace_spans_dropped_total{reason}`).
 #[derive(Clone, Copy)]
 pub enum SpanDrop {
@@ -326,7 +313,7 @@ unsafe fn bind_caller(m: &Metrics, s: &Shared, caller: &str) -> usize {
 /// status and duration.
 pub fn count_request(caller: Option<&str>, d: Decision, status: u16, duration_ms: u64) {
     let Some((m, s)) = active() else { return };
-    let di = decision_index(d);
+    let di = d.index();
     let slot = &s.callers[caller_slot(m, s, caller)];
     add(&slot.requests[di][code_class(status)]);
     add(&slot.buckets[di][duration_bucket(duration_ms)]);
@@ -376,15 +363,15 @@ pub struct Snapshot {
 #[derive(Default)]
 pub struct CallerCounts {
     pub name: Option<String>,
-    pub requests: [[u64; CODE_CLASSES.len()]; DECISIONS.len()],
-    pub buckets: [[u64; NBUCKETS]; DECISIONS.len()],
-    pub sum_ms: [u64; DECISIONS.len()],
+    pub requests: [[u64; CODE_CLASSES.len()]; Decision::ALL.len()],
+    pub buckets: [[u64; NBUCKETS]; Decision::ALL.len()],
+    pub sum_ms: [u64; Decision::ALL.len()],
 }
 
 impl CallerCounts {
     fn add(&mut self, slot: &CallerSlot) {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        for d in 0..DECISIONS.len() {
+        for d in 0..Decision::ALL.len() {
             for (a, c) in self.requests[d].iter_mut().zip(&slot.requests[d]) {
                 *a += load(c);
             }
@@ -506,6 +493,7 @@ pub fn snapshot() -> Option<Snapshot> {
 
 /// At the end of the http block (`postconfiguration`): asks nginx for the zone, with the
 /// names this configuration counts under: `providers` as (name, keys read from a file now).
+/// The zones are `module`'s.
 ///
 /// # Safety
 /// `cf` is nginx's configuration context; `m` lives in the main configuration (the
@@ -515,6 +503,7 @@ pub unsafe fn configure(
     m: &mut Metrics,
     providers: &[(String, bool)],
     zones: &[String],
+    module: &ngx_module_t,
 ) -> Result<(), String> {
     m.providers = std::iter::once(String::new())
         .chain(providers.iter().map(|(n, _)| n.clone()))
@@ -533,7 +522,7 @@ pub unsafe fn configure(
             len: name.len(),
             data: name.as_ptr().cast_mut(),
         };
-        let zone = crate::nginx::conf::shared_zone(cf, name, 0)?;
+        let zone = crate::nginx::conf::shared_zone(cf, name, 0, module)?;
         // SAFETY: `data` of a mesh zone is its `RateZone` (set when it was declared).
         m.rate_zones
             .push(unsafe { (*zone.as_ptr()).data as *const RateZone });
@@ -542,7 +531,7 @@ pub unsafe fn configure(
         len: ZONE_NAME.len(),
         data: ZONE_NAME.as_ptr().cast_mut(),
     };
-    let zone = crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE)?.as_ptr();
+    let zone = crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE, module)?.as_ptr();
     // SAFETY: nginx's entry for our zone; `data` is set to this cycle's `Metrics`.
     unsafe {
         (*zone).data = ptr::from_mut(m).cast();
