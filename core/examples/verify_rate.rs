@@ -346,6 +346,7 @@ fn main() {
         keys: Arc::new(keys.clone()),
         leeway: 30,
         principal: "sub".into(),
+        email_first: false,
         require: Vec::new(),
     };
     let providers = [&provider];

@@ -229,6 +229,7 @@ impl<U> ProviderBlock<U> {
         preset_url: impl FnOnce(&str) -> Result<U, String>,
     ) -> Result<Built<U>, BlockError> {
         let at = |line: Line, message: String| BlockError { line, message };
+        let mut email_first = false;
         if let Some(Preset::Google) = self.preset {
             // Lines written in the block win over the preset's defaults.
             if self.issuers.is_empty() {
@@ -241,15 +242,10 @@ impl<U> ProviderBlock<U> {
             }
             self.algorithms
                 .get_or_insert_with(|| vec![Algorithm::RS256]);
-            self.principal.get_or_insert_with(|| "email".into());
-            if !self
-                .require
-                .iter()
-                .any(|r| r.path_text() == "email_verified")
-            {
-                if let Ok(r) = Requirement::parse("email_verified=true") {
-                    self.require.push(r);
-                }
+            // The caller: a verified `email` when the token has one, else `sub` (IAM's
+            // generateIdToken adds `email` only with includeEmail=true).
+            if self.principal.is_none() {
+                email_first = true;
             }
         }
         let name = self.name;
@@ -305,6 +301,7 @@ impl<U> ProviderBlock<U> {
             keys: Arc::new(keys),
             leeway: self.leeway.unwrap_or(DEFAULT_LEEWAY),
             principal: self.principal.unwrap_or_else(|| DEFAULT_PRINCIPAL.into()),
+            email_first,
             require: self.require,
         };
         Ok(Built {

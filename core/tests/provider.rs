@@ -38,9 +38,10 @@ fn google_preset_fills_what_the_block_leaves_out() {
     );
     assert_eq!(built.provider.algorithms, vec![Algorithm::RS256]);
     assert_eq!(built.algorithms, Some(vec![Algorithm::RS256]));
-    assert_eq!(built.provider.principal, "email");
-    assert_eq!(built.provider.require.len(), 1);
-    assert_eq!(built.provider.require[0].path_text(), "email_verified");
+    // the caller: a verified email when the token has one, else sub
+    assert_eq!(built.provider.principal, "sub");
+    assert!(built.provider.email_first);
+    assert!(built.provider.require.is_empty());
     assert!(built.provider.keys.is_empty(), "URL keys arrive later");
 }
 
@@ -62,6 +63,10 @@ fn lines_written_win_over_the_preset() {
         vec!["https://other.example".to_string()]
     );
     assert_eq!(built.provider.principal, "sub");
+    assert!(
+        !built.provider.email_first,
+        "a principal line names the claim alone"
+    );
     assert_eq!(built.provider.require.len(), 1);
     assert!(built.url.is_none());
 }

@@ -98,6 +98,7 @@ pub fn provider(name: &str, iss: &str, keys: KeySet) -> Provider {
         keys: Arc::new(keys),
         leeway: 30,
         principal: "sub".into(),
+        email_first: false,
         require: vec![],
     }
 }
