@@ -885,7 +885,7 @@ def test_signature_removed_by_google_is_accepted_with_platform_verified_on(googl
     for over, status in [
         ({"exp": t - 600, "iat": t - 4000}, "expired"),
         ({"aud": "https://someone-else-uc.a.run.app"}, "wrong_audience"),
-        ({"email_verified": False}, "claim_mismatch"),
+        ({"email_verified": False, "sub": None}, "claim_mismatch"),
         ({"nbf": t + 600}, "not_yet_valid"),
         ({"iss": "https://evil.example.com"}, "wrong_issuer"),
     ]:

@@ -15,11 +15,29 @@ use base64::Engine;
 use jsonwebtoken::DecodingKey;
 use serde_json::Value;
 
-pub use jsonwebtoken::Algorithm;
+/// A JWS signature algorithm (RFC 7518 3.1, RFC 8037). The module's own list rather than
+/// jsonwebtoken's: jsonwebtoken 10.3 (the newest that builds on Rust 1.85) has no ES512, and
+/// every signature is checked with aws-lc directly ([`Key::verify`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+    ES512,
+    EdDSA,
+    HS256,
+    HS384,
+    HS512,
+}
 
 /// Every algorithm this module supports, in the order `KeySet::algorithms`
 /// reports them.
-pub const ALL_ALGORITHMS: [Algorithm; 12] = [
+pub const ALL_ALGORITHMS: [Algorithm; 13] = [
     Algorithm::RS256,
     Algorithm::RS384,
     Algorithm::RS512,
@@ -28,6 +46,7 @@ pub const ALL_ALGORITHMS: [Algorithm; 12] = [
     Algorithm::PS512,
     Algorithm::ES256,
     Algorithm::ES384,
+    Algorithm::ES512,
     Algorithm::EdDSA,
     Algorithm::HS256,
     Algorithm::HS384,
@@ -40,6 +59,7 @@ pub enum KeyKind {
     Rsa,
     EcP256,
     EcP384,
+    EcP521,
     Ed25519,
     Hmac,
 }
@@ -54,6 +74,7 @@ impl KeyKind {
             KeyKind::Rsa => matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512),
             KeyKind::EcP256 => alg == ES256,
             KeyKind::EcP384 => alg == ES384,
+            KeyKind::EcP521 => alg == ES512,
             KeyKind::Ed25519 => alg == EdDSA,
             KeyKind::Hmac => matches!(alg, HS256 | HS384 | HS512),
         }
@@ -136,6 +157,7 @@ fn lc_algorithm(alg: Algorithm) -> Option<&'static dyn VerificationAlgorithm> {
         Algorithm::PS512 => &lc::RSA_PSS_2048_8192_SHA512,
         Algorithm::ES256 => &lc::ECDSA_P256_SHA256_FIXED,
         Algorithm::ES384 => &lc::ECDSA_P384_SHA384_FIXED,
+        Algorithm::ES512 => &lc::ECDSA_P521_SHA512_FIXED,
         Algorithm::EdDSA => &lc::ED25519,
         Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => return None,
     })
@@ -259,11 +281,11 @@ pub struct KeySet {
 impl KeySet {
     /// Parse a JWK Set (RFC 7517 section 5): `{"keys":[...]}`.
     ///
-    /// Supported: `kty` RSA (`n`, `e`), EC with `crv` P-256/P-384 (`x`, `y`),
+    /// Supported: `kty` RSA (`n`, `e`), EC with `crv` P-256/P-384/P-521 (`x`, `y`),
     /// OKP with `crv` Ed25519 (`x`). Skipped silently: keys whose `use` is not
     /// `sig` or whose `key_ops` lacks `verify` (RFC 7517 sections 4.2, 4.3),
     /// keys whose `alg` is not a supported signature algorithm (e.g.
-    /// encryption keys), and other key types or curves (`oct`, P-521, X25519,
+    /// encryption keys), and other key types or curves (`oct`, secp256k1, X25519,
     /// ...). A supported key with bad members is an error, as is a document
     /// with no usable key.
     pub fn from_jwks(bytes: &[u8]) -> Result<KeySet, String> {
@@ -289,7 +311,7 @@ impl KeySet {
         }
         if keys.is_empty() {
             return Err("JWKS holds no usable signature key \
-                        (supported: RSA, EC P-256/P-384, OKP Ed25519)"
+                        (supported: RSA, EC P-256/P-384/P-521, OKP Ed25519)"
                 .into());
         }
         Ok(KeySet { keys })
@@ -340,7 +362,7 @@ impl KeySet {
             };
             return Err(format!(
                 "no usable public key: expected PEM \"PUBLIC KEY\" or \"CERTIFICATE\" \
-                 blocks with RSA, EC P-256/P-384 or Ed25519 keys{hint}"
+                 blocks with RSA, EC P-256/P-384/P-521 or Ed25519 keys{hint}"
             ));
         }
         Ok(KeySet { keys })
@@ -409,6 +431,7 @@ pub fn algorithm_name(a: Algorithm) -> &'static str {
         Algorithm::HS512 => "HS512",
         Algorithm::ES256 => "ES256",
         Algorithm::ES384 => "ES384",
+        Algorithm::ES512 => "ES512",
         Algorithm::RS256 => "RS256",
         Algorithm::RS384 => "RS384",
         Algorithm::RS512 => "RS512",
@@ -493,19 +516,25 @@ fn jwk_to_key(jwk: &Value) -> Result<Option<Key>, String> {
             let (kind, size) = match obj.get("crv").and_then(Value::as_str) {
                 Some("P-256") => (KeyKind::EcP256, 32),
                 Some("P-384") => (KeyKind::EcP384, 48),
+                Some("P-521") => (KeyKind::EcP521, 66),
                 Some(_) => return Ok(None),
                 None => return Err("missing \"crv\"".into()),
             };
             let x = b64_member(obj, "x")?;
             let y = b64_member(obj, "y")?;
-            if x.len() != size || y.len() != size {
+            // RFC 7518 6.2.1.2 wants full-length coordinates, but some issuers drop leading
+            // zero bytes (1 in 256 P-521 keys has a coordinate one byte short; Google's
+            // jwt_verify_lib accepts it): shorter is taken as the same number, longer refused.
+            if x.is_empty() || y.is_empty() || x.len() > size || y.len() > size {
                 return Err(format!("EC \"x\" and \"y\" must be {size} bytes each"));
             }
-            // SEC 1 uncompressed point: 0x04 || x || y.
+            // SEC 1 uncompressed point: 0x04 || x || y, each padded to the field size.
             let mut point = Vec::with_capacity(1 + 2 * size);
             point.push(0x04);
-            point.extend_from_slice(&x);
-            point.extend_from_slice(&y);
+            for c in [&x, &y] {
+                point.resize(point.len() + size - c.len(), 0);
+                point.extend_from_slice(c);
+            }
             let key = DecodingKey::from_ec_der(&point);
             (kind, point, key)
         }
@@ -617,6 +646,8 @@ const OID_EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
 const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 /// 1.3.132.0.34 secp384r1 (RFC 5480 2.1.1.1)
 const OID_P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
+/// 1.3.132.0.35 secp521r1 (RFC 5480 2.1.1.1)
+const OID_P521: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x23];
 /// 1.3.101.112 id-Ed25519 (RFC 8410 3)
 const OID_ED25519: &[u8] = &[0x2b, 0x65, 0x70];
 
@@ -729,6 +760,8 @@ fn key_from_spki(der: &[u8]) -> Result<Option<Key>, String> {
             (KeyKind::EcP256, 32)
         } else if curve == OID_P384 {
             (KeyKind::EcP384, 48)
+        } else if curve == OID_P521 {
+            (KeyKind::EcP521, 66)
         } else {
             return Ok(None);
         };
@@ -759,7 +792,7 @@ mod tests {
             assert_eq!(parse_algorithm(algorithm_name(a)), Some(a));
         }
         for bad in [
-            "none", "None", "ES512", "rs256", "HS256 ", "", "Ed25519", "ES256K",
+            "none", "None", "ES256K", "rs256", "HS256 ", "", "Ed25519", "ES256K",
         ] {
             assert_eq!(parse_algorithm(bad), None, "{bad}");
         }

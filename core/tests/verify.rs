@@ -1032,3 +1032,44 @@ fn email_first_names_a_verified_email_else_sub() {
         "svc@example.com"
     );
 }
+
+// ------------------------------------------------------------ ES512 (P-521)
+
+#[test]
+fn es512_is_verified_with_a_p521_key_from_jwks_and_pem() {
+    let key = p521();
+    let pem = provider("pem521", PEM_ISS, KeySet::from_pem(P521_PUB).unwrap());
+    assert_eq!(pem.algorithms, vec![Algorithm::ES512]);
+    for (kid, p) in [
+        (Some("p521"), jwks_provider()),
+        (None, jwks_provider()),
+        (None, pem),
+    ] {
+        let iss = p.issuers[0].clone();
+        let t = sign(&header("ES512", kid), &claims(&iss), &key, Algorithm::ES512);
+        let v = run(&t, &p).unwrap_or_else(|e| panic!("{kid:?} {}: {e}", p.name));
+        assert_eq!(v.principal, "svc@example.com");
+        // one bit off: refused
+        let mut bad = t.into_bytes();
+        let n = bad.len();
+        bad[n - 2] = if bad[n - 2] == b'A' { b'B' } else { b'A' };
+        let bad = String::from_utf8(bad).unwrap();
+        assert_eq!(status(&bad, &p), AuthStatus::BadSignature);
+    }
+    // a P-521 key verifies ES512 only, and ES512 needs a P-521 key
+    let jwks = jwks_provider();
+    let t = sign(
+        &header("ES512", Some("ec384")),
+        &claims(JWKS_ISS),
+        &key,
+        Algorithm::ES512,
+    );
+    assert_eq!(status(&t, &jwks), AuthStatus::BadSignature);
+    let t = sign(
+        &header("ES384", Some("p521")),
+        &claims(JWKS_ISS),
+        &ec384(),
+        Algorithm::ES384,
+    );
+    assert_eq!(status(&t, &jwks), AuthStatus::BadSignature);
+}
