@@ -1,5 +1,6 @@
 //! Verification keys: JWKS (RFC 7517/7518), PEM public keys and X.509
-//! certificates, and HMAC secrets.
+//! certificates, x509 key maps (`{"kid": "PEM certificate", ...}`, as Google publishes the
+//! keys of Firebase Authentication and of service accounts), and HMAC secrets.
 //!
 //! Only public keys are accepted from files and JWKS documents; HMAC secrets
 //! come from `secret FILE` alone, so an HS* token can never be checked against
@@ -342,8 +343,7 @@ impl KeySet {
                 }
                 SectionKind::Certificate => {
                     n += 1;
-                    spki_of_certificate(&der)
-                        .and_then(key_from_spki)
+                    key_from_certificate(&der.into())
                         .map_err(|e| format!("PEM block #{n} (CERTIFICATE): {e}"))?
                 }
                 SectionKind::RsaPrivateKey
@@ -368,9 +368,51 @@ impl KeySet {
         Ok(KeySet { keys })
     }
 
-    /// A JWKS document if the first non-whitespace byte is `{`, else PEM.
+    /// Parse an x509 key map: a JSON object whose every member is a `kid` and its PEM
+    /// certificate (Google's `.../robot/v1/metadata/x509/ACCOUNT` and
+    /// `.../service_accounts/v1/metadata/x509/ACCOUNT`). Each certificate is only a
+    /// container for its public key (validity and chain are not checked, as Google rotates
+    /// the map itself); a certificate whose key type is not supported is skipped.
+    pub fn from_x509_map(bytes: &[u8]) -> Result<KeySet, String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::CertificateDer;
+
+        let doc: serde_json::Map<String, Value> =
+            serde_json::from_slice(bytes).map_err(|e| format!("invalid x509 key map JSON: {e}"))?;
+        let mut keys = Vec::new();
+        for (kid, pem) in &doc {
+            let named = |e: String| {
+                format!(
+                    "x509 key map entry \"{}\": {e}",
+                    crate::status::sanitize(kid)
+                )
+            };
+            let pem = pem
+                .as_str()
+                .ok_or_else(|| named("not a PEM certificate string".into()))?;
+            if contains(pem.as_bytes(), b"PRIVATE KEY-----") {
+                return Err(named("private keys do not belong here".into()));
+            }
+            let der = CertificateDer::from_pem_slice(pem.as_bytes())
+                .map_err(|_| named("not a PEM certificate".into()))?;
+            if let Some(mut key) = key_from_certificate(&der).map_err(named)? {
+                key.kid = Some(kid.clone());
+                keys.push(key);
+            }
+        }
+        if keys.is_empty() {
+            return Err("x509 key map holds no usable certificate \
+                        (supported: RSA, EC P-256/P-384/P-521, Ed25519 keys)"
+                .into());
+        }
+        Ok(KeySet { keys })
+    }
+
+    /// The shape decides: a JSON object with a `keys` member is a JWKS, any other JSON
+    /// object an x509 key map; anything else is read as PEM.
     pub fn load(bytes: &[u8]) -> Result<KeySet, String> {
         match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') if is_x509_map(bytes) => KeySet::from_x509_map(bytes),
             Some(b'{') => KeySet::from_jwks(bytes),
             _ => KeySet::from_pem(bytes),
         }
@@ -635,8 +677,6 @@ const TAG_INTEGER: u8 = 0x02;
 const TAG_BIT_STRING: u8 = 0x03;
 const TAG_OID: u8 = 0x06;
 const TAG_SEQUENCE: u8 = 0x30;
-/// `[0] EXPLICIT` (the certificate version).
-const TAG_CONTEXT_0: u8 = 0xa0;
 
 /// 1.2.840.113549.1.1.1 rsaEncryption (RFC 8017 A.1)
 const OID_RSA_ENCRYPTION: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
@@ -663,10 +703,6 @@ impl<'a> Der<'a> {
 
     fn is_empty(&self) -> bool {
         self.data.is_empty()
-    }
-
-    fn peek_tag(&self) -> Option<u8> {
-        self.data.first().copied()
     }
 
     /// The next element: (tag, contents).
@@ -707,23 +743,29 @@ impl<'a> Der<'a> {
     }
 }
 
-/// The subjectPublicKeyInfo (whole element) of an X.509 certificate
-/// (RFC 5280 4.1).
-fn spki_of_certificate(der: &[u8]) -> Result<&[u8], String> {
-    let cert = Der::new(der).expect(TAG_SEQUENCE, "Certificate")?;
-    let mut tbs = Der::new(Der::new(cert).expect(TAG_SEQUENCE, "tbsCertificate")?);
-    if tbs.peek_tag() == Some(TAG_CONTEXT_0) {
-        tbs.read()?; // version
+/// The key of an X.509 certificate (RFC 5280 4.1), read by rustls-webpki's certificate
+/// parser (X.509 v3, DER; the validity and the chain are not checked: the certificate only
+/// carries the key). `Ok(None)` for a key type we do not support.
+fn key_from_certificate(der: &rustls_pki_types::CertificateDer<'_>) -> Result<Option<Key>, String> {
+    let cert = webpki::EndEntityCert::try_from(der)
+        .map_err(|e| format!("not a readable X.509 v3 certificate ({e})"))?;
+    key_from_spki(cert.subject_public_key_info().as_ref())
+}
+
+/// Whether a JSON document is an x509 key map (an object of strings holding PEM
+/// certificates) rather than a JWKS (which has a `keys` member).
+fn is_x509_map(bytes: &[u8]) -> bool {
+    match serde_json::from_slice::<serde_json::Map<String, Value>>(bytes) {
+        Ok(doc) => {
+            !doc.contains_key("keys")
+                && !doc.is_empty()
+                && doc.values().all(|v| {
+                    v.as_str()
+                        .is_some_and(|s| s.contains("-----BEGIN CERTIFICATE-----"))
+                })
+        }
+        Err(_) => false,
     }
-    tbs.expect(TAG_INTEGER, "serialNumber")?;
-    tbs.expect(TAG_SEQUENCE, "signature")?;
-    tbs.expect(TAG_SEQUENCE, "issuer")?;
-    tbs.expect(TAG_SEQUENCE, "validity")?;
-    tbs.expect(TAG_SEQUENCE, "subject")?;
-    let before = tbs.data;
-    tbs.expect(TAG_SEQUENCE, "subjectPublicKeyInfo")?;
-    let used = before.len() - tbs.data.len();
-    Ok(&before[..used])
 }
 
 /// A key from a DER SubjectPublicKeyInfo (RFC 5280 4.1.2.7); `Ok(None)` for
@@ -840,7 +882,10 @@ mod tests {
             &[0x30, 0x02, 0x30, 0x00],
         ] {
             assert!(key_from_spki(bad).is_err(), "{bad:?}");
-            assert!(spki_of_certificate(bad).is_err(), "{bad:?}");
+            assert!(
+                key_from_certificate(&bad.to_vec().into()).is_err(),
+                "{bad:?}"
+            );
         }
     }
 

@@ -63,3 +63,39 @@ fn ec_vectors_es256_es384_es512() {
         assert!(verifies(&keys, token(name)), "{name}");
     }
 }
+
+const X509_ESP: &[u8] = include_bytes!("data/jwt_verify_lib/x509_map_esp.json");
+const X509_REAL: &[u8] = include_bytes!("data/jwt_verify_lib/x509_map_real.json");
+
+#[test]
+fn x509_map_vectors() {
+    // the shape is detected: a JSON object of PEM certificates, no "keys" member
+    let esp = KeySet::load(X509_ESP).unwrap();
+    assert_eq!(esp.keys.len(), 2);
+    assert!(esp
+        .keys
+        .iter()
+        .any(|k| k.kid.as_deref() == Some("62a93512c9ee4c7f8067b5a216dade2763d32a47")));
+    // no kid: every RSA key of the map is tried, as jwt_verify_lib does
+    assert!(verifies(&esp, token("x509_no_kid")));
+    let real = KeySet::load(X509_REAL).unwrap();
+    assert_eq!(real.keys.len(), 5);
+    assert!(verifies(&real, token("x509_real")));
+    // the whole verification too, at the time the token was valid (iat 1578448106)
+    let p = mesh_core::token::Provider {
+        name: "sa".into(),
+        issuers: vec!["fake.issuer".into()],
+        audiences: vec![],
+        algorithms: real.algorithms(),
+        keys: std::sync::Arc::new(real),
+        leeway: 30,
+        principal: "sub".into(),
+        email_first: false,
+        require: vec![],
+    };
+    let v = mesh_core::token::verify(token("x509_real").as_bytes(), &[&p], 1_578_448_200).unwrap();
+    assert_eq!(v.principal, "fake.issuer");
+    // each key answers to its own kid only
+    let esp_keys = KeySet::load(X509_ESP).unwrap();
+    assert!(!verifies(&esp_keys, token("x509_real")));
+}

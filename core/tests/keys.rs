@@ -212,3 +212,37 @@ fn secret() {
     assert!(KeySet::default().is_empty());
     assert!(KeySet::default().algorithms().is_empty());
 }
+
+#[test]
+fn x509_maps() {
+    let pem = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
+    let map = serde_json::json!({"k-rsa": pem(RSA_CRT), "k-ec": pem(EC256_CRT)}).to_string();
+    let s = KeySet::load(map.as_bytes()).unwrap();
+    let mut kids: Vec<&str> = s.keys.iter().map(|k| k.kid.as_deref().unwrap()).collect();
+    kids.sort();
+    assert_eq!(kids, ["k-ec", "k-rsa"]);
+    assert_eq!(KeySet::from_x509_map(map.as_bytes()).unwrap().keys.len(), 2);
+    // a JWKS is still a JWKS, and an object that is neither is read as a JWKS (and refused)
+    assert_eq!(KeySet::load(JWKS).unwrap().keys.len(), 5);
+    assert!(KeySet::load(b"{}").unwrap_err().contains("JWKS"));
+    let not_pem = serde_json::json!({"k": "hello"}).to_string();
+    assert!(KeySet::load(not_pem.as_bytes())
+        .unwrap_err()
+        .contains("JWKS"));
+    // a map entry that is a PEM public key, a broken certificate or not a string: refused, named
+    let bad_cert = "-----BEGIN CERTIFICATE-----\nMAMCAQE=\n-----END CERTIFICATE-----\n";
+    for (doc, word) in [
+        (
+            serde_json::json!({"k1": pem(RSA_CRT), "k2": bad_cert}),
+            "\"k2\"",
+        ),
+        (serde_json::json!({"k1": pem(RSA_CRT), "k2": 7}), "\"k2\""),
+        (serde_json::json!({"k3": pem(RSA_PUB)}), "\"k3\""),
+    ] {
+        let e = KeySet::from_x509_map(doc.to_string().as_bytes()).unwrap_err();
+        assert!(e.contains(word), "{e}");
+    }
+    let private = serde_json::json!({"k1": pem(RSA_CRT) + &pem(RSA_KEY)}).to_string();
+    let e = KeySet::load(private.as_bytes()).unwrap_err();
+    assert!(e.contains("private keys do not belong here"), "{e}");
+}
