@@ -15,6 +15,15 @@ use crate::units::{parse_on_off, parse_time_secs};
 pub const GOOGLE_ISSUERS: [&str; 2] = ["https://accounts.google.com", "accounts.google.com"];
 /// Google's JWKS (`preset google`).
 pub const GOOGLE_KEYS_URL: &str = "https://www.googleapis.com/oauth2/v3/certs";
+/// Firebase Authentication's issuer prefix (`preset firebase PROJECT`: the issuer is this and
+/// the project ID).
+pub const FIREBASE_ISSUER_PREFIX: &str = "https://securetoken.google.com/";
+/// Firebase Authentication's keys: the x509 key map of securetoken@system.gserviceaccount.com.
+pub const FIREBASE_KEYS_URL: &str =
+    "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com";
+/// A service account's public keys as a JWKS (`preset service_account EMAIL`: this and the
+/// email).
+pub const SERVICE_ACCOUNT_KEYS_PREFIX: &str = "https://www.googleapis.com/service_accounts/v1/jwk/";
 /// `leeway` when the block does not set it, in seconds.
 pub const DEFAULT_LEEWAY: u64 = 30;
 /// `principal` when the block does not set it.
@@ -27,11 +36,95 @@ pub enum KeySource<U> {
     Url(U),
 }
 
-/// `preset NAME;`: defaults for a well-known issuer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `preset NAME [ARG];`: defaults for a well-known issuer.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Preset {
     /// Google-signed ID tokens (Cloud Run service-to-service, `gcloud auth print-identity-token`).
     Google,
+    /// Firebase Authentication ID tokens of one project (end users of an app).
+    Firebase(String),
+    /// JWTs a service account signs with its own key (issuer and subject: its email).
+    ServiceAccount(String),
+}
+
+impl Preset {
+    /// `preset NAME [ARG]` as written: the words after `preset`.
+    pub fn parse(words: &[String]) -> Result<Preset, String> {
+        const KNOWN: &str = "known: google, firebase PROJECT, service_account EMAIL";
+        match words {
+            [name] if name == "google" => Ok(Preset::Google),
+            [name, project] if name == "firebase" => {
+                // Project IDs: lower-case letters, digits, hyphens; legacy domain-scoped ones
+                // ("example.com:project") add '.' and ':'.
+                let ok = !project.is_empty()
+                    && project
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:_".contains(&b));
+                if !ok {
+                    return Err(format!(
+                        "preset firebase: invalid project ID \"{}\"",
+                        project.escape_debug()
+                    ));
+                }
+                Ok(Preset::Firebase(project.clone()))
+            }
+            [name, email] if name == "service_account" => {
+                // The email goes into the key URL's path: letters, digits and ._+-@ only.
+                let ok = email.matches('@').count() == 1
+                    && !email.starts_with('@')
+                    && !email.ends_with('@')
+                    && email
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._+-@".contains(&b));
+                if !ok {
+                    return Err(format!(
+                        "preset service_account: invalid service account email \"{}\"",
+                        email.escape_debug()
+                    ));
+                }
+                Ok(Preset::ServiceAccount(email.clone()))
+            }
+            [name] if name == "firebase" => {
+                Err("preset firebase: the project ID is missing (preset firebase PROJECT;)".into())
+            }
+            [name] if name == "service_account" => Err(
+                "preset service_account: the email is missing (preset service_account EMAIL;)"
+                    .into(),
+            ),
+            [name, ..] if name == "google" || name == "firebase" || name == "service_account" => {
+                Err(format!("preset {name}: too many arguments ({KNOWN})"))
+            }
+            [other, ..] => Err(format!("preset: unknown preset \"{other}\" ({KNOWN})")),
+            [] => Err(format!("preset: which one? ({KNOWN})")),
+        }
+    }
+
+    /// The preset's name as written.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Preset::Google => "google",
+            Preset::Firebase(_) => "firebase",
+            Preset::ServiceAccount(_) => "service_account",
+        }
+    }
+
+    /// The issuers it accepts.
+    pub fn issuers(&self) -> Vec<String> {
+        match self {
+            Preset::Google => GOOGLE_ISSUERS.iter().map(|s| s.to_string()).collect(),
+            Preset::Firebase(project) => vec![format!("{FIREBASE_ISSUER_PREFIX}{project}")],
+            Preset::ServiceAccount(email) => vec![email.clone()],
+        }
+    }
+
+    /// Where its keys are published.
+    pub fn keys_url(&self) -> String {
+        match self {
+            Preset::Google => GOOGLE_KEYS_URL.into(),
+            Preset::Firebase(_) => FIREBASE_KEYS_URL.into(),
+            Preset::ServiceAccount(email) => format!("{SERVICE_ACCOUNT_KEYS_PREFIX}{email}"),
+        }
+    }
 }
 
 /// The line a block-level error belongs to.
@@ -154,14 +247,7 @@ impl<U> ProviderBlock<U> {
             }
             "preset" => {
                 dup(self.preset.is_some())?;
-                self.preset = Some(match one()? {
-                    "google" => Preset::Google,
-                    other => {
-                        return Err(format!(
-                            "preset: unknown preset \"{other}\" (known: google)"
-                        ))
-                    }
-                });
+                self.preset = Some(Preset::parse(vals)?);
             }
             "platform_verified" => {
                 dup(self.platform_verified.is_some())?;
@@ -230,22 +316,35 @@ impl<U> ProviderBlock<U> {
     ) -> Result<Built<U>, BlockError> {
         let at = |line: Line, message: String| BlockError { line, message };
         let mut email_first = false;
-        if let Some(Preset::Google) = self.preset {
+        if let Some(preset) = self.preset.take() {
             // Lines written in the block win over the preset's defaults.
             if self.issuers.is_empty() {
-                self.issuers = GOOGLE_ISSUERS.iter().map(|s| s.to_string()).collect();
+                self.issuers = preset.issuers();
             }
             if self.keys.is_none() && self.secret.is_none() {
-                let url = preset_url(GOOGLE_KEYS_URL)
-                    .map_err(|e| at(Line::Block, format!("preset google: {e}")))?;
+                let url = preset_url(&preset.keys_url())
+                    .map_err(|e| at(Line::Block, format!("preset {}: {e}", preset.name())))?;
                 self.keys = Some(KeySource::Url(url));
             }
+            // Google signs all three with RSA keys.
             self.algorithms
                 .get_or_insert_with(|| vec![Algorithm::RS256]);
-            // The caller: a verified `email` when the token has one, else `sub` (IAM's
-            // generateIdToken adds `email` only with includeEmail=true).
-            if self.principal.is_none() {
-                email_first = true;
+            match &preset {
+                // The caller: a verified `email` when the token has one, else `sub` (IAM's
+                // generateIdToken adds `email` only with includeEmail=true).
+                Preset::Google => email_first = self.principal.is_none(),
+                // A Firebase ID token's audience is its project.
+                Preset::Firebase(project) => {
+                    self.audiences.get_or_insert_with(|| vec![project.clone()]);
+                }
+                // Issuer and subject are both the account: a token it signed names itself.
+                Preset::ServiceAccount(email) => {
+                    if !self.require.iter().any(|r| r.path_text() == "sub") {
+                        if let Ok(r) = Requirement::parse(&format!("sub={email}")) {
+                            self.require.push(r);
+                        }
+                    }
+                }
             }
         }
         let name = self.name;

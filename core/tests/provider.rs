@@ -273,3 +273,85 @@ fn google_issuers_need_an_audience() {
     b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
     assert!(b.finish(|u| Ok(u.to_string())).is_ok());
 }
+
+#[test]
+fn firebase_preset_fills_issuer_audience_keys() {
+    let mut b = block();
+    b.line("preset", &words(&["firebase", "shop-prod-1"]))
+        .unwrap();
+    let built = b.finish(|u| Ok(u.to_string())).unwrap();
+    assert_eq!(
+        built.url.as_deref(),
+        Some("https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com")
+    );
+    assert_eq!(
+        built.provider.issuers,
+        vec!["https://securetoken.google.com/shop-prod-1".to_string()]
+    );
+    assert_eq!(built.provider.audiences, vec!["shop-prod-1".to_string()]);
+    assert_eq!(built.provider.algorithms, vec![Algorithm::RS256]);
+    assert_eq!(built.provider.principal, "sub");
+    assert!(!built.provider.email_first);
+    // lines written win: the audience and the keys
+    let mut b = block();
+    b.line("preset", &words(&["firebase", "shop-prod-1"]))
+        .unwrap();
+    b.line("audience", &words(&["other"])).unwrap();
+    b.set_keys(KeySource::Url("https://127.0.0.1:9/x509".to_string()));
+    let built = b.finish(|_| panic!("keys were given")).unwrap();
+    assert_eq!(built.provider.audiences, vec!["other".to_string()]);
+    assert_eq!(built.url.as_deref(), Some("https://127.0.0.1:9/x509"));
+}
+
+#[test]
+fn service_account_preset_fills_issuer_subject_keys() {
+    let email = "deployer@shop-prod-1.iam.gserviceaccount.com";
+    let mut b = block();
+    b.line("preset", &words(&["service_account", email]))
+        .unwrap();
+    b.line("audience", &words(&["https://orders.example"]))
+        .unwrap();
+    let built = b.finish(|u| Ok(u.to_string())).unwrap();
+    assert_eq!(
+        built.url,
+        Some(format!(
+            "https://www.googleapis.com/service_accounts/v1/jwk/{email}"
+        ))
+    );
+    assert_eq!(built.provider.issuers, vec![email.to_string()]);
+    assert_eq!(built.provider.require.len(), 1);
+    assert_eq!(built.provider.require[0].path_text(), "sub");
+    assert_eq!(built.provider.require[0].value, email);
+    // no audience is required: only the account's own keys can sign
+    let mut b = block();
+    b.line("preset", &words(&["service_account", email]))
+        .unwrap();
+    assert!(b.finish(|u| Ok(u.to_string())).is_ok());
+}
+
+#[test]
+fn preset_arguments_are_checked() {
+    for (w, want) in [
+        (&["firebase"][..], "the project ID is missing"),
+        (&["firebase", "a/b"], "invalid project ID"),
+        (&["firebase", "p", "q"], "too many arguments"),
+        (&["google", "x"], "too many arguments"),
+        (&["service_account"], "the email is missing"),
+        (
+            &["service_account", "no-at-sign"],
+            "invalid service account email",
+        ),
+        (
+            &["service_account", "a@b/../c"],
+            "invalid service account email",
+        ),
+        (
+            &["service_account", "a@b@c"],
+            "invalid service account email",
+        ),
+        (&["okta"], "unknown preset \"okta\""),
+    ] {
+        let e = block().line("preset", &words(w)).unwrap_err();
+        assert!(e.contains(want), "{w:?}: {e}");
+    }
+}
