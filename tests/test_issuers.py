@@ -350,3 +350,127 @@ def test_presets_pass_nginx_t_in_at_most_two_lines(module_path, conf_dir, keyrin
     from mesh_test.nginx import passes_nginx_t, render
     conf = render(_block(lines), conf_dir, port=8, upstream="127.0.0.1:9", keys=keyring.dir)
     passes_nginx_t(conf, conf_dir)
+
+
+# ---------------------------------------------------------------- OIDC discovery
+
+WELL_KNOWN = "/.well-known/openid-configuration"
+
+
+def discovery_http(ks: KeyServer) -> str:
+    base = ks.url("")
+    ca = "ca=@TMP@/ca.pem"
+    return f"""
+mesh_keys_wait 2s;
+mesh_provider idp {{
+    issuer    {base};
+    discovery on {ca};
+    audience  aud-idp;
+}}
+mesh_provider impostor {{
+    issuer    {base}/tenant-b;
+    discovery on {ca};
+}}
+mesh_provider downgrade {{
+    issuer    {base}/tenant-c;
+    discovery on {ca};
+}}
+server {{
+    listen 127.0.0.1:@PORT@;
+    add_header X-Auth-Status $mesh_auth_status always;
+    add_header X-Decision $mesh_decision always;
+    proxy_set_header X-Test-Caller   $mesh_caller;
+    proxy_set_header X-Test-Provider $mesh_provider;
+    mesh_auth idp impostor downgrade;
+    location / {{ proxy_pass http://@UPSTREAM@; }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def idp(pki, signers):
+    server = KeyServer(pki)
+    base = server.url("")
+    server.set(WELL_KNOWN, body=json.dumps({
+        "issuer": base, "jwks_uri": server.url("/oauth/jwks"),
+        "id_token_signing_alg_values_supported": ["RS256"]}).encode())
+    server.set("/oauth/jwks", keys=[public_jwk(signers["r1"], "idp-1")], cache_control="max-age=600")
+    # a document below another issuer that names the first one: its keys must not be taken
+    server.set("/tenant-b" + WELL_KNOWN, body=json.dumps({
+        "issuer": base, "jwks_uri": server.url("/oauth/jwks")}).encode())
+    # a document that sends the keys over plain http
+    server.set("/tenant-c" + WELL_KNOWN, body=json.dumps({
+        "issuer": base + "/tenant-c", "jwks_uri": f"http://127.0.0.1:{server.port}/oauth/jwks"}).encode())
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def discovered(module_path, launcher, idp, pki):
+    site = launcher.start(discovery_http(idp), files={"ca.pem": pki.ca_pem})
+    wait_until(lambda: [i for i in keys_info(site.ngx.read_error_log()) if i.provider == "idp"], 10)
+    return site
+
+
+def test_discovery_finds_the_keys_at_the_documents_jwks_uri(discovered, idp, signers):
+    base = idp.url("")
+    token = make_token("RS256", signers["r1"], claims(iss=base, aud="aud-idp", sub="repo:shop/orders"), kid="idp-1")
+    resp = discovered.allowed("/d", bearer(token))
+    assert resp.upstream_header("X-Test-Provider") == "idp"
+    assert resp.upstream_header("X-Test-Caller") == "repo:shop/orders"
+    # fetched before start, once for all workers: the document, then the keys
+    assert idp.count(WELL_KNOWN) == 1 and idp.count("/oauth/jwks") == 1, idp.fetches()
+    info = [i for i in keys_info(discovered.ngx.read_error_log()) if i.provider == "idp"]
+    assert info[0].url == base + WELL_KNOWN and info[0].keys == 1 and info[0].refresh == 600, info
+
+
+def test_a_discovery_document_naming_another_issuer_is_refused(discovered, idp, signers):
+    log = discovered.ngx.read_error_log()
+    warns = [l for l in log.splitlines() if "[warn]" in l and '"impostor"' in l]
+    assert warns, log[-3000:]
+    assert "names issuer" in warns[0] and "refused" in warns[0], warns[0]
+    # the impostor has no keys: its tokens get 503 no_keys, never the other issuer's keys
+    token = make_token("RS256", signers["r1"], claims(iss=idp.url("") + "/tenant-b", aud=None), kid="idp-1")
+    resp = discovered.get("/d", bearer(token))
+    assert resp.status == 503 and resp.header("X-Auth-Status") == "no_keys", resp
+    assert resp.header("Retry-After"), resp
+    # its document was read (and retried), the jwks_uri it names never fetched for it
+    assert idp.count("/tenant-b" + WELL_KNOWN) >= 1
+    assert idp.count("/oauth/jwks") == 1, idp.fetches()
+
+
+def test_a_discovery_document_downgrading_the_keys_to_http_is_refused(discovered, idp, signers):
+    log = discovered.ngx.read_error_log()
+    warns = [l for l in log.splitlines() if "[warn]" in l and '"downgrade"' in l]
+    assert warns and "is not an https:// URL" in warns[0], log[-3000:]
+    token = make_token("RS256", signers["r1"], claims(iss=idp.url("") + "/tenant-c", aud=None), kid="idp-1")
+    resp = discovered.get("/d", bearer(token))
+    assert resp.status == 503 and resp.header("X-Auth-Status") == "no_keys", resp
+
+
+BAD_DISCOVERY = [
+    ("with-keys", "    issuer https://idp.example;\n    keys @KEYS@/jwks.json;\n    discovery on;  # BAD",
+     ["cannot be combined"]),
+    ("two-issuers", "    issuer https://a.example https://b.example;\n    discovery on;  # BAD",
+     ["exactly one issuer"]),
+    ("issuer-not-a-url", "    issuer accounts.example;\n    discovery on;  # BAD", ["https:// URL"]),
+    ("maybe", "    issuer https://idp.example;\n    discovery maybe;  # BAD", ["maybe"]),
+    ("twice", "    issuer https://idp.example;\n    discovery on;\n    discovery on;  # BAD", ["duplicate"]),
+    ("ca-missing", "    issuer https://idp.example;\n    discovery on ca=@TMP@/no-such-ca.pem;  # BAD",
+     ["no-such-ca.pem"]),
+]
+
+
+@pytest.mark.parametrize("lines,words", [c[1:] for c in BAD_DISCOVERY], ids=[c[0] for c in BAD_DISCOVERY])
+def test_bad_discovery_lines_fail_nginx_t_at_the_line(module_path, conf_dir, keyring, lines, words):
+    from mesh_test.nginx import emerg_at_marked_line, render
+    conf = render(_block(lines), conf_dir, port=8, upstream="127.0.0.1:9", keys=keyring.dir)
+    emerg_at_marked_line(conf, conf_dir, words=words)
+
+
+def test_discovery_of_an_http_issuer_passes_nginx_t_with_a_warning(module_path, conf_dir, keyring):
+    from mesh_test.nginx import passes_nginx_t, render
+    conf = render(_block("    issuer http://127.0.0.1:9;\n    discovery on;"), conf_dir, port=8,
+                  upstream="127.0.0.1:9", keys=keyring.dir)
+    out = passes_nginx_t(conf, conf_dir, warn_ok=True)
+    assert [l for l in out.splitlines() if "[warn]" in l and "plain http://" in l], out

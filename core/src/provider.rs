@@ -127,6 +127,30 @@ impl Preset {
     }
 }
 
+/// What the shell is asked to turn into its URL type when the block is finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UrlFor<'a> {
+    /// A preset's key URL.
+    Preset(&'a str),
+    /// `discovery on [ca=FILE]`: the issuer's discovery document, the issuer it must name, and
+    /// the CA file (a path the shell resolved).
+    Discovery {
+        document: &'a str,
+        issuer: &'a str,
+        ca: Option<&'a str>,
+    },
+}
+
+impl UrlFor<'_> {
+    /// The URL fetched first.
+    pub fn url(&self) -> &str {
+        match self {
+            UrlFor::Preset(u) => u,
+            UrlFor::Discovery { document, .. } => document,
+        }
+    }
+}
+
 /// The line a block-level error belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Line {
@@ -134,6 +158,7 @@ pub enum Line {
     Block,
     Secret,
     Algorithms,
+    Discovery,
 }
 
 /// Why a block cannot become a provider, and which line to blame.
@@ -166,6 +191,8 @@ pub struct ProviderBlock<U> {
     require: Vec<Requirement>,
     preset: Option<Preset>,
     platform_verified: Option<bool>,
+    /// `discovery on [ca=FILE]`: `Some(ca)`.
+    discovery: Option<Option<String>>,
 }
 
 impl<U> ProviderBlock<U> {
@@ -182,6 +209,7 @@ impl<U> ProviderBlock<U> {
             require: Vec::new(),
             preset: None,
             platform_verified: None,
+            discovery: None,
         }
     }
 
@@ -213,6 +241,15 @@ impl<U> ProviderBlock<U> {
 
     pub fn set_secret(&mut self, secret: KeySet) {
         self.secret = Some(secret);
+    }
+
+    pub fn has_discovery(&self) -> bool {
+        self.discovery.is_some()
+    }
+
+    /// `discovery on [ca=FILE]` (the shell resolved the CA path); `discovery off` is no line.
+    pub fn set_discovery(&mut self, ca: Option<String>) {
+        self.discovery = Some(ca);
     }
 
     /// One line of the block other than `keys` and `secret` (which read files). `dir` is the
@@ -308,11 +345,11 @@ impl<U> ProviderBlock<U> {
         Ok(())
     }
 
-    /// Checks the block as a whole, at its closing brace. `preset_url` turns the preset's key
-    /// URL into the shell's URL type.
+    /// Checks the block as a whole, at its closing brace. `url` turns a preset's key URL, or
+    /// the discovery document of `discovery on`, into the shell's URL type.
     pub fn finish(
         mut self,
-        preset_url: impl FnOnce(&str) -> Result<U, String>,
+        mut url: impl FnMut(UrlFor<'_>) -> Result<U, String>,
     ) -> Result<Built<U>, BlockError> {
         let at = |line: Line, message: String| BlockError { line, message };
         let mut email_first = false;
@@ -321,10 +358,10 @@ impl<U> ProviderBlock<U> {
             if self.issuers.is_empty() {
                 self.issuers = preset.issuers();
             }
-            if self.keys.is_none() && self.secret.is_none() {
-                let url = preset_url(&preset.keys_url())
+            if self.keys.is_none() && self.secret.is_none() && self.discovery.is_none() {
+                let u = url(UrlFor::Preset(&preset.keys_url()))
                     .map_err(|e| at(Line::Block, format!("preset {}: {e}", preset.name())))?;
-                self.keys = Some(KeySource::Url(url));
+                self.keys = Some(KeySource::Url(u));
             }
             // Google signs all three with RSA keys.
             self.algorithms
@@ -366,6 +403,28 @@ impl<U> ProviderBlock<U> {
                 Line::Block,
                 format!("mesh_provider \"{name}\": no \"issuer\""),
             ));
+        }
+        if let Some(ca) = self.discovery.take() {
+            let blame = |m: String| at(Line::Discovery, format!("mesh_provider \"{name}\": {m}"));
+            if self.keys.is_some() || self.secret.is_some() {
+                return Err(blame(
+                    "\"discovery\" cannot be combined with \"keys\" or \"secret\" (discovery finds the keys)".into(),
+                ));
+            }
+            let [issuer] = self.issuers.as_slice() else {
+                return Err(blame(
+                    "\"discovery\" needs exactly one issuer (the document is found below it)"
+                        .into(),
+                ));
+            };
+            let document = crate::discovery::document_url(issuer).map_err(blame)?;
+            let u = url(UrlFor::Discovery {
+                document: &document,
+                issuer,
+                ca: ca.as_deref(),
+            })
+            .map_err(|e| blame(format!("discovery: {e}")))?;
+            self.keys = Some(KeySource::Url(u));
         }
         let (keys, url) = match (self.keys, self.secret) {
             (Some(_), Some(_)) => return Err(at(

@@ -5,8 +5,8 @@ mod common;
 use common::{JWKS, RSA_PUB, SECRET};
 use mesh_core::keys::{Algorithm, KeySet};
 use mesh_core::provider::{
-    allowed_algorithms, check_key_url, BlockError, KeySource, Line, ProviderBlock, DEFAULT_LEEWAY,
-    GOOGLE_ISSUERS, GOOGLE_KEYS_URL,
+    allowed_algorithms, check_key_url, BlockError, KeySource, Line, ProviderBlock, UrlFor,
+    DEFAULT_LEEWAY, GOOGLE_ISSUERS, GOOGLE_KEYS_URL,
 };
 
 fn block() -> ProviderBlock<String> {
@@ -30,7 +30,7 @@ fn google_preset_fills_what_the_block_leaves_out() {
     b.line("preset", &words(&["google"])).unwrap();
     b.line("audience", &words(&["https://svc.example"]))
         .unwrap();
-    let built = b.finish(|u| Ok(u.to_string())).unwrap();
+    let built = b.finish(|u| Ok(u.url().to_string())).unwrap();
     assert_eq!(built.url.as_deref(), Some(GOOGLE_KEYS_URL));
     assert_eq!(
         built.provider.issuers,
@@ -241,7 +241,7 @@ fn google_issuers_need_an_audience() {
     // preset google without audience
     let mut b = block();
     b.line("preset", &words(&["google"])).unwrap();
-    let e = err(b.finish(|u| Ok(u.to_string())));
+    let e = err(b.finish(|u| Ok(u.url().to_string())));
     assert_eq!(e.line, Line::Block);
     assert!(e.message.contains("need \"audience\""), "{}", e.message);
     // a Google issuer written by hand, any spelling
@@ -254,7 +254,7 @@ fn google_issuers_need_an_audience() {
         b.line("issuer", &words(&["https://ci.example", iss]))
             .unwrap();
         b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
-        let e = err(b.finish(|u| Ok(u.to_string())));
+        let e = err(b.finish(|u| Ok(u.url().to_string())));
         assert!(
             e.message.contains("need \"audience\""),
             "{iss}: {}",
@@ -267,11 +267,11 @@ fn google_issuers_need_an_audience() {
     b.line("audience", &words(&["https://svc.example"]))
         .unwrap();
     b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
-    assert!(b.finish(|u| Ok(u.to_string())).is_ok());
+    assert!(b.finish(|u| Ok(u.url().to_string())).is_ok());
     let mut b = block();
     b.line("issuer", &words(&["https://ci.example"])).unwrap();
     b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
-    assert!(b.finish(|u| Ok(u.to_string())).is_ok());
+    assert!(b.finish(|u| Ok(u.url().to_string())).is_ok());
 }
 
 #[test]
@@ -279,7 +279,7 @@ fn firebase_preset_fills_issuer_audience_keys() {
     let mut b = block();
     b.line("preset", &words(&["firebase", "shop-prod-1"]))
         .unwrap();
-    let built = b.finish(|u| Ok(u.to_string())).unwrap();
+    let built = b.finish(|u| Ok(u.url().to_string())).unwrap();
     assert_eq!(
         built.url.as_deref(),
         Some("https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com")
@@ -311,7 +311,7 @@ fn service_account_preset_fills_issuer_subject_keys() {
         .unwrap();
     b.line("audience", &words(&["https://orders.example"]))
         .unwrap();
-    let built = b.finish(|u| Ok(u.to_string())).unwrap();
+    let built = b.finish(|u| Ok(u.url().to_string())).unwrap();
     assert_eq!(
         built.url,
         Some(format!(
@@ -326,7 +326,7 @@ fn service_account_preset_fills_issuer_subject_keys() {
     let mut b = block();
     b.line("preset", &words(&["service_account", email]))
         .unwrap();
-    assert!(b.finish(|u| Ok(u.to_string())).is_ok());
+    assert!(b.finish(|u| Ok(u.url().to_string())).is_ok());
 }
 
 #[test]
@@ -353,5 +353,87 @@ fn preset_arguments_are_checked() {
     ] {
         let e = block().line("preset", &words(w)).unwrap_err();
         assert!(e.contains(want), "{w:?}: {e}");
+    }
+}
+
+#[test]
+fn discovery_fetches_below_the_one_issuer() {
+    let mut b = block();
+    b.line(
+        "issuer",
+        &words(&["https://token.actions.githubusercontent.com"]),
+    )
+    .unwrap();
+    b.set_discovery(Some("/etc/ca.pem".into()));
+    let mut asked = None;
+    let built = b
+        .finish(|u| {
+            asked = Some(format!("{u:?}"));
+            Ok(u.url().to_string())
+        })
+        .unwrap();
+    assert_eq!(
+        built.url.as_deref(),
+        Some("https://token.actions.githubusercontent.com/.well-known/openid-configuration")
+    );
+    assert_eq!(
+        asked.unwrap(),
+        format!(
+            "{:?}",
+            UrlFor::Discovery {
+                document:
+                    "https://token.actions.githubusercontent.com/.well-known/openid-configuration",
+                issuer: "https://token.actions.githubusercontent.com",
+                ca: Some("/etc/ca.pem"),
+            }
+        )
+    );
+    assert!(built.provider.keys.is_empty(), "keys arrive later");
+    // with a preset: the preset's issuer, discovery's keys
+    let mut b = block();
+    b.line("preset", &words(&["firebase", "p1"])).unwrap();
+    b.set_discovery(None);
+    let built = b.finish(|u| Ok(u.url().to_string())).unwrap();
+    assert_eq!(
+        built.url.as_deref(),
+        Some("https://securetoken.google.com/p1/.well-known/openid-configuration")
+    );
+}
+
+#[test]
+fn discovery_errors_blame_its_line() {
+    let cases: Vec<(Box<dyn Fn(&mut ProviderBlock<String>)>, &str)> = vec![
+        (
+            Box::new(|b| b.set_keys(KeySource::File(KeySet::load(JWKS).unwrap()))),
+            "cannot be combined",
+        ),
+        (
+            Box::new(|b| b.set_secret(KeySet::from_secret(SECRET))),
+            "cannot be combined",
+        ),
+        (
+            Box::new(|b| {
+                b.line(
+                    "issuer",
+                    &words(&["https://a.example", "https://b.example"]),
+                )
+                .unwrap()
+            }),
+            "exactly one issuer",
+        ),
+        (
+            Box::new(|b| b.line("issuer", &words(&["a.example"])).unwrap()),
+            "https:// URL",
+        ),
+    ];
+    for (setup, want) in cases {
+        let mut b = block();
+        setup(&mut b);
+        // (a duplicate, and ignored, where the setup wrote the issuer)
+        let _ = b.line("issuer", &words(&["https://p.example"]));
+        b.set_discovery(None);
+        let e = err(b.finish(|u| Ok(u.url().to_string())));
+        assert_eq!(e.line, Line::Discovery, "{want}");
+        assert!(e.message.contains(want), "{}", e.message);
     }
 }
