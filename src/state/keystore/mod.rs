@@ -305,7 +305,10 @@ impl Source {
                 };
                 format!("{kind} {url} {roots}")
             }
-            Source::Token(t) => format!("token {metadata_server} {}", t.audience),
+            Source::Token(t) => {
+                let format = if t.full { " format=full" } else { "" };
+                format!("token {metadata_server} {}{format}", t.audience)
+            }
         }
     }
 

@@ -139,6 +139,7 @@ fn run(r: &Refresher) {
                     &agent(None, FETCH_TIMEOUT, false),
                     &r.metadata_server,
                     &t.audience,
+                    t.full,
                 );
                 Done::Token(t, result)
             }
@@ -182,17 +183,19 @@ pub fn fetch_keys(agent: &ureq::Agent, src: &KeyUrl) -> Result<FetchedKeys, Stri
     })
 }
 
-/// The metadata server's ID token for `audience`, and its `exp` (a token already expired is
-/// an error).
+/// The metadata server's ID token for `audience` (with `full`, in `format=full`: the Compute
+/// claims), and its `exp` (a token already expired is an error).
 pub fn fetch_token(
     agent: &ureq::Agent,
     metadata_server: &str,
     audience: &str,
+    full: bool,
 ) -> Result<(String, u64), String> {
     let url = format!(
-        "{}/computeMetadata/v1/instance/service-accounts/default/identity?audience={}",
+        "{}/computeMetadata/v1/instance/service-accounts/default/identity?audience={}{}",
         metadata_server.trim_end_matches('/'),
-        percent_encode(audience)
+        percent_encode(audience),
+        if full { "&format=full" } else { "" }
     );
     let (body, _) = get(agent, &url, Some(("Metadata-Flavor", "Google")))?;
     let token = String::from_utf8(body).map_err(|_| "token is not text".to_string())?;
