@@ -87,6 +87,7 @@ impl Level for LocConf {
 }
 
 const T1: u32 = NGX_CONF_TAKE1;
+const T23: u32 = NGX_CONF_TAKE2 | NGX_CONF_TAKE3;
 const FLAG: u32 = NGX_CONF_FLAG;
 
 #[rustfmt::skip]
@@ -118,7 +119,7 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 30] = [
     once!("mesh_trace_response",    MSL | FLAG,              LocConf,  trace_response,   flag),
     // identity forwarding, outbound identity, operations
     once!("mesh_forward_identity",  MSL | FLAG,              LocConf,  forward_identity, flag),
-    each!("mesh_outbound_token",    M | NGX_CONF_TAKE2 | NGX_CONF_TAKE3, MainConf, outbound,         outbound::token),
+    each!("mesh_outbound_token",    M | T23,                 MainConf, outbound,         outbound::token),
     once!("mesh_metadata_server",   M | T1,                  MainConf, metadata_server,  outbound::metadata_server),
     once!("mesh_log_level",         MSL | T1,                LocConf,  log_level,        log::level),
     once!("mesh_keys_wait",         M | T1,                  MainConf, keys_wait,        keys::wait),
