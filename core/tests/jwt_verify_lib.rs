@@ -62,6 +62,12 @@ fn ec_vectors_es256_es384_es512() {
     for name in ["es256", "es384", "es512", "ec_no_kid"] {
         assert!(verifies(&keys, token(name)), "{name}");
     }
+    let pem = KeySet::load(include_bytes!("data/jwt_verify_lib/es512.pub.pem")).unwrap();
+    assert!(verifies(&pem, token("es512_pem")));
+    assert!(
+        !verifies(&pem, token("es384")),
+        "a P-521 key verifies ES512 only"
+    );
 }
 
 const X509_ESP: &[u8] = include_bytes!("data/jwt_verify_lib/x509_map_esp.json");
