@@ -474,3 +474,35 @@ def test_discovery_of_an_http_issuer_passes_nginx_t_with_a_warning(module_path, 
                   upstream="127.0.0.1:9", keys=keyring.dir)
     out = passes_nginx_t(conf, conf_dir, warn_ok=True)
     assert [l for l in out.splitlines() if "[warn]" in l and "plain http://" in l], out
+
+
+def test_discovered_keys_are_kept_across_a_reload(module_path, launcher_fn, pki, signers):
+    server = KeyServer(pki)
+    try:
+        base = server.url("")
+        server.set(WELL_KNOWN, body=json.dumps({"issuer": base, "jwks_uri": server.url("/k")}).encode())
+        server.set("/k", keys=[public_jwk(signers["r2"], "idp-2")])
+        body = f"""
+mesh_provider idp {{
+    issuer    {base};
+    discovery on ca=@TMP@/ca.pem;
+}}
+server {{
+    listen 127.0.0.1:@PORT@;
+    add_header X-Auth-Status $mesh_auth_status always;
+    add_header X-Decision $mesh_decision always;
+    mesh_auth idp;
+    location / {{ proxy_pass http://@UPSTREAM@; }}
+}}
+"""
+        site = launcher_fn.start(body, files={"ca.pem": pki.ca_pem})
+        token = make_token("RS256", signers["r2"], claims(iss=base, aud=None), kid="idp-2")
+        site.allowed("/r", bearer(token))
+        assert (server.count(WELL_KNOWN), server.count("/k")) == (1, 1), server.fetches()
+        # the issuer goes away: a reload keeps the keys from the shared zone, fetching nothing
+        server.down()
+        site.ngx.reload()
+        site.allowed("/r", bearer(token))
+        assert (server.count(WELL_KNOWN), server.count("/k")) == (1, 1), server.fetches()
+    finally:
+        server.close()
