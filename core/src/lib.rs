@@ -1,6 +1,7 @@
 //! ngx-mesh's pure core: no nginx types, no FFI, no `unsafe`.
 //!
 //! * [`status`]: verification outcomes (`$mesh_auth_status`);
+//! * [`decision`]: what the module decided for a request (`$mesh_decision`);
 //! * [`audit`]: `mesh_require_auth`: which routes must verify callers, the `nginx -t` summary;
 //! * [`keys`]: JWKS, PEM, x509 key map and HMAC key sets;
 //! * [`discovery`]: OpenID Connect discovery: the document's URL, its issuer and `jwks_uri`;
@@ -20,6 +21,7 @@
 
 pub mod audit;
 pub mod cache;
+pub mod decision;
 pub mod discovery;
 pub mod extract;
 pub mod gcra;

@@ -14,16 +14,16 @@ use std::ffi::c_void;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
-use mesh_core::metrics::{auth_index, name_hash, DECISIONS};
+use mesh_core::decision::Decision;
+use mesh_core::metrics::{auth_index, name_hash};
 use mesh_core::status::AuthStatus;
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_conf_t, ngx_int_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc_locked,
-    ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG,
+    ngx_conf_t, ngx_int_t, ngx_module_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock,
+    ngx_slab_alloc_locked, ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG,
 };
 
 use super::rate_zone::RateZone;
-use crate::request::ctx::Decision;
 
 /// The zone's name (nginx refuses another module's zone of the same name).
 pub const ZONE_NAME: &str = "mesh_metrics";
@@ -56,7 +56,7 @@ struct Shared {
     magic: u64,
     /// Bumped by every configuration that binds names (under the mutex).
     epoch: u64,
-    decisions: [AtomicU64; DECISIONS.len()],
+    decisions: [AtomicU64; Decision::ALL.len()],
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     slots: [NameSlot; NSLOTS],
@@ -169,17 +169,8 @@ fn add(c: &AtomicU64) {
 
 /// A request's final decision.
 pub fn count_decision(d: Decision) {
-    // `Decision` lists its values in the order of `DECISIONS`.
-    let i = match d {
-        Decision::Allow => 0,
-        Decision::Deny => 1,
-        Decision::Unauthenticated => 2,
-        Decision::RateLimited => 3,
-        Decision::WouldDeny => 4,
-        Decision::WouldRateLimit => 5,
-    };
     if let Some((_, s)) = active() {
-        add(&s.decisions[i]);
+        add(&s.decisions[d.index()]);
     }
 }
 
@@ -212,7 +203,7 @@ pub fn count_rate_limited(zone: &str) {
 
 /// What a scrape reads: a snapshot of every counter of this configuration's names.
 pub struct Snapshot {
-    pub decisions: [u64; DECISIONS.len()],
+    pub decisions: [u64; Decision::ALL.len()],
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub providers: Vec<ProviderCounts>,
@@ -281,7 +272,7 @@ pub fn snapshot() -> Option<Snapshot> {
             })
         })
         .collect();
-    let mut decisions = [0; DECISIONS.len()];
+    let mut decisions = [0; Decision::ALL.len()];
     for (d, c) in decisions.iter_mut().zip(&s.decisions) {
         *d = load(c);
     }
@@ -296,6 +287,7 @@ pub fn snapshot() -> Option<Snapshot> {
 
 /// At the end of the http block (`postconfiguration`): asks nginx for the zone, with the
 /// names this configuration counts under: `providers` as (name, keys read from a file now).
+/// The zones are `module`'s.
 ///
 /// # Safety
 /// `cf` is nginx's configuration context; `m` lives in the main configuration (the
@@ -305,6 +297,7 @@ pub unsafe fn configure(
     m: &mut Metrics,
     providers: &[(String, bool)],
     zones: &[String],
+    module: &ngx_module_t,
 ) -> Result<(), String> {
     m.providers = std::iter::once(String::new())
         .chain(providers.iter().map(|(n, _)| n.clone()))
@@ -323,7 +316,7 @@ pub unsafe fn configure(
             len: name.len(),
             data: name.as_ptr().cast_mut(),
         };
-        let zone = crate::nginx::conf::shared_zone(cf, name, 0)?;
+        let zone = crate::nginx::conf::shared_zone(cf, name, 0, module)?;
         // SAFETY: `data` of a mesh zone is its `RateZone` (set when it was declared).
         m.rate_zones
             .push(unsafe { (*zone.as_ptr()).data as *const RateZone });
@@ -332,7 +325,7 @@ pub unsafe fn configure(
         len: ZONE_NAME.len(),
         data: ZONE_NAME.as_ptr().cast_mut(),
     };
-    let zone = crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE)?.as_ptr();
+    let zone = crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE, module)?.as_ptr();
     // SAFETY: nginx's entry for our zone; `data` is set to this cycle's `Metrics`.
     unsafe {
         (*zone).data = ptr::from_mut(m).cast();
