@@ -402,27 +402,28 @@ fn discovery_fetches_below_the_one_issuer() {
 
 #[test]
 fn discovery_errors_blame_its_line() {
-    let cases: Vec<(Box<dyn Fn(&mut ProviderBlock<String>)>, &str)> = vec![
+    type Setup = fn(&mut ProviderBlock<String>);
+    let cases: [(Setup, &str); 4] = [
         (
-            Box::new(|b| b.set_keys(KeySource::File(KeySet::load(JWKS).unwrap()))),
+            |b| b.set_keys(KeySource::File(KeySet::load(JWKS).unwrap())),
             "cannot be combined",
         ),
         (
-            Box::new(|b| b.set_secret(KeySet::from_secret(SECRET))),
+            |b| b.set_secret(KeySet::from_secret(SECRET)),
             "cannot be combined",
         ),
         (
-            Box::new(|b| {
+            |b| {
                 b.line(
                     "issuer",
                     &words(&["https://a.example", "https://b.example"]),
                 )
                 .unwrap()
-            }),
+            },
             "exactly one issuer",
         ),
         (
-            Box::new(|b| b.line("issuer", &words(&["a.example"])).unwrap()),
+            |b| b.line("issuer", &words(&["a.example"])).unwrap(),
             "https:// URL",
         ),
     ];
