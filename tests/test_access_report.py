@@ -256,6 +256,10 @@ mesh_provider hmac {
     issuer https://hmac.mesh.test;
     secret @KEYS@/hmac.secret;
 }
+mesh_provider oidc {
+    issuer    https://login.mesh.test/tenant-7;
+    discovery on;
+}
 mesh_rate_limit_zone g 1m redis=redis://default:r3dis-pw@127.0.0.1:6390/2;
 server {
     listen 127.0.0.1:@PORT@;
@@ -283,6 +287,8 @@ def test_no_secret_reaches_the_report(module_path, conf_dir, keyring):
     report = json.loads((conf_dir / "access.json").read_text())
     assert report["servers"][0]["routes"][0]["rate_limit"]["global"] == "127.0.0.1:6390/2"
     assert report["providers"][1]["keys"] == {"kind": "secret_file", "source": str(keyring.dir / "hmac.secret")}
+    assert report["providers"][2]["keys"] == {
+        "kind": "discovery", "source": "https://login.mesh.test/tenant-7/.well-known/openid-configuration"}
 
 
 def test_a_file_that_cannot_be_written_fails_nginx_t_at_its_line(module_path, conf_dir, keyring):

@@ -66,6 +66,9 @@ impl ScrubbedUrl {
 pub enum KeySource {
     /// `keys URL` (or a preset's).
     Url(ScrubbedUrl),
+    /// `discovery on`: the issuer's OpenID Connect discovery document, whose `jwks_uri` has
+    /// the keys.
+    Discovery(ScrubbedUrl),
     /// `keys FILE`: the path as nginx resolved it.
     File(String),
     /// `secret FILE`: the path only, never what it holds.
@@ -80,9 +83,15 @@ impl KeySource {
         KeySource::Url(ScrubbedUrl::new(url))
     }
 
+    /// A discovery document's URL, scrubbed.
+    pub fn discovery(url: &str) -> KeySource {
+        KeySource::Discovery(ScrubbedUrl::new(url))
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             KeySource::Url(_) => "url",
+            KeySource::Discovery(_) => "discovery",
             KeySource::File(_) => "file",
             KeySource::Secret(_) => "secret_file",
             KeySource::Unknown => "unknown",
@@ -91,7 +100,7 @@ impl KeySource {
 
     fn location(&self) -> Option<&str> {
         match self {
-            KeySource::Url(u) => Some(u.as_str()),
+            KeySource::Url(u) | KeySource::Discovery(u) => Some(u.as_str()),
             KeySource::File(s) | KeySource::Secret(s) => Some(s),
             KeySource::Unknown => None,
         }
@@ -656,6 +665,9 @@ impl Report {
             )?;
             let keys = match &p.keys {
                 KeySource::Url(u) => format!("URL {}", code(u.as_str())),
+                KeySource::Discovery(u) => {
+                    format!("the jwks_uri of discovery document {}", code(u.as_str()))
+                }
                 KeySource::File(f) => format!("file {}", code(f)),
                 KeySource::Secret(f) => format!("HMAC secret file {}", code(f)),
                 KeySource::Unknown => "unknown".to_string(),

@@ -253,6 +253,7 @@ fn provider_info(p: &crate::state::provider::MeshProvider) -> ProviderInfo {
             .map(|a| mesh_core::keys::algorithm_name(*a).to_string())
             .collect(),
         keys: match &p.url {
+            Some(u) if u.discovery.is_some() => KeySource::discovery(&u.url),
             Some(u) => KeySource::url(&u.url),
             None => p.key_file.clone().unwrap_or(KeySource::Unknown),
         },
