@@ -484,7 +484,10 @@ def test_check_mode_prints_the_access_report_and_writes_the_json(echo, mounts):
         shutil.rmtree(out, ignore_errors=True)
     assert report["config_version"] == "ci-42"
     assert [p["name"] for p in report["providers"]] == ["issuer"]
-    routes = {r["match"]: r for r in report["servers"][0]["routes"]}
+    # the service's server (the image may add others, such as the metrics port's)
+    served = [s for s in report["servers"] if f"0.0.0.0:{env['PORT']}" in s["listen"]]
+    assert len(served) == 1, report["servers"]
+    routes = {r["match"]: r for r in served[0]["routes"]}
     assert routes["= /health"]["verdict"] == "exempt" and routes["= /ready"]["verdict"] == "open", routes
     root = routes["/"]
     assert root["verdict"] == "protected" and root["auth"]["providers"] == ["issuer"], root
