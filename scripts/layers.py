@@ -10,7 +10,10 @@ Prints the folder graph of the shell and fails (exit 1) on
   - an upward edge: a folder naming a folder at or above its own layer in LAYERS
     (lib.rs's module handle excepted, for the folders HANDLE lists);
   - a circle between files, in either crate (a file naming its own folder's mod.rs, the
-    folder's shared types, does not count towards a circle).
+    folder's shared types, does not count towards a circle);
+  - a shared zone's mutex taken or released by hand (`ngx_shmtx_lock`/`_unlock`): zones are
+    locked through `ngx::core::SlabPool::lock`, whose guard unlocks when dropped, so a panic
+    (caught before it reaches nginx) never leaves a zone locked.
 
     python3 scripts/layers.py            check, print the folder graph
     python3 scripts/layers.py --files    also print every file's edges
@@ -253,6 +256,10 @@ def main():
                     problems.append(f"upward edge {a} -> {b}: {x} -> {y}")
     for c in circles(edges):
         problems.append("circle: " + " -> ".join(k.name(m) for k, m in c))
+    for m, f in shell.mods.items():
+        for n, line in enumerate(strip(f.read_text()).splitlines(), 1):
+            if re.search(r"\bngx_shmtx_(try)?(lock|unlock)\b", line):
+                problems.append(f"{f.relative_to(ROOT)}:{n}: a zone locked by hand: use SlabPool::lock")
 
     print("folder graph (each folder names only folders below it):")
     for a in LAYERS[:-1]:

@@ -17,10 +17,10 @@ use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use mesh_core::decision::Decision;
 use mesh_core::metrics::{auth_index, name_hash};
 use mesh_core::status::AuthStatus;
-use ngx::core::Status;
+use ngx::core::{SlabPool, Status};
 use ngx::ffi::{
-    ngx_conf_t, ngx_int_t, ngx_module_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock,
-    ngx_slab_alloc_locked, ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG,
+    ngx_conf_t, ngx_int_t, ngx_module_t, ngx_shm_zone_t, ngx_slab_alloc_locked, ngx_slab_pool_t,
+    ngx_str_t, NGX_LOG_EMERG,
 };
 
 use super::rate_zone::RateZone;
@@ -345,13 +345,16 @@ unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void)
     // written under the pool's mutex, apart from the atomic counters.
     unsafe {
         let m = &mut *((*shm_zone).data as *mut Metrics);
+        let Some(pool) = SlabPool::from_shm_zone(&*shm_zone) else {
+            return Status::NGX_ERROR.into();
+        };
         let shpool = (*shm_zone).shm.addr as *mut ngx_slab_pool_t;
-        ngx_shmtx_lock(&mut (*shpool).mutex);
+        let locked = pool.lock();
         let mut table = (*shpool).data as *mut Shared;
         if table.is_null() || (*table).magic != MAGIC {
             table = ngx_slab_alloc_locked(shpool, size_of::<Shared>()) as *mut Shared;
             if table.is_null() {
-                ngx_shmtx_unlock(&mut (*shpool).mutex);
+                drop(locked);
                 ngx::ngx_log_error!(
                     NGX_LOG_EMERG,
                     (*shm_zone).shm.log,
@@ -377,7 +380,7 @@ unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void)
                 slot.counters[P_LAST_REFRESH].store(now, Ordering::Relaxed);
             }
         }
-        ngx_shmtx_unlock(&mut (*shpool).mutex);
+        drop(locked);
         m.shared = table;
         Status::NGX_OK.into()
     }
