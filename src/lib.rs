@@ -8,7 +8,11 @@
 //! - `request/`: what happens to one request (context, pipeline, variables, headers);
 //! - `state/`: what outlives a request (rate zones, live keys, outbound tokens, the shared key
 //!   store, refresher);
-//! - `nginx/`: the unsafe helpers that touch nginx structures.
+//! - `nginx/`: the helpers several folders use to touch nginx structures (`unsafe` also
+//!   stands where nginx hands a folder raw pointers; README's layout section says where).
+
+// Every `unsafe` block and impl says why it is sound (`make check` denies warnings).
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::ptr;
 
@@ -119,10 +123,12 @@ unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
     nginx::no_panic((), keystore::stop_worker);
 }
 
+// SAFETY: the http main configuration of this module is a `MainConf` (create_main_conf).
 unsafe impl HttpModuleMainConf for MeshModule {
     type MainConf = MainConf;
 }
 
+// SAFETY: its location configurations are `LocConf`s (create_loc_conf).
 unsafe impl HttpModuleLocationConf for MeshModule {
     type LocationConf = LocConf;
 }
