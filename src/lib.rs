@@ -76,7 +76,7 @@ static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; conf::commands::COUNT] =
 
 impl conf::ContentHandlers for MeshModule {
     const READY: ngx_http_handler_pt = Some(request::ready::handler);
-    const METRICS: ngx_http_handler_pt = Some(request::status::status_handler);
+    const METRICS: ngx_http_handler_pt = Some(request::metrics::handler);
 }
 
 /// In the master before the workers fork, at start and at each reload: the shared key
@@ -172,7 +172,7 @@ impl HttpModule for MeshModule {
             if h.is_null() {
                 return Status::NGX_ERROR.into();
             }
-            *h = Some(request::status::log_handler);
+            *h = Some(request::count::log_handler);
 
             let h = ngx_array_push(
                 &mut cmcf.phases[ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE as usize].handlers,

@@ -44,9 +44,8 @@ const KIND_PROVIDER: u64 = 1;
 const KIND_ZONE: u64 = 2;
 
 /// A provider slot's counters: `0..11` the verification outcomes (`AUTH_STATUSES` order),
-/// then these.
-const P_REFRESH_OK: usize = 11;
-const P_REFRESH_FAILED: usize = 12;
+/// then when its key file was read (11 and 12 are unused: fetches are the key store's record,
+/// and the index stays where zones kept across a reload expect it).
 const P_LAST_REFRESH: usize = 13;
 /// A zone slot's counters.
 const Z_RATE_LIMITED: usize = 0;
@@ -213,8 +212,6 @@ pub struct Snapshot {
 pub struct ProviderCounts {
     pub name: String,
     pub auth: [u64; mesh_core::metrics::AUTH_STATUSES.len()],
-    pub refresh_ok: u64,
-    pub refresh_failed: u64,
     /// Seconds since the epoch; 0: never.
     pub last_refresh: u64,
 }
@@ -247,8 +244,6 @@ pub fn snapshot() -> Option<Snapshot> {
             Some(ProviderCounts {
                 name: name.clone(),
                 auth,
-                refresh_ok: load(&slot.counters[P_REFRESH_OK]),
-                refresh_failed: load(&slot.counters[P_REFRESH_FAILED]),
                 last_refresh: load(&slot.counters[P_LAST_REFRESH]),
             })
         })
@@ -262,7 +257,7 @@ pub fn snapshot() -> Option<Snapshot> {
             // SAFETY: the rate zones live in the configuration pool of this cycle.
             let rz = unsafe { rz.as_ref() };
             let stats = rz.and_then(RateZone::stats).unwrap_or_default();
-            let sync = rz.and_then(|z| z.sync.as_ref()).and_then(|s| s.status());
+            let sync = rz.and_then(|z| z.sync.as_ref()).and_then(|s| s.health());
             Some(ZoneCounts {
                 name: name.clone(),
                 rate_limited: load(&slot.counters[Z_RATE_LIMITED]),

@@ -149,7 +149,7 @@ impl SyncConf {
 
     /// Sync state for `mesh_status`: (up, ms since the last sync that reached Redis, charges
     /// dropped because the pending list was full).
-    pub fn status(&self) -> Option<(bool, Option<u64>, u64)> {
+    pub fn health(&self) -> Option<(bool, Option<u64>, u64)> {
         let r = {
             let _locked = self.pool.as_ref()?.lock();
             // SAFETY: the pool is the rate zone's; its mutex, held, guards the table.

@@ -1,12 +1,10 @@
-//! `mesh_status`: the Prometheus content handler, and the log-phase handler that counts each
-//! request once, with its final decision and verification outcome.
+//! `mesh_status`: the content handler that answers with the counters, in the Prometheus text
+//! format (the log phase counts each request: `count`).
 
 use std::ptr;
 
 use mesh_core::decision::Decision;
 use mesh_core::metrics::{Exposition, Kind, AUTH_STATUSES, CONTENT_TYPE, REFRESH_RESULTS};
-use mesh_core::status::AuthStatus;
-use mesh_core::token::unverified_issuer;
 use ngx::core::{Buffer, Status};
 use ngx::ffi::{
     ngx_chain_t, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_HTTP_GET, NGX_HTTP_HEAD,
@@ -14,7 +12,6 @@ use ngx::ffi::{
 };
 use ngx::http::{HTTPStatus, HttpModuleMainConf, Request};
 
-use super::ctx::RequestCtx;
 use crate::conf::MainConf;
 use crate::nginx::no_panic;
 use crate::state::metrics::{self, Snapshot};
@@ -23,7 +20,7 @@ use crate::MeshModule;
 
 /// The content handler: GET and HEAD only; never blocks (relaxed loads of shared counters,
 /// and each rate zone's mutex for two words).
-pub unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+pub unsafe extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
         // SAFETY: nginx calls content handlers with a live request.
         let r = unsafe { Request::from_ngx_http_request(r) };
@@ -227,13 +224,14 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
         "When a provider's keys were last loaded (read at configuration time, or fetched), seconds since the epoch; 0: never.",
     );
     // A key URL provider: the shared key store's record (one fetch serves every worker, the
-    // master's at start included, kept across reloads); a key file: when it was read.
+    // master's at start included, kept across reloads); a key file: when it was read, and no
+    // fetches.
     let refresh = |p: &crate::state::metrics::ProviderCounts| -> (u64, u64, u64) {
         mcf.providers
             .iter()
             .find(|q| q.name == p.name)
             .and_then(|q| crate::state::keystore::refresh_record(q))
-            .unwrap_or((p.last_refresh, p.refresh_ok, p.refresh_failed))
+            .unwrap_or((p.last_refresh, 0, 0))
     };
     for p in named() {
         e.sample(
@@ -304,56 +302,4 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
 /// The version of the nginx headers the module was built against (it loads only into that nginx).
 fn nginx_version() -> &'static str {
     ngx::ffi::NGINX_VERSION.to_str().unwrap_or("")
-}
-
-/// The log-phase handler: counts a request the access phase decided, once.
-pub unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    no_panic(Status::NGX_OK.into(), || {
-        // SAFETY: nginx calls phase handlers with a live request.
-        let r = unsafe { Request::from_ngx_http_request(r) };
-        if let Some(ctx) = RequestCtx::existing(r) {
-            count(r, ctx);
-        }
-        Status::NGX_OK.into()
-    })
-}
-
-fn count(r: &Request, ctx: &RequestCtx) {
-    if !ctx.decided() {
-        return;
-    }
-    if let Some(d) = ctx.decision() {
-        metrics::count_decision(d);
-    }
-    let id = ctx.identity();
-    if id.status == AuthStatus::Off {
-        return;
-    }
-    if id.status == AuthStatus::Verified {
-        metrics::count_auth(id.provider(), id.status);
-        return;
-    }
-    // Refused (or anonymous): the provider the token's `iss` names, else the only one the
-    // location accepts, else none.
-    // SAFETY: configurations live for the whole cycle.
-    let Some(lcf) = (unsafe { id.conf.as_ref() }) else {
-        metrics::count_auth("", id.status);
-        return;
-    };
-    let providers = lcf.auth.as_deref().map_or(&[][..], |a| &a.providers[..]);
-    let by_issuer = super::identify::token_of(r, lcf)
-        .ok()
-        .flatten()
-        .and_then(unverified_issuer)
-        .and_then(|iss| {
-            providers
-                .iter()
-                .find(|p| p.snapshot().issuers.contains(&iss))
-        });
-    let name = match (by_issuer, providers) {
-        (Some(p), _) => p.name.as_str(),
-        (None, [only]) => only.name.as_str(),
-        _ => "",
-    };
-    metrics::count_auth(name, id.status);
 }
