@@ -3,10 +3,12 @@
 //! * [`status`]: verification outcomes (`$mesh_auth_status`);
 //! * [`decision`]: what the module decided for a request (`$mesh_decision`);
 //! * [`audit`]: `mesh_require_auth`: which routes must verify callers, the `nginx -t` summary;
-//! * [`keys`]: JWKS, PEM and HMAC key sets;
+//! * [`keys`]: JWKS, PEM, x509 key map and HMAC key sets;
+//! * [`discovery`]: OpenID Connect discovery: the document's URL, its issuer and `jwks_uri`;
 //! * [`token`]: JWT verification (RFC 7515, 7519, 8725);
 //! * [`extract`]: `Authorization: Bearer` parsing;
 //! * [`cache`]: per-worker cache of verified tokens;
+//! * [`otlp`]: spans as OTLP/HTTP protobuf, for `mesh_trace_export`;
 //! * [`metrics`]: the Prometheus text format of `mesh_status` and its label sets;
 //! * [`policy`]: RBAC patterns, `mesh_role` bindings, `mesh_allow`/`mesh_deny` rules;
 //! * [`provider`]: `mesh_provider` blocks: lines, the Google preset, algorithm/key rules;
@@ -21,11 +23,13 @@
 pub mod audit;
 pub mod cache;
 pub mod decision;
+pub mod discovery;
 pub mod extract;
 pub mod gcra;
 pub mod keys;
 pub mod keystore;
 pub mod metrics;
+pub mod otlp;
 pub mod policy;
 pub mod provider;
 pub mod ratesync;

@@ -1,6 +1,8 @@
 //! The log-phase handler: counts each request the access phase decided, once, with its final
-//! decision and verification outcome (`mesh_status` shows the counters).
+//! decision and verification outcome (`mesh_status` shows the counters), and hands a traced
+//! request's span to the exporter.
 
+use mesh_core::decision::Decision;
 use mesh_core::status::AuthStatus;
 use mesh_core::token::unverified_issuer;
 use ngx::core::Status;
@@ -18,19 +20,43 @@ pub unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         let r = unsafe { Request::from_ngx_http_request(r) };
         if let Some(ctx) = RequestCtx::existing(r) {
             count(r, ctx);
+            super::span::export(r, ctx);
         }
         Status::NGX_OK.into()
     })
+}
+
+/// The request's time so far, in milliseconds, as nginx's `$request_time` measures it.
+fn request_time_ms(r: &ngx_http_request_t) -> u64 {
+    let start = (r.start_sec.max(0) as u64)
+        .saturating_mul(1000)
+        .saturating_add(r.start_msec as u64);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    now.saturating_sub(start)
 }
 
 fn count(r: &Request, ctx: &RequestCtx) {
     if !ctx.decided() {
         return;
     }
-    if let Some(d) = ctx.decision() {
-        metrics::count_decision(d);
-    }
     let id = ctx.identity();
+    if let Some(d) = ctx.decision() {
+        // A caller gets series of its own only when admitted: a refused one could be anyone
+        // with a token of the issuer, and would use up the bounded caller labels.
+        let admitted = matches!(
+            d,
+            Decision::Allow | Decision::WouldDeny | Decision::WouldRateLimit
+        );
+        let raw = r.as_ref();
+        metrics::count_request(
+            id.principal().filter(|_| admitted),
+            d,
+            raw.headers_out.status as u16,
+            request_time_ms(raw),
+        );
+    }
     if id.status == AuthStatus::Off {
         return;
     }

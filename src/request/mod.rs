@@ -7,6 +7,7 @@
 //! - `log`: the one log line per refusal;
 //! - `precontent`: what another access module admitted after our refusal (`satisfy any`);
 //! - `trace`: this hop's trace, started in one place;
+//! - `span`: the span of this hop that `mesh_trace_export` sends;
 //! - `upstream`: the headers the upstream receives;
 //! - `response`: the header filter (`traceresponse`);
 //! - `ready`: the `mesh_ready` content handler;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod precontent;
 pub mod ready;
 pub mod response;
+mod span;
 pub mod trace;
 mod upstream;
 pub mod variables;
