@@ -161,7 +161,7 @@ impl HttpModule for MeshModule {
         if unsafe { conf::audit::finish(cf) }.is_err() {
             return Status::NGX_ERROR.into();
         }
-        // SAFETY: as above; the audit passed, so the configuration is one nginx will run.
+        // SAFETY: as above. Written only once the audit accepted the configuration.
         if unsafe { conf::report::finish(cf) }.is_err() {
             return Status::NGX_ERROR.into();
         }
