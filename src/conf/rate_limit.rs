@@ -13,7 +13,7 @@ use ngx::ffi::{ngx_http_complex_value_t, ngx_shm_zone_t, ngx_str_t};
 use redis::{ConnectionAddr, IntoConnectionInfo};
 
 use super::directive::{invalid, push, ConfError, Directive};
-use crate::nginx::conf::{compile_complex, full_path, shared_zone, value_part, ConfPos};
+use crate::nginx::conf::{compile_complex, full_path, shared_zone, value_part, ConfPos, ZoneKind};
 use crate::state::rate_sync::SyncConf;
 use crate::state::rate_zone::{zone_init, RateZone};
 
@@ -52,6 +52,7 @@ pub struct CallerRate {
 /// [password_file=PATH] [ca_file=PATH];`
 pub fn zone(zones: &mut Vec<String>, d: &Directive) -> Result<(), ConfError> {
     let name = d.word(1)?.to_string();
+    reserved(&name)?;
     if zones.contains(&name) {
         return Err(format!("mesh_rate_limit_zone \"{name}\" is defined twice").into());
     }
@@ -65,7 +66,7 @@ pub fn zone(zones: &mut Vec<String>, d: &Directive) -> Result<(), ConfError> {
         .into());
     }
     let sync = sync_of(d, &name)?;
-    let zone = shared_zone(d.cf, d.args[1], size)?.as_ptr();
+    let zone = shared_zone(d.cf, d.args[1], size, ZoneKind::Rate)?.as_ptr();
     // SAFETY: `zone` is nginx's entry for this name; `data` is ours to set once, to a
     // RateZone in the configuration pool (which lives as long as the cycle).
     unsafe {
@@ -90,7 +91,13 @@ pub fn zone(zones: &mut Vec<String>, d: &Directive) -> Result<(), ConfError> {
                 len: sync.shm_name.len(),
                 data: sync.shm_name.as_ptr().cast_mut(),
             };
-            let sz = shared_zone(d.cf, shm_name, crate::state::rate_sync::shm_size(size))?.as_ptr();
+            let sz = shared_zone(
+                d.cf,
+                shm_name,
+                crate::state::rate_sync::shm_size(size),
+                ZoneKind::RateSync,
+            )?
+            .as_ptr();
             if !(*sz).data.is_null() {
                 return Err(format!("mesh_rate_limit_zone \"{name}\" is defined twice").into());
             }
@@ -243,6 +250,21 @@ fn gcra_of(rate: Option<&str>, burst: Option<&str>) -> Result<Gcra, String> {
     Ok(Gcra::new(rate, burst))
 }
 
+/// Refuses the names of the module's own shared zones (metrics, keys, a global zone's sync
+/// state): a rate zone of such a name would be another kind of zone under the same name.
+fn reserved(name: &str) -> Result<(), ConfError> {
+    if name == crate::state::metrics::ZONE_NAME
+        || name == crate::state::keystore::ZONE_NAME
+        || name.ends_with(crate::state::rate_sync::SHM_SUFFIX)
+    {
+        return Err(format!(
+            "the zone name \"{name}\" is reserved for the module's own shared memory"
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// `mesh_rate_limit zone=NAME rate=R [burst=B] [key=VALUE];`
 pub fn limit(d: &Directive) -> Result<Rc<RateLimit>, ConfError> {
     let (mut zone, mut rate, mut burst, mut key) = (None, None, None, None);
@@ -261,6 +283,7 @@ pub fn limit(d: &Directive) -> Result<Rc<RateLimit>, ConfError> {
         }
     }
     let (zone_name, zone_word) = zone.ok_or_else(|| invalid("\"zone=\" is required"))?;
+    reserved(zone_name)?;
     let gcra = gcra_of(rate.map(|r| r.0), burst.map(|b| b.0)).map_err(invalid)?;
     let key = match key {
         None => None,
@@ -269,7 +292,7 @@ pub fn limit(d: &Directive) -> Result<Rc<RateLimit>, ConfError> {
                 .map_err(|_| invalid(format!("invalid key \"{text}\"")))?,
         ),
     };
-    let zone = shared_zone(d.cf, value_part(&zone_word, zone_name), 0)?;
+    let zone = shared_zone(d.cf, value_part(&zone_word, zone_name), 0, ZoneKind::Rate)?;
     Ok(Rc::new(RateLimit {
         zone,
         zone_name: zone_name.to_string(),

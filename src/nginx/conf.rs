@@ -134,23 +134,37 @@ pub fn value_part(word: &ngx_str_t, value: &str) -> ngx_str_t {
     }
 }
 
+/// What a shared zone of this module holds. Each kind is its own nginx tag, and nginx refuses
+/// one name declared with two tags: a rate zone can never be handed the metrics zone, the key
+/// zone or a sync zone by name, whatever the configuration says and in whatever order.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ZoneKind {
+    Rate,
+    RateSync,
+    Metrics,
+    Keys,
+}
+
+/// One byte per kind: only their (distinct) addresses are used, as nginx's zone tags.
+static ZONE_TAGS: [u8; 4] = [0; 4];
+
+impl ZoneKind {
+    fn tag(self) -> *mut std::ffi::c_void {
+        ptr::addr_of!(ZONE_TAGS[self as usize]).cast_mut().cast()
+    }
+}
+
 /// nginx's shared-memory entry for a zone name owned by this module (`size` 0: a reference,
-/// sized by its definition). NULL-free: `Err` when nginx refuses.
+/// sized by its definition). NULL-free: `Err` when nginx refuses (it said why, at the line).
 pub fn shared_zone(
     cf: *mut ngx_conf_t,
     name: ngx_str_t,
     size: usize,
+    kind: ZoneKind,
 ) -> Result<NonNull<ngx_shm_zone_t>, String> {
     let mut name = name;
-    // SAFETY: the tag is this module's static descriptor (only its address is taken), so nginx
-    // refuses a zone of the same name declared by another module.
-    let zone = unsafe {
-        ngx_shared_memory_add(
-            cf,
-            &mut name,
-            size,
-            ptr::addr_of_mut!(crate::ngx_http_mesh_module).cast(),
-        )
-    };
-    NonNull::new(zone).ok_or_else(|| format!("mesh_rate_limit_zone \"{name}\" cannot be created"))
+    // SAFETY: the tag is a static's address (only the address is used), one per kind, so
+    // nginx refuses a zone of the same name declared by another module or for another kind.
+    let zone = unsafe { ngx_shared_memory_add(cf, &mut name, size, kind.tag()) };
+    NonNull::new(zone).ok_or_else(|| format!("the shared zone \"{name}\" cannot be created"))
 }

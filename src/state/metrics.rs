@@ -323,7 +323,8 @@ pub unsafe fn configure(
             len: name.len(),
             data: name.as_ptr().cast_mut(),
         };
-        let zone = crate::nginx::conf::shared_zone(cf, name, 0)?;
+        let zone =
+            crate::nginx::conf::shared_zone(cf, name, 0, crate::nginx::conf::ZoneKind::Rate)?;
         // SAFETY: `data` of a mesh zone is its `RateZone` (set when it was declared).
         m.rate_zones
             .push(unsafe { (*zone.as_ptr()).data as *const RateZone });
@@ -332,7 +333,13 @@ pub unsafe fn configure(
         len: ZONE_NAME.len(),
         data: ZONE_NAME.as_ptr().cast_mut(),
     };
-    let zone = crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE)?.as_ptr();
+    let zone = crate::nginx::conf::shared_zone(
+        cf,
+        name,
+        ZONE_SIZE,
+        crate::nginx::conf::ZoneKind::Metrics,
+    )?
+    .as_ptr();
     // SAFETY: nginx's entry for our zone; `data` is set to this cycle's `Metrics`.
     unsafe {
         (*zone).data = ptr::from_mut(m).cast();

@@ -106,6 +106,9 @@ struct Locked<'a> {
     list: &'a mut [Pending],
 }
 
+/// The sync state's zone is named after its rate zone with this suffix.
+pub const SHM_SUFFIX: &str = ":mesh_redis";
+
 impl SyncConf {
     pub fn new(
         client: redis::Client,
@@ -119,7 +122,7 @@ impl SyncConf {
             shown,
             interval_ms,
             prefix,
-            shm_name: format!("{zone}:mesh_redis"),
+            shm_name: format!("{zone}{SHM_SUFFIX}"),
             table: ptr::null_mut(),
             pool: ptr::null_mut(),
         }

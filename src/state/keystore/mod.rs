@@ -55,7 +55,7 @@ pub use worker::{
 };
 
 /// The zone's name and size: one page table plus room for every key set and token.
-const ZONE_NAME: &str = "mesh_keys";
+pub const ZONE_NAME: &str = "mesh_keys";
 const ZONE_SIZE: usize = 1 << 20;
 /// Slots in the zone: twice the sources one configuration may have, so that a reload can add
 /// a whole new set while the old workers still use theirs.
@@ -464,9 +464,10 @@ pub unsafe fn add_zone(cf: *mut ngx_conf_t) -> Result<(), String> {
         len: ZONE_NAME.len(),
         data: ZONE_NAME.as_ptr().cast_mut(),
     };
-    let zone = crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE)
-        .map_err(|_| format!("the shared zone \"{ZONE_NAME}\" cannot be created"))?
-        .as_ptr();
+    let zone =
+        crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE, crate::nginx::conf::ZoneKind::Keys)
+            .map_err(|_| format!("the shared zone \"{ZONE_NAME}\" cannot be created"))?
+            .as_ptr();
     // SAFETY: `zone` is nginx's entry for the name (nginx copied nothing of `name` it keeps:
     // it points at a static); `data` is ours to set once. The KeyZone lives in the
     // configuration pool, as long as the cycle.
