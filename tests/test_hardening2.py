@@ -86,3 +86,112 @@ server {{
     metrics = site.get("/metrics").body.decode()
     assert 'mesh_rate_limited_total{zone="mesh_metrics2"} 1' in metrics, metrics
     assert 'mesh_rate_limited_total{zone="mesh_keys_x"} 1' in metrics, metrics
+
+
+# ---------------------------------------------------------------- two credential headers
+
+PV_ISS = "https://pv.mesh.test"
+SIG_REMOVED = "SIGNATURE_REMOVED_BY_GOOGLE"
+
+CRED_HTTP = f"""
+{JWKS_PROVIDER}
+mesh_provider pv {{
+    issuer            {PV_ISS};
+    keys              @KEYS@/jwks.json;
+    audience          aud-orders-7f3;
+    platform_verified on;
+}}
+server {{
+    listen 127.0.0.1:@PORT@;
+    underscores_in_headers on;
+    add_header X-Auth-Status $mesh_auth_status always;
+    add_header X-Decision $mesh_decision always;
+    proxy_set_header X-Test-Caller $mesh_caller;
+    mesh_auth jwks;
+    location /          {{ proxy_pass http://@UPSTREAM@; }}
+    location /optional/ {{ mesh_auth optional jwks; proxy_pass http://@UPSTREAM@; }}
+    location /pv/       {{ mesh_auth pv; proxy_pass http://@UPSTREAM@; }}
+    location /cookie/   {{ mesh_token $cookie_id; proxy_pass http://@UPSTREAM@; }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def cred_site(module_path, launcher):
+    return launcher.start(CRED_HTTP)
+
+
+def _two(name_a: str, a: str, name_b: str, b: str) -> list:
+    return [(name_a, f"Bearer {a}"), (name_b, f"Bearer {b}")]
+
+
+def _refused_twice(site, path: str, headers: list, *tokens: str):
+    """Two headers of one credential name: refused. nginx itself answers 400 to a second
+    `Authorization` (a header it keeps one of); the module refuses the rest with 401."""
+    if sum(1 for n, _ in headers if n.lower() == "authorization") > 1:
+        before = site.echo.requests
+        resp = site.get(path, headers)
+        assert resp.status == 400 and site.echo.requests == before, resp
+        return resp
+    resp = site.refused(path, headers, "malformed", token=tokens[0])
+    for t in tokens[1:]:
+        assert t.split(".")[1] not in str(resp), resp
+    www = resp.header("WWW-Authenticate")
+    assert "two X-Serverless-Authorization headers" in www, www
+    return resp
+
+
+@pytest.mark.parametrize("name_a,name_b", [
+    ("Authorization", "Authorization"),
+    ("Authorization", "authorization"),
+    ("X-Serverless-Authorization", "X-Serverless-Authorization"),
+    ("x-serverless-authorization", "X-SERVERLESS-AUTHORIZATION"),
+    ("X-Serverless-Authorization", "X_Serverless_Authorization"),
+], ids=["authorization", "authorization-cases", "serverless", "serverless-cases", "serverless-underscore"])
+def test_two_credential_headers_of_one_name_are_refused(cred_site, keyring, name_a, name_b):
+    good = tok(keyring, "svc-two-good")
+    other = tok(keyring, "svc-two-other")
+    _refused_twice(cred_site, "/x", _two(name_a, good, name_b, other), good, other)
+    # the same token twice is no better: which one the upstream reads is not the module's choice
+    _refused_twice(cred_site, "/x", _two(name_a, good, name_b, good), good)
+    # and under `optional` too: two credentials are not "no credentials"
+    _refused_twice(cred_site, "/optional/x", _two(name_a, good, name_b, other), good, other)
+    # beside the other credential header as well
+    both = _two(name_a, good, name_b, other) + [("Authorization" if "Serverless" in name_a else
+                                                 "X-Serverless-Authorization", f"Bearer {good}")]
+    _refused_twice(cred_site, "/x", both, good, other)
+
+
+def test_a_second_authorization_of_another_scheme_is_refused_too(cred_site, keyring):
+    good = tok(keyring, "svc-two-basic")
+    for name in ("Authorization", "X-Serverless-Authorization"):
+        _refused_twice(cred_site, "/x", [(name, f"Bearer {good}"), (name, "Basic dXNlcjpwYXNz")], good)
+
+
+def test_one_of_each_credential_header_is_cloud_runs_case_and_passes(cred_site, keyring):
+    # Cloud Run: the app's own Authorization, the caller's token in X-Serverless-Authorization
+    good = tok(keyring, "svc-one-each")
+    resp = cred_site.allowed("/x", [("Authorization", "Basic dXNlcjpwYXNz"),
+                                    ("X-Serverless-Authorization", f"Bearer {good}")])
+    assert resp.upstream_headers("X-Test-Caller") == ["svc-one-each"]
+
+
+def test_platform_verified_takes_no_forged_stripped_token_beside_a_real_one(cred_site, keyring):
+    real = jwks_token(keyring, claims(iss=PV_ISS, sub="svc-real-caller"))
+    forged = jwks_token(keyring, claims(iss=PV_ISS, sub="admin@corp.example"), signature_override=SIG_REMOVED)
+    # alone, a stripped token is what Cloud Run forwards and what platform_verified accepts
+    assert cred_site.allowed("/pv/x", [("X-Serverless-Authorization", f"Bearer {forged}")]) \
+        .upstream_headers("X-Test-Caller") == ["admin@corp.example"]
+    for first, second in ((forged, real), (real, forged)):
+        resp = _refused_twice(cred_site, "/pv/x", _two("X-Serverless-Authorization", first,
+                                                       "X-Serverless-Authorization", second), first, second)
+        assert resp.status == 401
+        _refused_twice(cred_site, "/pv/x", _two("Authorization", first, "authorization", second), first, second)
+
+
+def test_two_credential_headers_are_refused_with_mesh_token_too(cred_site, keyring):
+    good = tok(keyring, "svc-two-cookie")
+    assert cred_site.allowed("/cookie/x", [("Cookie", f"id={good}")]).upstream_headers("X-Test-Caller") \
+        == ["svc-two-cookie"]
+    two = _two("X-Serverless-Authorization", good, "X-Serverless-Authorization", good)
+    _refused_twice(cred_site, "/cookie/x", [("Cookie", f"id={good}")] + two, good)

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use mesh_core::cache::TokenCache;
-use mesh_core::extract::{bearer, strip_bearer, Bearer};
+use mesh_core::extract::{bearer, repeated_credential, strip_bearer, Bearer};
 use mesh_core::status::{AuthError, AuthStatus};
 use mesh_core::token::{check_audience, Hashed, Jwt, Provider, Verified};
 use ngx::ffi::NGX_LOG_WARN;
@@ -92,6 +92,13 @@ pub fn identify(r: &Request, lcf: &LocConf) -> Identity {
         return Identity::new(lcf, AuthStatus::Off, false);
     };
     let id = Identity::new(lcf, AuthStatus::Missing, auth.optional);
+    // Whatever `mesh_token` names: the upstream would see both, and may read the other one.
+    if let Some(name) = repeated_credential(r.headers_in_iterator().map(|(k, _)| k.as_bytes())) {
+        return id.refused(AuthError {
+            status: AuthStatus::Malformed,
+            reason: format!("two {name} headers"),
+        });
+    }
     let token = match token_of(r, lcf) {
         Ok(Some(t)) => t,
         Ok(None) => return id,
