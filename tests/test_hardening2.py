@@ -195,3 +195,61 @@ def test_two_credential_headers_are_refused_with_mesh_token_too(cred_site, keyri
         == ["svc-two-cookie"]
     two = _two("X-Serverless-Authorization", good, "X-Serverless-Authorization", good)
     _refused_twice(cred_site, "/cookie/x", [("Cookie", f"id={good}")] + two, good)
+
+
+# ---------------------------------------------------------------- the token cache decides nothing
+
+# Two providers of one issuer: q requires a claim, p does not. The rule (README, mesh_auth):
+# only the first listed provider of the token's issuer is tried, cached or not.
+ONE_ISSUER_HTTP = f"""
+mesh_provider q {{
+    issuer   {JWKS_ISS};
+    keys     @KEYS@/jwks.json;
+    audience aud-orders-7f3;
+    require  team=payments;
+}}
+mesh_provider p {{
+    issuer   {JWKS_ISS};
+    keys     @KEYS@/jwks.json;
+    audience aud-orders-7f3;
+}}
+server {{
+    listen 127.0.0.1:@PORT@;
+    add_header X-Auth-Status $mesh_auth_status always;
+    add_header X-Provider $mesh_provider always;
+    location /p/  {{ mesh_auth p;   proxy_pass http://@UPSTREAM@; }}
+    location /qp/ {{ mesh_auth q p; proxy_pass http://@UPSTREAM@; }}
+    location /pq/ {{ mesh_auth p q; proxy_pass http://@UPSTREAM@; }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def one_issuer_site(module_path, launcher):
+    return launcher.start(ONE_ISSUER_HTTP)
+
+
+def _answers(conn, path: str, token: str) -> tuple:
+    resp = conn.request(path, bearer(token))
+    return resp.status, resp.header("X-Auth-Status"), resp.header("X-Provider")
+
+
+@pytest.mark.parametrize("warm", ["/p/x", "/pq/x", None], ids=["cached-by-p", "cached-by-pq", "uncached"])
+def test_the_token_cache_never_changes_an_answer(one_issuer_site, keyring, warm):
+    from mesh_test.client import Connection
+    outsider = tok(keyring, f"svc-cache-outsider-{warm}")  # no team: q refuses, p accepts
+    member = tok(keyring, f"svc-cache-member-{warm}", team="payments")  # both accept
+    # one keep-alive connection: one worker, one token cache
+    conn = Connection(one_issuer_site.port)
+    try:
+        if warm:
+            assert _answers(conn, warm, outsider)[0] == 200
+            assert _answers(conn, warm, member)[0] == 200
+        for _ in range(2):  # the second round is served from the cache where the first verified
+            assert _answers(conn, "/qp/x", outsider) == (401, "claim_mismatch", None)
+            assert _answers(conn, "/qp/x", member) == (200, "verified", "q")
+            assert _answers(conn, "/pq/x", outsider) == (200, "verified", "p")
+            assert _answers(conn, "/pq/x", member) == (200, "verified", "p")
+            assert _answers(conn, "/p/x", outsider) == (200, "verified", "p")
+    finally:
+        conn.close()
