@@ -16,8 +16,8 @@ use ngx::core::Status;
 use ngx::ffi::{
     ngx_array_push, ngx_conf_t, ngx_cycle_t, ngx_http_handler_pt, ngx_http_module_t,
     ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_http_phases_NGX_HTTP_LOG_PHASE,
-    ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE, ngx_int_t, ngx_module_t, ngx_uint_t,
-    NGX_HTTP_MODULE, NGX_LOG_EMERG,
+    ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE, ngx_http_phases_NGX_HTTP_SERVER_REWRITE_PHASE,
+    ngx_int_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE, NGX_LOG_EMERG,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
@@ -139,6 +139,13 @@ impl HttpModule for MeshModule {
                 return Status::NGX_ERROR.into();
             }
             *h = Some(request::access::access_handler);
+            let h = ngx_array_push(
+                &mut cmcf.phases[ngx_http_phases_NGX_HTTP_SERVER_REWRITE_PHASE as usize].handlers,
+            ) as *mut ngx_http_handler_pt;
+            if h.is_null() {
+                return Status::NGX_ERROR.into();
+            }
+            *h = Some(request::server_rewrite::server_rewrite_handler);
             let h = ngx_array_push(
                 &mut cmcf.phases[ngx_http_phases_NGX_HTTP_LOG_PHASE as usize].handlers,
             ) as *mut ngx_http_handler_pt;

@@ -253,3 +253,77 @@ def test_the_token_cache_never_changes_an_answer(one_issuer_site, keyring, warm)
             assert _answers(conn, "/p/x", outsider) == (200, "verified", "p")
     finally:
         conn.close()
+
+
+# ---------------------------------------------------------------- X-Mesh-* gone before any access module
+
+# The client's X-Mesh-* headers are dropped before the access phase starts (in the
+# server-rewrite phase): an access module that admits the request under `satisfy any` ends
+# that phase, whichever module it is and wherever it sits in the load order. What the
+# rewrite phases' variables see shows the headers were gone before any access handler ran.
+STRIP_HTTP = f"""
+{JWKS_PROVIDER}
+server {{
+    listen 127.0.0.1:@PORT@;
+    underscores_in_headers on;
+    mesh_auth jwks;
+    add_header X-Auth-Status $mesh_auth_status always;
+    set $seen_server "$http_x_mesh_caller$http_x_mesh_provider";
+    proxy_set_header X-Seen-Server $seen_server;
+    location /satisfy/ {{
+        satisfy any;
+        allow 127.0.0.1;
+        deny all;
+        set $seen_location "$http_x_mesh_caller$http_x_mesh_provider";
+        proxy_set_header X-Seen-Location $seen_location;
+        proxy_pass http://@UPSTREAM@;
+    }}
+    location /authreq/ {{
+        satisfy any;
+        auth_request /auth;
+        proxy_pass http://@UPSTREAM@;
+    }}
+    location /open/ {{
+        mesh_auth off;
+        proxy_pass http://@UPSTREAM@;
+    }}
+    location = /auth {{ internal; mesh_auth off; proxy_pass http://127.0.0.1:@REC@/auth$request_uri; }}
+}}
+"""
+
+SPOOF = [("X-Mesh-Caller", "admin@corp.example"), ("x_mesh_provider", "google"), ("X-MESH-Claims", "e30")]
+
+
+def _spoofed(headers) -> list:
+    return [(n, v) for n, v in headers if n.lower().replace("_", "-").startswith("x-mesh-")]
+
+
+@pytest.fixture(scope="module")
+def strip_rec():
+    from mesh_test.upstream import RecordingUpstream
+    rec = RecordingUpstream()
+    yield rec
+    rec.stop()
+
+
+@pytest.fixture(scope="module")
+def strip_site(module_path, launcher, strip_rec):
+    return launcher.start(STRIP_HTTP.replace("@REC@", str(strip_rec.port)))
+
+
+@pytest.mark.parametrize("path", ["/satisfy/x", "/open/x"])
+def test_client_identity_is_gone_before_the_rewrite_and_access_phases(strip_site, path):
+    resp = strip_site.allowed(path, SPOOF, auth_status="missing" if "satisfy" in path else "off")
+    headers = resp.json()["headers"]
+    assert _spoofed(headers) == [], headers
+    assert resp.upstream_headers("X-Seen-Server") == [], headers
+    assert resp.upstream_headers("X-Seen-Location") == [], headers
+
+
+def test_auth_request_under_satisfy_any_sees_and_forwards_no_client_identity(strip_site, strip_rec, keyring):
+    resp = strip_site.allowed("/authreq/spoof-1", SPOOF, auth_status="missing")
+    assert _spoofed(resp.json()["headers"]) == [], resp.json()["headers"]
+    assert _spoofed(strip_rec.received("/auth/authreq/spoof-1")) == []
+    # a verified caller admits the request first (auth_request is not asked): the same
+    resp = strip_site.allowed("/authreq/spoof-2", SPOOF + bearer(tok(keyring, "svc-strip-areq")))
+    assert _spoofed(resp.json()["headers"]) == [], resp.json()["headers"]

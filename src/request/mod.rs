@@ -5,6 +5,7 @@
 //! - `identify`: the token, verified (with the worker's token cache) and its audience checked;
 //! - `limit`: charging the rate-limit zone;
 //! - `log`: the one log line per refusal;
+//! - `server_rewrite`: the client's `X-Mesh-*` headers dropped before any access module runs;
 //! - `precontent`: what another access module admitted after our refusal (`satisfy any`);
 //! - `trace`: this hop's trace, started in one place;
 //! - `upstream`: the headers the upstream receives;
@@ -20,6 +21,7 @@ mod log;
 pub mod precontent;
 pub mod ready;
 pub mod response;
+pub mod server_rewrite;
 pub mod status;
 pub mod trace;
 mod upstream;
