@@ -5,6 +5,8 @@ what reaches the upstream, what `nginx -t` and error.log say, whether a worker s
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mesh_test.client import bearer
@@ -327,3 +329,57 @@ def test_auth_request_under_satisfy_any_sees_and_forwards_no_client_identity(str
     # a verified caller admits the request first (auth_request is not asked): the same
     resp = strip_site.allowed("/authreq/spoof-2", SPOOF + bearer(tok(keyring, "svc-strip-areq")))
     assert _spoofed(resp.json()["headers"]) == [], resp.json()["headers"]
+
+
+# ---------------------------------------------------------------- key URL secrets in logs
+
+SECRETS = ["keyuser", "pa55w0rd-x", "t0psecret-q", "sig-v4lue"]
+
+
+def _secret_url(base: str, path: str) -> str:
+    scheme, rest = base.split("://", 1)
+    return f"{scheme}://keyuser:pa55w0rd-x@{rest}{path}?token=t0psecret-q&sig=sig-v4lue"
+
+
+def test_key_url_credentials_never_reach_a_log(module_path, launcher_fn, conf_dir, keyring):
+    from mesh_test.keyserver import KeyServer
+    from mesh_test.live import wait_workers
+    from mesh_test.nginx import nginx_t
+    from mesh_test.tokens import make_token, public_jwk
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ks = KeyServer(None)  # plain http://: nginx -t warns, quoting the URL
+    ks.set("/certs", keys=[public_jwk(key, "sec-1")])
+    dead = KeyServer(None)
+    dead_base = dead.url("")
+    dead.close()
+    try:
+        good, missing = _secret_url(ks.url(""), "/certs"), _secret_url(ks.url(""), "/nothing")
+        refused = _secret_url(dead_base, "/certs")
+        body = f"""
+mesh_keys_wait 1s;
+mesh_provider good    {{ issuer https://sec.mesh.test;  keys "{good}";    audience aud-sec; }}
+mesh_provider missing {{ issuer https://sec2.mesh.test; keys "{missing}"; audience aud-sec; }}
+mesh_provider refused {{ issuer https://sec3.mesh.test; keys "{refused}"; audience aud-sec; }}
+server {{
+    listen 127.0.0.1:@PORT@;
+    mesh_auth good missing refused;
+    location / {{ proxy_pass http://@UPSTREAM@; }}
+}}
+"""
+        rc, out, _ = nginx_t(_conf(conf_dir, body, keyring), conf_dir)
+        assert rc == 0, out
+        assert "***@127.0.0.1" in out and "token=***&sig=***" in out, out
+        site = launcher_fn.start(body)
+        wait_workers(site.ngx)
+        t = make_token("RS256", key, claims(iss="https://sec.mesh.test", aud="aud-sec", sub="svc-sec"), kid="sec-1")
+        assert site.get("/x", bearer(t)).status == 200
+        log = site.ngx.read_error_log()
+        assert "keys from http://***@127.0.0.1" in log, log
+        assert re.search(r"\[warn\].*mesh_provider \"missing\".*status 404", log), log
+        assert re.search(r"mesh_provider \"refused\"", log), log
+        for text in (out, log):
+            leaked = [s for s in SECRETS if s in text]
+            assert leaked == [], f"{leaked} in:\n{text}"
+    finally:
+        ks.close()

@@ -116,7 +116,7 @@ impl Block {
                             log,
                             "mesh_provider \"{}\": keys \"{}\" is fetched over plain http://: anyone on the path can replace the keys; use https:// in {}:{}",
                             self.core.name,
-                            src,
+                            mesh_core::provider::shown_url(src),
                             d.pos.file,
                             d.pos.line
                         );

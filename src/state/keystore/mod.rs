@@ -364,7 +364,7 @@ enum Outcome<'a> {
 fn publish(l: &mut Locked, i: usize, pid: u64, now: u64, outcome: Outcome) -> (u32, String) {
     match outcome {
         Outcome::Keys(p, Ok(k)) => {
-            let url = p.url.as_ref().map_or("", |u| u.url.as_str());
+            let url = p.url.as_ref().map_or("", |u| u.shown.as_str());
             if !l.set_body(i, &k.body) {
                 let retry = l.slots()[i].sched.failed(pid, now, KEYS_MAX_BACKOFF);
                 return (
@@ -386,7 +386,7 @@ fn publish(l: &mut Locked, i: usize, pid: u64, now: u64, outcome: Outcome) -> (u
             )
         }
         Outcome::Keys(p, Err(e)) => {
-            let url = p.url.as_ref().map_or("", |u| u.url.as_str());
+            let url = p.url.as_ref().map_or("", |u| u.shown.as_str());
             let sched = &mut l.slots()[i].sched;
             let kept = if sched.has_result() {
                 "keeping the last good keys"

@@ -148,7 +148,9 @@ fn run(r: &Refresher) {
 
 /// Fetches a key set, checked as the verifier will load it.
 pub fn fetch_keys(agent: &ureq::Agent, src: &KeyUrl) -> Result<FetchedKeys, String> {
-    let (body, cache_control) = get(agent, &src.url, None)?;
+    // The transport's message may quote the URL: never with its secrets.
+    let (body, cache_control) =
+        get(agent, &src.url, None).map_err(|e| mesh_core::provider::scrub_url(&e, &src.url))?;
     let keys = KeySet::load(&body).map_err(|e| format!("bad key set: {e}"))?;
     Ok(FetchedKeys {
         count: keys.keys.len(),
