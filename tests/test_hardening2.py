@@ -383,3 +383,97 @@ server {{
             assert leaked == [], f"{leaked} in:\n{text}"
     finally:
         ks.close()
+
+
+# ---------------------------------------------------------------- what Redis says is bounded
+
+class FakeRedis:
+    """A loopback Redis that speaks just enough RESP for a global zone, and lies: every key
+    owes `owed_us` (microseconds)."""
+
+    def __init__(self, owed_us: int) -> None:
+        import socket
+        import threading
+        self.owed_us = owed_us
+        self.evals = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        f = conn.makefile("rb")
+        try:
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                n = int(line[1:])
+                args = []
+                for _ in range(n):
+                    size = int(f.readline()[1:])
+                    args.append(f.read(size + 2)[:-2])
+                cmd = args[0].upper()
+                if cmd == b"PING":
+                    out = b"+PONG\r\n"
+                elif cmd == b"SCRIPT":
+                    out = b"$40\r\n" + b"0" * 40 + b"\r\n"
+                elif cmd == b"EVALSHA":
+                    self.evals += 1
+                    keys = int(args[2])
+                    out = f"*{keys}\r\n".encode() + f":{self.owed_us}\r\n".encode() * keys
+                else:
+                    out = b"+OK\r\n"
+                conn.sendall(out)
+        except (OSError, ValueError):
+            return
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+
+def test_an_absurd_owed_value_blocks_a_key_no_longer_than_its_burst(module_path, launcher_fn, keyring):
+    import time
+    from mesh_test.live import wait_until
+    fake = FakeRedis(owed_us=10**15)  # 31 years
+    try:
+        site = launcher_fn.start(f"""
+{JWKS_PROVIDER}
+mesh_rate_limit_zone g 64k redis=redis://127.0.0.1:{fake.port} sync=50ms;
+server {{
+    listen 127.0.0.1:@PORT@;
+    mesh_auth jwks;
+    location / {{ mesh_rate_limit zone=g rate=10r/s burst=1; proxy_pass http://@UPSTREAM@; }}
+}}
+""")
+        t = bearer(tok(keyring, "svc-owed"))
+        assert site.get("/x", t).status == 200
+        assert wait_until(lambda: fake.evals >= 1, 10.0)
+        # Redis claims the key owes 31 years: once the reply is applied, it is refused...
+        assert wait_until(lambda: site.get("/x", t).status == 429, 10.0)
+        # ...but only for as long as its own burst takes to drain ((1 + 1) * 100 ms), not for
+        # the 60-120 s an unbounded reply would hold it
+        deadline = time.monotonic() + 3.0
+        while site.get("/x", t).status != 200:
+            assert time.monotonic() < deadline, "the key stayed blocked past its burst"
+            time.sleep(0.05)
+        # and the lie still limits: the admitted request is charged again, and refused after
+        evals = fake.evals
+        assert wait_until(lambda: fake.evals > evals, 10.0)
+        assert wait_until(lambda: site.get("/x", t).status == 429, 10.0)
+    finally:
+        fake.close()

@@ -390,9 +390,10 @@ fn step(s: &mut Syncer) {
     let up = match reply {
         Some(Reply::Synced(owed, at)) => {
             let elapsed = at.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+            let bound = s.zone.owed_bound_us();
             sync.with(&slots, |l, table| {
                 for (p, owed) in &owed {
-                    let tat = ratesync::synced_tat(now, *owed, elapsed);
+                    let tat = ratesync::synced_tat(now, *owed, elapsed, bound);
                     ratetable::raise(table, p.key, p.slot as usize, tat);
                 }
                 l.t.up = 1;

@@ -9,6 +9,7 @@
 
 use std::ffi::c_void;
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use mesh_core::gcra::{Gcra, Outcome};
 use mesh_core::ratesync::MAX_DEBT_US;
@@ -26,6 +27,9 @@ pub struct RateZone {
     pub size: usize,
     /// `redis=`: a global zone, and its sync state (`rate_sync`).
     pub sync: Option<super::rate_sync::SyncConf>,
+    /// The most a key may be owed (`ratesync::owed_bound` of every limit charging the zone,
+    /// widened while the configuration is merged): a sync reply never raises a key further.
+    owed_bound_us: AtomicU64,
     state: ZoneState,
 }
 
@@ -64,8 +68,19 @@ impl RateZone {
             name,
             size,
             sync,
+            owed_bound_us: AtomicU64::new(0),
             state: ZoneState::Configured,
         }
+    }
+
+    /// Widens the zone's [`RateZone::owed_bound_us`] to `bound_us` (configuration time).
+    pub fn widen_owed_bound(&self, bound_us: u64) {
+        self.owed_bound_us.fetch_max(bound_us, Ordering::Relaxed);
+    }
+
+    /// The most a sync reply may say a key of this zone owes, in µs.
+    pub fn owed_bound_us(&self) -> u64 {
+        self.owed_bound_us.load(Ordering::Relaxed)
     }
 
     /// The slab pool (whose mutex guards the zone) and the slot array; `None` if not ready.
