@@ -477,3 +477,64 @@ server {{
         assert wait_until(lambda: site.get("/x", t).status == 429, 10.0)
     finally:
         fake.close()
+
+
+# ---------------------------------------------------------------- no targeted eviction
+
+WAYS = 8
+
+
+def _identity(zone: str, key: str) -> int:
+    """The first u64 of a key's identity (`ratetable::key_hash`): SHA-256 of the salt's length,
+    the salt (the zone's name) and the key. Before slots were placed under a secret, it chose
+    the bucket outright."""
+    import hashlib
+    import struct
+    d = hashlib.sha256(struct.pack("<Q", len(zone)) + zone.encode() + key.encode()).digest()
+    return struct.unpack("<Q", d[:8])[0]
+
+
+def test_colliding_keys_no_longer_evict_a_chosen_caller(module_path, launcher_fn, keyring):
+    site = launcher_fn.start(f"""
+{JWKS_PROVIDER}
+mesh_rate_limit_zone shared 32k;
+server {{
+    listen 127.0.0.1:@PORT@;
+    location / {{ mesh_rate_limit zone=shared rate=1r/m burst=0 key=$arg_k; proxy_pass http://@UPSTREAM@; }}
+}}
+""")
+    slots = int(re.search(r'mesh_rate_limit_zone "shared": (\d+) keys', site.ngx.read_error_log()).group(1))
+    buckets = slots // WAYS
+    victim = _identity("shared", "victim") % buckets
+    # the attack that worked: WAYS keys whose identity falls in the victim's bucket (found
+    # offline in a fraction of a second), sent before each of the victim's requests
+    colliding = []
+    i = 0
+    while len(colliding) < 5 * WAYS:
+        k = f"attacker-{i}"
+        if _identity("shared", k) % buckets == victim:
+            colliding.append(k)
+        i += 1
+    assert site.get("/x?k=victim").status == 200
+    reset = 0
+    for round_ in range(5):
+        for k in colliding[round_ * WAYS:(round_ + 1) * WAYS]:
+            site.get(f"/x?k={k}")
+        if site.get("/x?k=victim").status == 200:
+            reset += 1
+    assert reset == 0, f"the victim's limit was reset {reset} times of 5 by {WAYS} colliding keys"
+    # without the secret, an attacker's keys land in the victim's bucket one time in `buckets`:
+    # evicting the victim between two of its requests takes about as many keys as the zone has
+    # slots, a flood of the whole zone. Rounds of doubling size find how many.
+    sent, burst = 0, 64
+    while True:
+        for _ in range(burst):
+            site.get(f"/x?k=flood-{sent}")
+            sent += 1
+        if site.get("/x?k=victim").status == 200:
+            break
+        assert burst <= 16 * slots, "the victim was never evicted"
+        burst *= 2
+    print(f"evicting the victim took {burst} random keys between two of its requests; "
+          f"the zone has {slots} slots in {buckets} buckets")
+    assert burst >= slots // 4, f"only {burst} random keys evicted the victim from {slots} slots"

@@ -394,7 +394,9 @@ fn step(s: &mut Syncer) {
             sync.with(&slots, |l, table| {
                 for (p, owed) in &owed {
                     let tat = ratesync::synced_tat(now, *owed, elapsed, bound);
-                    ratetable::raise(table, p.key, p.slot as usize, tat);
+                    if let Some(key) = s.zone.placed(p.key) {
+                        ratetable::raise(table, key, p.slot as usize, tat);
+                    }
                 }
                 l.t.up = 1;
                 l.t.last_ok_ms = now_ms.max(1);
