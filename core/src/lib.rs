@@ -1,6 +1,7 @@
 //! ngx-mesh's pure core: no nginx types, no FFI, no `unsafe`.
 //!
 //! * [`status`]: verification outcomes (`$mesh_auth_status`);
+//! * [`decision`]: what the module decided for a request (`$mesh_decision`);
 //! * [`audit`]: `mesh_require_auth`: which routes must verify callers, the `nginx -t` summary;
 //! * [`keys`]: JWKS, PEM and HMAC key sets;
 //! * [`token`]: JWT verification (RFC 7515, 7519, 8725);
@@ -19,6 +20,7 @@
 
 pub mod audit;
 pub mod cache;
+pub mod decision;
 pub mod extract;
 pub mod gcra;
 pub mod keys;

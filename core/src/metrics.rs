@@ -14,16 +14,6 @@ use crate::status::AuthStatus;
 /// The `Content-Type` of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// `$mesh_decision` values, in counter order (`mesh_requests_total{decision}`).
-pub const DECISIONS: [&str; 6] = [
-    "allow",
-    "deny",
-    "unauthenticated",
-    "rate_limited",
-    "would_deny",
-    "would_rate_limit",
-];
-
 /// `$mesh_auth_status` values counted per provider (`mesh_auth_total{provider,status}`), in
 /// counter order. `off` is not among them: nothing is verified, so there is no provider.
 pub const AUTH_STATUSES: [AuthStatus; 11] = [

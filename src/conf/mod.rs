@@ -21,6 +21,7 @@ mod identity;
 mod keys;
 pub(crate) mod log;
 pub mod merge;
+mod metrics;
 mod outbound;
 mod policy;
 mod provider;
@@ -35,9 +36,11 @@ use mesh_core::gcra::policy_header;
 use mesh_core::policy::{RoleBinding, Rule, RuleSet};
 use ngx::ffi::ngx_http_complex_value_t;
 
+pub use directive::ContentHandlers;
 pub use identity::{Auth, AuthSpec};
 pub use rate_limit::{CallerRate, RateLimit};
 
+use crate::state::keystore::Sources;
 use crate::state::outbound::OutboundToken;
 use crate::state::provider::MeshProvider;
 
@@ -211,6 +214,17 @@ impl Default for LocConf {
         };
         lcf.resolve(None);
         lcf
+    }
+}
+
+impl MainConf {
+    /// What the shared key store keeps for this configuration.
+    pub fn key_sources(&self) -> Sources<'_> {
+        Sources {
+            providers: &self.providers,
+            outbound: &self.outbound,
+            metadata_server: &self.metadata_server,
+        }
     }
 }
 

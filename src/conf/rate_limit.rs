@@ -14,8 +14,8 @@ use redis::{ConnectionAddr, IntoConnectionInfo};
 
 use super::directive::{invalid, push, ConfError, Directive};
 use crate::nginx::conf::{compile_complex, full_path, shared_zone, value_part, ConfPos, ZoneKind};
-use crate::state::rate_sync::SyncConf;
-use crate::state::rate_zone::{zone_init, RateZone};
+use crate::state::rate_sync::{shm_size, SyncConf};
+use crate::state::rate_zone::{sync_zone_init, zone_init, RateZone};
 
 /// The smallest zone: nginx's shared-memory modules refuse less than 8 pages.
 const MIN_ZONE_SIZE: usize = 8 * 4096;
@@ -91,18 +91,12 @@ pub fn zone(zones: &mut Vec<String>, d: &Directive) -> Result<(), ConfError> {
                 len: sync.shm_name.len(),
                 data: sync.shm_name.as_ptr().cast_mut(),
             };
-            let sz = shared_zone(
-                d.cf,
-                shm_name,
-                crate::state::rate_sync::shm_size(size),
-                ZoneKind::RateSync,
-            )?
-            .as_ptr();
+            let sz = shared_zone(d.cf, shm_name, shm_size(size), ZoneKind::RateSync)?.as_ptr();
             if !(*sz).data.is_null() {
                 return Err(format!("mesh_rate_limit_zone \"{name}\" is defined twice").into());
             }
             (*sz).data = p.cast();
-            (*sz).init = Some(crate::state::rate_sync::zone_init);
+            (*sz).init = Some(sync_zone_init);
         }
     }
     zones.push(name);

@@ -230,7 +230,7 @@ fn verify_any(
                         .iter()
                         .zip(&snapshots)
                         .filter(|(_, p)| p.accepts_issuer(iss))
-                        .for_each(|(m, _)| m.request_refetch());
+                        .for_each(|(m, _)| crate::state::keystore::request_refetch(m));
                 }
             }
             Err(e)

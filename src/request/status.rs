@@ -1,22 +1,18 @@
 //! `mesh_status`: the Prometheus content handler, and the log-phase handler that counts each
 //! request once, with its final decision and verification outcome.
 
-use std::ffi::{c_char, c_void};
 use std::ptr;
 
-use mesh_core::metrics::{
-    Exposition, Kind, AUTH_STATUSES, CONTENT_TYPE, DECISIONS, REFRESH_RESULTS,
-};
+use mesh_core::decision::Decision;
+use mesh_core::metrics::{Exposition, Kind, AUTH_STATUSES, CONTENT_TYPE, REFRESH_RESULTS};
 use mesh_core::status::AuthStatus;
 use mesh_core::token::unverified_issuer;
-use ngx::core::{Buffer, Status, NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::core::{Buffer, Status};
 use ngx::ffi::{
-    ngx_chain_t, ngx_command_t, ngx_conf_t, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_HTTP_GET,
-    NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED,
+    ngx_chain_t, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_HTTP_GET, NGX_HTTP_HEAD,
+    NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED,
 };
-use ngx::http::{
-    HTTPStatus, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule, Request,
-};
+use ngx::http::{HTTPStatus, HttpModuleMainConf, Request};
 
 use super::ctx::RequestCtx;
 use crate::conf::MainConf;
@@ -25,30 +21,9 @@ use crate::state::metrics::{self, Snapshot};
 use crate::state::unix_now;
 use crate::MeshModule;
 
-/// `mesh_status;` (location): this location answers with the metrics.
-///
-/// # Safety
-/// nginx calls directive handlers with its configuration context.
-pub unsafe extern "C" fn mesh_status(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    _conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: `cf` is live while the directive is handled; in a location its http core
-    // location configuration exists.
-    let clcf = unsafe { NgxHttpCoreModule::location_conf_mut(&*cf) };
-    match clcf {
-        Some(clcf) => {
-            clcf.handler = Some(status_handler);
-            NGX_CONF_OK
-        }
-        None => NGX_CONF_ERROR,
-    }
-}
-
 /// The content handler: GET and HEAD only; never blocks (relaxed loads of shared counters,
 /// and each rate zone's mutex for two words).
-unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+pub unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
         // SAFETY: nginx calls content handlers with a live request.
         let r = unsafe { Request::from_ngx_http_request(r) };
@@ -110,9 +85,9 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
         Kind::Counter,
         "Requests decided by the mesh module, by final decision ($mesh_decision).",
     );
-    for (i, d) in DECISIONS.iter().enumerate() {
-        let v = s.map_or(0, |s| s.decisions[i]);
-        e.sample("mesh_requests_total", &[("decision", d)], v);
+    for d in Decision::ALL {
+        let v = s.map_or(0, |s| s.decisions[d.index()]);
+        e.sample("mesh_requests_total", &[("decision", d.as_str())], v);
     }
 
     e.family(

@@ -14,7 +14,8 @@ use std::ffi::c_void;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
-use mesh_core::metrics::{auth_index, name_hash, DECISIONS};
+use mesh_core::decision::Decision;
+use mesh_core::metrics::{auth_index, name_hash};
 use mesh_core::status::AuthStatus;
 use ngx::core::Status;
 use ngx::ffi::{
@@ -23,7 +24,6 @@ use ngx::ffi::{
 };
 
 use super::rate_zone::RateZone;
-use crate::request::ctx::Decision;
 
 /// The zone's name (nginx refuses another module's zone of the same name).
 pub const ZONE_NAME: &str = "mesh_metrics";
@@ -56,7 +56,7 @@ struct Shared {
     magic: u64,
     /// Bumped by every configuration that binds names (under the mutex).
     epoch: u64,
-    decisions: [AtomicU64; DECISIONS.len()],
+    decisions: [AtomicU64; Decision::ALL.len()],
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     slots: [NameSlot; NSLOTS],
@@ -169,17 +169,8 @@ fn add(c: &AtomicU64) {
 
 /// A request's final decision.
 pub fn count_decision(d: Decision) {
-    // `Decision` lists its values in the order of `DECISIONS`.
-    let i = match d {
-        Decision::Allow => 0,
-        Decision::Deny => 1,
-        Decision::Unauthenticated => 2,
-        Decision::RateLimited => 3,
-        Decision::WouldDeny => 4,
-        Decision::WouldRateLimit => 5,
-    };
     if let Some((_, s)) = active() {
-        add(&s.decisions[i]);
+        add(&s.decisions[d.index()]);
     }
 }
 
@@ -212,7 +203,7 @@ pub fn count_rate_limited(zone: &str) {
 
 /// What a scrape reads: a snapshot of every counter of this configuration's names.
 pub struct Snapshot {
-    pub decisions: [u64; DECISIONS.len()],
+    pub decisions: [u64; Decision::ALL.len()],
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub providers: Vec<ProviderCounts>,
@@ -281,7 +272,7 @@ pub fn snapshot() -> Option<Snapshot> {
             })
         })
         .collect();
-    let mut decisions = [0; DECISIONS.len()];
+    let mut decisions = [0; Decision::ALL.len()];
     for (d, c) in decisions.iter_mut().zip(&s.decisions) {
         *d = load(c);
     }

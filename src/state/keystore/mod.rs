@@ -38,15 +38,13 @@ use ngx::ffi::{
     ngx_slab_alloc_locked, ngx_slab_calloc, ngx_slab_free_locked, ngx_slab_pool_t, ngx_str_t,
     NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
 };
-use ngx::http::HttpModuleMainConf;
 
-use crate::conf::MainConf;
 use crate::state::outbound::OutboundToken;
 use crate::state::provider::MeshProvider;
 use crate::state::refresher::{FetchedKeys, Job};
-use crate::MeshModule;
 
 mod start;
+pub mod timer;
 mod worker;
 
 pub use start::init_module;
@@ -344,13 +342,21 @@ impl Source {
     }
 }
 
+/// What one configuration asks of the store: its providers (those with a key URL are
+/// sources) and outbound tokens, and where tokens are fetched.
+pub struct Sources<'a> {
+    pub providers: &'a [Arc<MeshProvider>],
+    pub outbound: &'a [Arc<OutboundToken>],
+    pub metadata_server: &'a str,
+}
+
 /// Every source of a configuration: providers with a key URL, then outbound tokens.
-fn sources(mcf: &MainConf) -> Vec<Source> {
-    mcf.providers
+fn sources(s: &Sources) -> Vec<Source> {
+    s.providers
         .iter()
         .filter(|p| p.url.is_some())
         .map(|p| Source::Keys(p.clone()))
-        .chain(mcf.outbound.iter().map(|t| Source::Token(t.clone())))
+        .chain(s.outbound.iter().map(|t| Source::Token(t.clone())))
         .collect()
 }
 
@@ -442,16 +448,18 @@ fn publish(l: &mut Locked, i: usize, pid: u64, now: u64, outcome: Outcome) -> (u
 
 // ---------------------------------------------------------------- configuration
 
-/// Adds the zone when the configuration has key URLs or outbound tokens (postconfiguration).
+/// Adds the zone when the configuration has key URLs or outbound tokens (postconfiguration),
+/// tagged as the module's key zone.
 ///
 /// # Safety
-/// `cf` is nginx's configuration context, after the http block was parsed.
-pub unsafe fn add_zone(cf: *mut ngx_conf_t) -> Result<(), String> {
-    // SAFETY: inside the http block the main configuration exists (see the contract).
-    let Some(mcf) = (unsafe { MeshModule::main_conf_mut(&*cf) }) else {
-        return Ok(());
-    };
-    let n = sources(mcf).len();
+/// `cf` is nginx's configuration context, after the http block was parsed; `store` lives in
+/// its main configuration.
+pub unsafe fn add_zone(
+    cf: *mut ngx_conf_t,
+    store: &mut StoreConf,
+    srcs: &Sources,
+) -> Result<(), String> {
+    let n = sources(srcs).len();
     if n == 0 {
         return Ok(());
     }
@@ -486,7 +494,7 @@ pub unsafe fn add_zone(cf: *mut ngx_conf_t) -> Result<(), String> {
         }
         (*zone).data = view.cast();
         (*zone).init = Some(zone_init);
-        mcf.keystore.zone = NonNull::new(zone);
+        store.zone = NonNull::new(zone);
     }
     Ok(())
 }
