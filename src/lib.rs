@@ -111,12 +111,20 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         ngx_log_error!(NGX_LOG_EMERG, log, "mesh: {}", e);
         return Status::NGX_ERROR.into();
     }
+    if let Some(export) = &mcf.trace_export {
+        if let Err(e) = state::span_export::start_worker(export) {
+            ngx_log_error!(NGX_LOG_EMERG, log, "mesh: {}", e);
+            return Status::NGX_ERROR.into();
+        }
+    }
     Status::NGX_OK.into()
 }
 
-/// Runs in a worker that leaves (graceful shutdown, reload): gives up what it was fetching.
+/// Runs in a worker that leaves (graceful shutdown, reload): gives up what it was fetching,
+/// and sends the spans still queued (bounded: about a second).
 unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
     nginx::no_panic((), keystore::stop_worker);
+    nginx::no_panic((), state::span_export::stop_worker);
 }
 
 unsafe impl HttpModuleMainConf for MeshModule {

@@ -7,6 +7,7 @@
 //! * [`token`]: JWT verification (RFC 7515, 7519, 8725);
 //! * [`extract`]: `Authorization: Bearer` parsing;
 //! * [`cache`]: per-worker cache of verified tokens;
+//! * [`otlp`]: spans as OTLP/HTTP protobuf, for `mesh_trace_export`;
 //! * [`metrics`]: the Prometheus text format of `mesh_status` and its label sets;
 //! * [`policy`]: RBAC patterns, `mesh_role` bindings, `mesh_allow`/`mesh_deny` rules;
 //! * [`provider`]: `mesh_provider` blocks: lines, the Google preset, algorithm/key rules;
@@ -26,6 +27,7 @@ pub mod gcra;
 pub mod keys;
 pub mod keystore;
 pub mod metrics;
+pub mod otlp;
 pub mod policy;
 pub mod provider;
 pub mod ratesync;

@@ -90,7 +90,7 @@ const T1: u32 = NGX_CONF_TAKE1;
 const FLAG: u32 = NGX_CONF_FLAG;
 
 /// Entries of the table, the terminating empty one included.
-pub const COUNT: usize = 30;
+pub const COUNT: usize = 33;
 
 /// The table, with `H`'s content handlers.
 #[rustfmt::skip]
@@ -120,6 +120,8 @@ pub const fn table<H: ContentHandlers>() -> [ngx_command_t; COUNT] { [
     once!("mesh_trace_sample",      MSL | T1,                LocConf,  trace_sample,     trace::sample),
     once!("mesh_trace_project",     MS | T1,                 LocConf,  trace_project,    trace::project),
     once!("mesh_trace_response",    MSL | FLAG,              LocConf,  trace_response,   flag),
+    once!("mesh_trace_export",      M | NGX_CONF_1MORE,      MainConf, trace_export,     trace::export),
+    once!("mesh_trace_service",     M | T1,                  MainConf, trace_service,    trace::service),
     // identity forwarding, outbound identity, operations
     once!("mesh_forward_identity",  MSL | FLAG,              LocConf,  forward_identity, flag),
     each!("mesh_outbound_token",    M | NGX_CONF_TAKE2,      MainConf, outbound,         outbound::token),
@@ -128,6 +130,7 @@ pub const fn table<H: ContentHandlers>() -> [ngx_command_t; COUNT] { [
     once!("mesh_keys_wait",         M | T1,                  MainConf, keys_wait,        keys::wait),
     command(ngx_string!("mesh_ready"), NGX_HTTP_LOC_CONF | ngx::ffi::NGX_CONF_NOARGS, keys::ready::<H>, NGX_HTTP_LOC_CONF_OFFSET),
     command(ngx_string!("mesh_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, metrics::mesh_status::<H>, NGX_HTTP_LOC_CONF_OFFSET),
+    once!("mesh_metrics_callers",   M | T1,                  MainConf, metrics_callers,  log::metrics_callers),
     once!("mesh_config_version",    M | T1,                  MainConf, config_version,   identity::config_version),
     ngx_command_t::empty(),
 ] }

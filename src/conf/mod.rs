@@ -81,6 +81,8 @@ pub struct MainConf {
     pub keystore: crate::state::keystore::StoreConf,
     /// The routes `mesh_require_auth` checks, gathered while merging.
     pub(crate) audit: audit::Audit,
+    /// `mesh_trace_export`, with the spans' resource; `None`: spans are not exported.
+    pub trace_export: Option<Arc<crate::state::span_export::TraceExport>>,
     set: MainSet,
 }
 
@@ -95,6 +97,9 @@ struct MainSet {
     /// Provider names that `provider=` of `mesh_allow`/`mesh_deny` lines refer to, with
     /// where: checked against the `mesh_provider` blocks once the http block is read.
     rule_providers: Vec<(String, crate::nginx::conf::ConfPos)>,
+    trace_export: Option<mesh_core::otlp::ExportSettings>,
+    trace_service: Option<String>,
+    metrics_callers: Option<usize>,
 }
 
 impl Default for MainConf {
@@ -110,6 +115,7 @@ impl Default for MainConf {
             trace_project_env: None,
             keystore: Default::default(),
             audit: audit::Audit::default(),
+            trace_export: None,
             set: MainSet::default(),
         }
     }

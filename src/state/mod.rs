@@ -18,6 +18,7 @@ pub mod rate_sync;
 pub mod rate_zone;
 pub mod redis;
 pub mod refresher;
+pub mod span_export;
 pub mod syncer;
 
 use std::time::{SystemTime, UNIX_EPOCH};

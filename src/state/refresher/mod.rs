@@ -14,7 +14,7 @@
 //! fetch per refresh for all workers. The master fetches with the same functions before the
 //! workers fork (`fetch_keys`, `fetch_token`).
 
-mod http;
+pub(crate) mod http;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
