@@ -391,10 +391,14 @@ class FakeRedis:
     """A loopback Redis that speaks just enough RESP for a global zone, and lies: every key
     owes `owed_us` (microseconds)."""
 
-    def __init__(self, owed_us: int) -> None:
+    def __init__(self, owed_us: int = 0, flood: str | None = None) -> None:
         import socket
         import threading
         self.owed_us = owed_us
+        # flood: answer EVALSHA with an endless bulk string ("bulk"), an endless array
+        # ("array"), or a valid reply one byte a second ("trickle")
+        self.flood = flood
+        self.flooded = 0
         self.evals = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -433,6 +437,9 @@ class FakeRedis:
                     self.evals += 1
                     keys = int(args[2])
                     out = f"*{keys}\r\n".encode() + f":{self.owed_us}\r\n".encode() * keys
+                    if self.flood:
+                        self._flood(conn, keys)
+                        return
                 else:
                     out = b"+OK\r\n"
                 conn.sendall(out)
@@ -440,6 +447,23 @@ class FakeRedis:
             return
         finally:
             conn.close()
+
+    def _flood(self, conn, keys: int) -> None:
+        import time
+        if self.flood == "trickle":
+            for b in f"*{keys}\r\n".encode() + b":1\r\n" * keys:
+                if self.closed:
+                    return
+                conn.sendall(bytes([b]))
+                time.sleep(1.0)
+            return
+        head = b"$2000000000\r\n" if self.flood == "bulk" else b"*2000000000\r\n"
+        body = b"x" * 65536 if self.flood == "bulk" else b":1\r\n" * 16384
+        conn.sendall(head)
+        deadline = time.monotonic() + 8.0
+        while not self.closed and time.monotonic() < deadline:
+            conn.sendall(body)
+            self.flooded += len(body)
 
     def close(self) -> None:
         self.closed = True
@@ -538,3 +562,41 @@ server {{
     print(f"evicting the victim took {burst} random keys between two of its requests; "
           f"the zone has {slots} slots in {buckets} buckets")
     assert burst >= slots // 4, f"only {burst} random keys evicted the victim from {slots} slots"
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(l for l in f if l.startswith("VmRSS:")).split()[1])
+
+
+@pytest.mark.parametrize("flood", ["bulk", "array", "trickle"])
+def test_a_flooding_redis_grows_no_worker_and_limits_still_hold(module_path, launcher_fn, keyring, flood):
+    import time
+    from mesh_test.live import wait_until, wait_workers
+    fake = FakeRedis(flood=flood)
+    try:
+        site = launcher_fn.start(f"""
+{JWKS_PROVIDER}
+mesh_rate_limit_zone g 64k redis=redis://127.0.0.1:{fake.port} sync=100ms;
+server {{
+    listen 127.0.0.1:@PORT@;
+    mesh_auth jwks;
+    location / {{ mesh_rate_limit zone=g rate=1r/m burst=0; proxy_pass http://@UPSTREAM@; }}
+}}
+""", workers=1)
+        (pid,) = wait_workers(site.ngx)
+        before = _rss_kb(pid)
+        t = bearer(tok(keyring, f"svc-flood-{flood}"))
+        assert site.get("/x", t).status == 200
+        assert wait_until(lambda: fake.evals >= 1, 10.0)
+        # the sync thread meets the flood; meanwhile the worker answers, limiting locally
+        for _ in range(6):
+            time.sleep(0.5)
+            assert site.get("/x", t).status == 429
+        grown = _rss_kb(pid) - before
+        assert grown < 16 * 1024, f"the worker grew by {grown} kB while Redis sent {fake.flooded} bytes"
+        log = site.ngx.read_error_log()
+        why = "timed out" if flood == "trickle" else "reply over the limits"
+        assert re.search(rf"\[warn\].*Redis at 127\.0\.0\.1:\d+/0 unreachable \({why}\), limiting locally", log), log
+    finally:
+        fake.close()

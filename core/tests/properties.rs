@@ -365,3 +365,40 @@ fn claim_paths_patterns_durations_and_sizes_never_panic() {
         },
     );
 }
+
+#[test]
+fn redis_replies_never_panic_and_stay_within_limits() {
+    use mesh_core::resp::{parse, Limits, Value};
+    let limits = Limits {
+        max_bulk: 64,
+        max_items: 8,
+        max_depth: 1,
+    };
+    fn within(v: &Value, l: &Limits) -> bool {
+        match v {
+            Value::Simple(b) | Value::Error(b) | Value::Bulk(Some(b)) => b.len() <= l.max_bulk,
+            Value::Array(Some(items)) => {
+                items.len() <= l.max_items
+                    && items
+                        .iter()
+                        .all(|i| within(i, l) && !matches!(i, Value::Array(Some(_))))
+            }
+            _ => true,
+        }
+    }
+    run(
+        "Redis replies",
+        5000,
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200),
+            "([+:$*-][0-9-]{0,12}\r\n[a-z0-9:$*\r\n]{0,20}){1,6}".prop_map(String::into_bytes),
+        ],
+        |buf| {
+            if let Ok(Some((v, used))) = parse(&buf, &limits) {
+                prop_assert!(used <= buf.len());
+                prop_assert!(within(&v, &limits));
+            }
+            Ok(())
+        },
+    );
+}

@@ -200,6 +200,7 @@ fn sync_of(d: &Directive, zone: &str) -> Result<Option<SyncConf>, ConfError> {
     }
     let db = info.redis_settings().db();
     let shown = format!("{}{host}:{port}/{db}", if tls { "rediss://" } else { "" });
+    let mut ca_pem = None;
     let client = match ca_file {
         None => redis::Client::open(info).map_err(|e| bad_url(&e.to_string()))?,
         Some(f) => {
@@ -211,18 +212,21 @@ fn sync_of(d: &Directive, zone: &str) -> Result<Option<SyncConf>, ConfError> {
                 .map_err(|e| invalid(format!("cannot read \"{path}\": {e}")))?;
             // The crate's TLS setup needs a process-wide crypto provider (aws-lc-rs).
             crate::state::refresher::install_crypto();
-            redis::Client::build_with_tls(
+            let client = redis::Client::build_with_tls(
                 info,
                 redis::TlsCertificates {
                     client_tls: None,
-                    root_cert: Some(pem),
+                    root_cert: Some(pem.clone()),
                 },
             )
-            .map_err(|e| invalid(format!("ca_file \"{path}\": {e}")))?
+            .map_err(|e| invalid(format!("ca_file \"{path}\": {e}")))?;
+            ca_pem = Some(pem);
+            client
         }
     };
     Ok(Some(SyncConf::new(
         client,
+        ca_pem,
         shown,
         interval_ms,
         prefix.to_string(),

@@ -26,8 +26,10 @@ const MAGIC: u64 = 0x6d65_7368_7273_7901;
 
 /// A global zone's configuration: where Redis is, how often to sync, the key prefix.
 pub struct SyncConf {
-    /// The connection (with its password, never shown).
+    /// Where Redis is and the password (never shown), as `nginx -t` read them.
     pub client: redis::Client,
+    /// `ca_file=`: the PEM roots trusted for `rediss://` (else the system's).
+    pub ca_pem: Option<Vec<u8>>,
     /// `host:port/db`, with `rediss://` when TLS: what logs say.
     pub shown: String,
     pub interval_ms: u64,
@@ -98,6 +100,7 @@ pub const SHM_SUFFIX: &str = ":mesh_redis";
 impl SyncConf {
     pub fn new(
         client: redis::Client,
+        ca_pem: Option<Vec<u8>>,
         shown: String,
         interval_ms: u64,
         prefix: String,
@@ -105,6 +108,7 @@ impl SyncConf {
     ) -> SyncConf {
         SyncConf {
             client,
+            ca_pem,
             shown,
             interval_ms,
             prefix,
