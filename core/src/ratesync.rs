@@ -176,14 +176,22 @@ pub fn synced_tat(now: u64, owed_us: u64, elapsed_us: u64, bound_us: u64) -> u64
     )
 }
 
-/// The most a key of a zone may be owed: `(burst + 1) * T` of the widest limit charging the
-/// zone (a TAT that far ahead refuses every request until it drains).
+/// Instances whose simultaneous bursts a key's debt may hold: [`owed_bound`] is this many
+/// times the widest `(burst + 1) * T`.
+pub const OWED_INSTANCES: u64 = 16;
+
+/// The most a key of a zone may be owed: [`OWED_INSTANCES`] times `(burst + 1) * T` of the
+/// widest limit charging the zone (a TAT `(burst + 1) * T` ahead refuses every request until
+/// it drains; up to that many instances may each have admitted a burst before a sync told
+/// them of the others). More than that is a wrong or hostile reply, or so many instances that
+/// the limit then holds within `instances / OWED_INSTANCES` of itself.
 pub fn owed_bound(gcras: impl IntoIterator<Item = crate::gcra::Gcra>) -> u64 {
     gcras
         .into_iter()
         .map(|g| g.tolerance_us.saturating_add(g.interval_us))
         .max()
         .unwrap_or(0)
+        .saturating_mul(OWED_INSTANCES)
 }
 
 #[cfg(test)]
@@ -265,10 +273,10 @@ mod tests {
         use crate::gcra::{parse_rate, Gcra};
         let ten = parse_rate("10r/s").unwrap();
         let one = parse_rate("1r/s").unwrap();
-        assert_eq!(owed_bound([Gcra::new(ten, 0)]), 100_000);
+        assert_eq!(owed_bound([Gcra::new(ten, 0)]), 100_000 * OWED_INSTANCES);
         assert_eq!(
             owed_bound([Gcra::new(ten, 4), Gcra::new(one, 0)]),
-            1_000_000
+            1_000_000 * OWED_INSTANCES
         );
         assert_eq!(owed_bound([]), 0);
     }

@@ -6,17 +6,20 @@ use std::sync::{Arc, RwLock};
 
 use super::unix_now;
 
-/// `mesh_outbound_token $VAR AUDIENCE;`: a Google ID token for AUDIENCE.
+/// `mesh_outbound_token $VAR AUDIENCE [format=full];`: a Google ID token for AUDIENCE.
 pub struct OutboundToken {
     pub audience: String,
+    /// `format=full`: asked with the metadata server's `format=full` (the Compute claims).
+    pub full: bool,
     token: RwLock<Option<(Arc<str>, u64)>>,
     last_warn: AtomicU64,
 }
 
 impl OutboundToken {
-    pub fn new(audience: String) -> OutboundToken {
+    pub fn new(audience: String, full: bool) -> OutboundToken {
         OutboundToken {
             audience,
+            full,
             token: RwLock::new(None),
             last_warn: AtomicU64::new(0),
         }

@@ -14,10 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use mesh_core::gcra::{Gcra, Outcome};
 use mesh_core::ratesync::MAX_DEBT_US;
 use mesh_core::ratetable::{self, Slot, Stats};
-use ngx::core::Status;
+use ngx::core::{SlabPool, Status};
 use ngx::ffi::{
-    ngx_int_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t,
-    NGX_LOG_EMERG, NGX_LOG_INFO,
+    ngx_int_t, ngx_shm_zone_t, ngx_slab_alloc, ngx_slab_pool_t, NGX_LOG_EMERG, NGX_LOG_INFO,
 };
 
 /// What `shm_zone->data` points at: this cycle's view of the zone (in the configuration pool).
@@ -40,7 +39,8 @@ pub struct RateZone {
 enum ZoneState {
     Configured,
     Ready {
-        shpool: *mut ngx_slab_pool_t,
+        /// The zone's slab pool: its mutex guards the table (and a global zone's sync state).
+        pool: SlabPool,
         table: *mut Table,
         /// The zone's secret ([`Placement`]), read once by `zone_init`.
         secret: [u64; 2],
@@ -77,17 +77,18 @@ fn new_secret() -> Option<[u64; 2]> {
 /// placed without one, so they are orphaned and age out). `None` if no secret can be had.
 ///
 /// # Safety
-/// `shpool` is the zone's slab pool and `table` its table header with `nslots` slots after it,
-/// inside the zone; nginx's master calls this from `zone_init`, before any worker of this
-/// cycle exists (old workers may still run: the zone's mutex is held while changing it).
+/// `table` is the zone's table header with `nslots` slots after it, inside the zone, guarded
+/// by `pool`'s mutex; nginx's master calls this from `zone_init`, before any worker of this
+/// cycle exists (old workers may still run: the mutex is held while changing the table).
 unsafe fn table_secret(
-    shpool: *mut ngx_slab_pool_t,
+    pool: &SlabPool,
     table: *mut Table,
     kept_until: Option<*const u8>,
 ) -> Option<[u64; 2]> {
     // SAFETY: see the contract. A kept table's record is read only where it lies inside the
     // zone's memory (a table made with a secret has it right after its slots).
     unsafe {
+        let _locked = pool.lock();
         let slots = (table as *mut u8).add(size_of::<Table>()) as *mut Slot;
         let rec = slots.add((*table).nslots as usize) as *mut Placement;
         if let Some(end) = kept_until {
@@ -100,7 +101,6 @@ unsafe fn table_secret(
             return None;
         }
         let secret = new_secret()?;
-        ngx_shmtx_lock(&mut (*shpool).mutex);
         (*table).nslots -= 1;
         let rec = slots.add((*table).nslots as usize) as *mut Placement;
         ptr::write(
@@ -111,9 +111,24 @@ unsafe fn table_secret(
                 _spare: 0,
             },
         );
-        ngx_shmtx_unlock(&mut (*shpool).mutex);
         Some(secret)
     }
+}
+
+/// nginx starts no worker with a zone whose keys could be placed by anyone.
+///
+/// # Safety
+/// `shm_zone` is the zone nginx is initialising.
+unsafe fn no_secret(shm_zone: *mut ngx_shm_zone_t, zone: &RateZone) -> ngx_int_t {
+    // SAFETY: see the contract.
+    let log = unsafe { (*shm_zone).shm.log };
+    ngx::ngx_log_error!(
+        NGX_LOG_EMERG,
+        log,
+        "mesh_rate_limit_zone \"{}\": no random secret from the OS",
+        zone.name
+    );
+    Status::NGX_ERROR.into()
 }
 
 /// The start of the allocation in shared memory: how many slots follow.
@@ -154,18 +169,27 @@ impl RateZone {
         self.owed_bound_us.load(Ordering::Relaxed)
     }
 
-    /// The slab pool (whose mutex guards the zone) and the slot array; `None` if not ready.
-    pub fn parts(&self) -> Option<(*mut ngx_slab_pool_t, super::rate_sync::RateSlots)> {
-        let ZoneState::Ready { shpool, table, .. } = self.state else {
+    /// Where the table keeps the key of `identity` (see `ratetable::placed`).
+    pub fn placed(&self, identity: [u64; 2]) -> Option<[u64; 2]> {
+        let ZoneState::Ready { secret, .. } = &self.state else {
             return None;
         };
+        Some(ratetable::placed(*secret, identity))
+    }
+
+    /// The slab pool (whose mutex guards the zone) and the slot array; `None` if not ready.
+    pub fn parts(&self) -> Option<(SlabPool, super::rate_sync::RateSlots)> {
+        let ZoneState::Ready { pool, table, .. } = &self.state else {
+            return None;
+        };
+        let (pool, table) = (pool.clone(), *table);
         // SAFETY: `table` points at the header in the shared zone (see `check`); `nslots` is
         // written once by `zone_init`, before any worker exists, so reading it unlocked is
         // sound. Only the pointer is formed here: slots are touched under the mutex.
         unsafe {
             let slots = (table as *mut u8).add(size_of::<Table>()) as *mut Slot;
             Some((
-                shpool,
+                pool,
                 super::rate_sync::RateSlots(slots, (*table).nslots as usize),
             ))
         }
@@ -175,20 +199,22 @@ impl RateZone {
     /// after a successful start; treated as "not limited" by the caller).
     pub fn check(&self, key: [u64; 2], gcra: &Gcra, now: u64, dry_run: bool) -> Option<Outcome> {
         let ZoneState::Ready {
-            shpool,
+            pool,
             table,
             secret,
-        } = self.state
+        } = &self.state
         else {
             return None;
         };
+        let table = *table;
         // The key's identity (what Redis knows it by) and where the table keeps it.
-        let (identity, key) = (key, ratetable::placed(secret, key));
+        let (identity, key) = (key, ratetable::placed(*secret, key));
         // SAFETY: `table` points at a `Table` header followed by `nslots` zero-initialised
         // slots inside the shared zone, which lives as long as the cycle. Every worker takes
-        // the zone's shared mutex around any access, so this is the only live reference.
+        // the zone's shared mutex around any access, so this is the only live reference. The
+        // guard unlocks when it goes out of scope, a panic's unwinding included.
         unsafe {
-            ngx_shmtx_lock(&mut (*shpool).mutex);
+            let _locked = pool.lock();
             let t = &mut *table;
             let slots = std::slice::from_raw_parts_mut(
                 (table as *mut u8).add(size_of::<Table>()) as *mut Slot,
@@ -223,33 +249,22 @@ impl RateZone {
             };
             t.evictions = stats.evictions;
             t.keys = u32::try_from(stats.keys).unwrap_or(u32::MAX);
-            ngx_shmtx_unlock(&mut (*shpool).mutex);
             Some(outcome)
         }
     }
 
-    /// Where the table keeps the key of `identity` (see `ratetable::placed`).
-    pub fn placed(&self, identity: [u64; 2]) -> Option<[u64; 2]> {
-        let ZoneState::Ready { secret, .. } = self.state else {
-            return None;
-        };
-        Some(ratetable::placed(secret, identity))
-    }
-
     /// Keys in use and evictions so far (for `mesh_status`); `None` if not ready.
     pub fn stats(&self) -> Option<Stats> {
-        let ZoneState::Ready { shpool, table, .. } = self.state else {
+        let ZoneState::Ready { pool, table, .. } = &self.state else {
             return None;
         };
+        let _locked = pool.lock();
         // SAFETY: as in `check`: the header is read under the zone's shared mutex.
         unsafe {
-            ngx_shmtx_lock(&mut (*shpool).mutex);
-            let stats = Stats {
-                evictions: (*table).evictions,
-                keys: u64::from((*table).keys),
-            };
-            ngx_shmtx_unlock(&mut (*shpool).mutex);
-            Some(stats)
+            Some(Stats {
+                evictions: (**table).evictions,
+                keys: u64::from((**table).keys),
+            })
         }
     }
 }
@@ -264,17 +279,20 @@ pub unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
     // nginx initialised before calling us.
     unsafe {
         let zone = &mut *((*shm_zone).data as *mut RateZone);
+        let Some(pool) = SlabPool::from_shm_zone(&*shm_zone) else {
+            return Status::NGX_ERROR.into();
+        };
         let shpool = (*shm_zone).shm.addr as *mut ngx_slab_pool_t;
         if !data.is_null() || (*shm_zone).shm.exists != 0 {
             // Reload with the same size (or a new master on existing memory): the memory,
             // and the state in it, is kept; the table is where the slab pool's `data` says.
             let table = (*shpool).data as *mut Table;
             let end = ((*shm_zone).shm.addr as *const u8).wrapping_add((*shm_zone).shm.size);
-            let Some(secret) = table_secret(shpool, table, Some(end)) else {
+            let Some(secret) = table_secret(&pool, table, Some(end)) else {
                 return no_secret(shm_zone, zone);
             };
             zone.state = ZoneState::Ready {
-                shpool,
+                pool,
                 table,
                 secret,
             };
@@ -314,11 +332,11 @@ pub unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
         );
         (*table).nslots = nslots as u32;
         (*shpool).data = table.cast();
-        let Some(secret) = table_secret(shpool, table, None) else {
+        let Some(secret) = table_secret(&pool, table, None) else {
             return no_secret(shm_zone, zone);
         };
         zone.state = ZoneState::Ready {
-            shpool,
+            pool,
             table,
             secret,
         };
@@ -331,22 +349,6 @@ pub unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
         );
         Status::NGX_OK.into()
     }
-}
-
-/// nginx starts no worker with a zone whose keys could be placed by anyone.
-///
-/// # Safety
-/// `shm_zone` is the zone nginx is initialising.
-unsafe fn no_secret(shm_zone: *mut ngx_shm_zone_t, zone: &RateZone) -> ngx_int_t {
-    // SAFETY: see the contract.
-    let log = unsafe { (*shm_zone).shm.log };
-    ngx::ngx_log_error!(
-        NGX_LOG_EMERG,
-        log,
-        "mesh_rate_limit_zone \"{}\": no random secret from the OS",
-        zone.name
-    );
-    Status::NGX_ERROR.into()
 }
 
 /// `shm_zone->init` of a global zone's sync state (`rate_sync`), in the master for every
