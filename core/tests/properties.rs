@@ -155,12 +155,12 @@ fn reference(token: &str, alg: Algorithm) -> Option<Value> {
         return None;
     }
     let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).ok()?).ok()?;
-    let want = serde_json::to_value(alg).ok()?;
+    let want = Value::String(mesh_core::keys::algorithm_name(alg).to_string());
     if header.as_object()?.get("alg")? != &want {
         return None;
     }
     let message = &token[..h.len() + 1 + p.len()];
-    if !jsonwebtoken::crypto::verify(sig, message.as_bytes(), &key, alg).ok()? {
+    if !jsonwebtoken::crypto::verify(sig, message.as_bytes(), &key, jwt_alg(alg)).ok()? {
         return None;
     }
     let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).ok()?).ok()?;

@@ -18,7 +18,7 @@ use ngx::http::HttpModuleMainConf;
 
 use super::{LocConf, MainConf};
 use crate::nginx::conf::{args, ConfPos};
-use crate::nginx::location::{answers_with_return, is_internal, satisfy_any_bypass};
+use crate::nginx::location::{answers_with_return, is_internal, satisfy_any_bypass, Bypass};
 use crate::nginx::no_panic;
 use crate::MeshModule;
 
@@ -204,7 +204,11 @@ pub unsafe fn record(cf: *mut ngx_conf_t, audit: &mut Audit, parent: &LocConf, c
     let auth = conf.auth.as_deref();
     let route = Route {
         internal: internal || facts.name.starts_with('@'),
-        bypass,
+        bypass: bypass.map(|b| match b {
+            Bypass::Allow => mesh_core::audit::Bypass::Allow,
+            Bypass::AuthBasic => mesh_core::audit::Bypass::AuthBasic,
+            Bypass::AuthRequest => mesh_core::audit::Bypass::AuthRequest,
+        }),
         // A server's `return` runs in the server-rewrite phase, which a request handed to a
         // named location (`error_page 404 = @app`, `try_files ... @app`) skips.
         return_only: (facts.server_returns && !facts.name.starts_with('@')) || returns,

@@ -6,7 +6,6 @@
 
 use std::ffi::{c_char, CStr};
 
-use mesh_core::audit::Bypass;
 use ngx::ffi::{
     ngx_array_t, ngx_conf_t, ngx_flag_t, ngx_http_complex_value_t, ngx_http_conf_ctx_t,
     ngx_http_script_return_code, ngx_module_t, ngx_str_t, ngx_uint_t, NGX_HTTP_MODULE,
@@ -52,6 +51,17 @@ struct AuthBasicLocConf {
 struct AuthRequestLocConf {
     uri: ngx_str_t,
     _vars: *mut ngx_array_t,
+}
+
+/// An access module of nginx that, under `satisfy any`, admits a request by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bypass {
+    /// An `allow` rule.
+    Allow,
+    /// `auth_basic`.
+    AuthBasic,
+    /// `auth_request`.
+    AuthRequest,
 }
 
 /// Under `satisfy any`, the first access module of the level being merged that can admit a
