@@ -35,6 +35,7 @@ pub mod provider;
 pub mod ratesync;
 pub mod ratetable;
 pub mod refresh;
+pub mod resp;
 pub mod status;
 pub mod token;
 pub mod trace;

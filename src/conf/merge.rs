@@ -227,6 +227,19 @@ fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), C
             ));
         }
     }
+    // A global zone holds what Redis says a key owes to the widest limit charging it here.
+    if let Some(rl) = &conf.set.rate_limit {
+        if let Some(zone) = rl.zone() {
+            let callers = conf
+                .set
+                .rate_callers
+                .iter()
+                .flat_map(|c| c.iter().map(|c| c.gcra));
+            zone.widen_owed_bound(mesh_core::ratesync::owed_bound(
+                std::iter::once(rl.gcra).chain(callers),
+            ));
+        }
+    }
     let env = mcf.trace_project_env.as_deref();
     prev.resolve(env);
     conf.resolve(env);

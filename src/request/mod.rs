@@ -5,6 +5,7 @@
 //! - `identify`: the token, verified (with the worker's token cache) and its audience checked;
 //! - `limit`: charging the rate-limit zone;
 //! - `log`: the one log line per refusal;
+//! - `server_rewrite`: the client's `X-Mesh-*` headers dropped before any access module runs;
 //! - `precontent`: what another access module admitted after our refusal (`satisfy any`);
 //! - `trace`: this hop's trace, started in one place;
 //! - `span`: the span of this hop that `mesh_trace_export` sends;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod precontent;
 pub mod ready;
 pub mod response;
+pub mod server_rewrite;
 mod span;
 pub mod trace;
 mod upstream;

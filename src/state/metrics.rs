@@ -21,8 +21,8 @@ use mesh_core::metrics::{
 use mesh_core::status::AuthStatus;
 use ngx::core::{SlabPool, Status};
 use ngx::ffi::{
-    ngx_conf_t, ngx_int_t, ngx_module_t, ngx_shm_zone_t, ngx_slab_alloc_locked, ngx_slab_pool_t,
-    ngx_str_t, NGX_LOG_EMERG,
+    ngx_conf_t, ngx_int_t, ngx_shm_zone_t, ngx_slab_alloc_locked, ngx_slab_pool_t, ngx_str_t,
+    NGX_LOG_EMERG,
 };
 
 use super::rate_zone::RateZone;
@@ -488,7 +488,6 @@ pub fn snapshot() -> Option<Snapshot> {
 
 /// At the end of the http block (`postconfiguration`): asks nginx for the zone, with the
 /// names this configuration counts under: `providers` as (name, keys read from a file now).
-/// The zones are `module`'s.
 ///
 /// # Safety
 /// `cf` is nginx's configuration context; `m` lives in the main configuration (the
@@ -498,7 +497,6 @@ pub unsafe fn configure(
     m: &mut Metrics,
     providers: &[(String, bool)],
     zones: &[String],
-    module: &ngx_module_t,
 ) -> Result<(), String> {
     m.providers = std::iter::once(String::new())
         .chain(providers.iter().map(|(n, _)| n.clone()))
@@ -517,7 +515,8 @@ pub unsafe fn configure(
             len: name.len(),
             data: name.as_ptr().cast_mut(),
         };
-        let zone = crate::nginx::conf::shared_zone(cf, name, 0, module)?;
+        let zone =
+            crate::nginx::conf::shared_zone(cf, name, 0, crate::nginx::conf::ZoneKind::Rate)?;
         // SAFETY: `data` of a mesh zone is its `RateZone` (set when it was declared).
         m.rate_zones
             .push(unsafe { (*zone.as_ptr()).data as *const RateZone });
@@ -526,7 +525,13 @@ pub unsafe fn configure(
         len: ZONE_NAME.len(),
         data: ZONE_NAME.as_ptr().cast_mut(),
     };
-    let zone = crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE, module)?.as_ptr();
+    let zone = crate::nginx::conf::shared_zone(
+        cf,
+        name,
+        ZONE_SIZE,
+        crate::nginx::conf::ZoneKind::Metrics,
+    )?
+    .as_ptr();
     // SAFETY: nginx's entry for our zone; `data` is set to this cycle's `Metrics`.
     unsafe {
         (*zone).data = ptr::from_mut(m).cast();
