@@ -82,6 +82,16 @@ impl LevelFacts {
         self.merged = true;
     }
 
+    /// The `route` label of a location's outbound metrics: its name as written; `server` or
+    /// `http` for those levels.
+    pub fn route_name(&self) -> String {
+        match self.block {
+            Block::Http => "http".into(),
+            Block::Server => "server".into(),
+            _ => self.name.clone(),
+        }
+    }
+
     /// `location /` (or `^~ /`) directly in a server: no request falls through to the
     /// server's own configuration.
     fn catches_all(&self) -> bool {

@@ -90,7 +90,7 @@ const T1: u32 = NGX_CONF_TAKE1;
 const FLAG: u32 = NGX_CONF_FLAG;
 
 #[rustfmt::skip]
-pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 30] = [
+pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 31] = [
     // identity
     each!("mesh_provider",          M | NGX_CONF_BLOCK | T1, MainConf, providers,        provider::block),
     once!("mesh_auth",              MSL | NGX_CONF_1MORE,    LocConf,  auth,             identity::auth),
@@ -119,6 +119,7 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 30] = [
     // identity forwarding, outbound identity, operations
     once!("mesh_forward_identity",  MSL | FLAG,              LocConf,  forward_identity, flag),
     each!("mesh_outbound_token",    M | NGX_CONF_TAKE2,      MainConf, outbound,         outbound::token),
+    once!("mesh_outbound_auth",     MSL | T1,                LocConf,  outbound_auth,    outbound::auth),
     once!("mesh_metadata_server",   M | T1,                  MainConf, metadata_server,  outbound::metadata_server),
     once!("mesh_log_level",         MSL | T1,                LocConf,  log_level,        log::level),
     once!("mesh_keys_wait",         M | T1,                  MainConf, keys_wait,        keys::wait),

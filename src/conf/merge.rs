@@ -136,6 +136,12 @@ fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), C
     conf.facts.inherit(&prev.facts, wrote, parent_wrote);
     index_rules(&mut prev.set);
     index_rules(&mut conf.set);
+    // Resolved where written (so an unknown variable is reported at its line), then inherited.
+    for set in [&mut prev.set, &mut conf.set] {
+        if let (Some(a), None) = (&set.outbound_auth, &set.outbound_token) {
+            set.outbound_token = Some(super::outbound::resolve_auth(&mcf.outbound, a)?);
+        }
+    }
     let (s, p) = (&mut conf.set, &prev.set);
     inherit(&mut s.auth, &p.auth);
     inherit(&mut s.token, &p.token);
@@ -156,6 +162,7 @@ fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), C
     inherit(&mut s.trace_response, &p.trace_response);
     inherit(&mut s.forward_identity, &p.forward_identity);
     inherit(&mut s.log_level, &p.log_level);
+    inherit(&mut s.outbound_token, &p.outbound_token);
     inherit(&mut s.require_auth, &p.require_auth);
     for rl in [&prev.set.rate_limit, &conf.set.rate_limit]
         .into_iter()

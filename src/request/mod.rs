@@ -5,6 +5,7 @@
 //! - `identify`: the token, verified (with the worker's token cache) and its audience checked;
 //! - `limit`: charging the rate-limit zone;
 //! - `log`: the one log line per refusal;
+//! - `outbound`: `mesh_outbound_auth`, the service's own token toward the upstream;
 //! - `precontent`: what another access module admitted after our refusal (`satisfy any`);
 //! - `trace`: this hop's trace, started in one place;
 //! - `upstream`: the headers the upstream receives;
@@ -17,6 +18,7 @@ pub mod ctx;
 mod identify;
 mod limit;
 mod log;
+pub mod outbound;
 pub mod precontent;
 pub mod ready;
 pub mod response;

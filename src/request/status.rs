@@ -301,6 +301,22 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
     }
 
     e.family(
+        "mesh_outbound_token_fetches_total",
+        Kind::Counter,
+        "Fetches of an outbound token from the metadata server, by audience and result (all processes, kept across reloads).",
+    );
+    for t in &mcf.outbound {
+        let (ok, failed) = crate::state::keystore::token_record(t).unwrap_or((0, 0));
+        for (result, v) in REFRESH_RESULTS.iter().zip([ok, failed]) {
+            e.sample(
+                "mesh_outbound_token_fetches_total",
+                &[("audience", &t.audience), ("result", result)],
+                v,
+            );
+        }
+    }
+
+    e.family(
         "mesh_config_info",
         Kind::Gauge,
         "The configuration in force (mesh_config_version).",

@@ -2,8 +2,9 @@
 
 Like the real one it answers `GET /computeMetadata/v1/instance/service-accounts/default/identity
 ?audience=AUD` only with the header `Metadata-Flavor: Google` (403 otherwise). The token is a
-JWT-shaped string (not really signed) whose `exp` is now + `lifetime`; each token is different
-(`seq`). Every request is recorded: when, the raw query, the audience, the flavor header, and
+JWT-shaped string whose `exp` is now + `lifetime`, not really signed unless `signer=(key, kid)`
+is given (then RS256 with that key, for a second nginx to verify); each token is different
+(`seq`). `delay` holds each answer back that long (a slow metadata server). Every request is recorded: when, the raw query, the audience, the flavor header, and
 the nginx process that sent it. `down()`/`up()` as the key server's.
 """
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .procs import peer_pid
-from .tokens import b64url, b64url_decode, json_bytes
+from .tokens import b64url, b64url_decode, json_bytes, sign
 
 IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/default/identity"
 SERVICE_ACCOUNT = "orders-caller@shop-prod.iam.gserviceaccount.com"
@@ -37,11 +38,12 @@ class MetaRequest:
     token: str | None  # the token handed out, if any
 
 
-def make_id_token(audience: str, lifetime: float, seq: int) -> tuple[str, int]:
-    """A Google-shaped ID token (signature random bytes) and its exp."""
+def make_id_token(audience: str, lifetime: float, seq: int, signer=None) -> tuple[str, int]:
+    """A Google-shaped ID token and its exp: signed RS256 by `signer` (key, kid), else with
+    random bytes for a signature."""
     now = int(time.time())
     exp = int(now + lifetime)
-    header = {"alg": "RS256", "kid": "meta-test-kid", "typ": "JWT"}
+    header = {"alg": "RS256", "kid": signer[1] if signer else "meta-test-kid", "typ": "JWT"}
     payload = {
         "aud": audience,
         "azp": "104011001100110011001",
@@ -53,8 +55,12 @@ def make_id_token(audience: str, lifetime: float, seq: int) -> tuple[str, int]:
         "sub": "104011001100110011001",
         "seq": seq,
     }
-    token = f"{b64url(json_bytes(header))}.{b64url(json_bytes(payload))}.{b64url(secrets.token_bytes(64))}"
-    return token, exp
+    signing_input = f"{b64url(json_bytes(header))}.{b64url(json_bytes(payload))}"
+    if signer:
+        sig = sign("RS256", signer[0], signing_input.encode("ascii"))
+    else:
+        sig = secrets.token_bytes(64)
+    return f"{signing_input}.{b64url(sig)}", exp
 
 
 def token_claims(token: str) -> dict:
@@ -106,8 +112,10 @@ class _Server(ThreadingHTTPServer):
 
 
 class MetadataServer:
-    def __init__(self, *, lifetime: float = 3600, start_up: bool = True) -> None:
+    def __init__(self, *, lifetime: float = 3600, start_up: bool = True, signer=None) -> None:
         self.lifetime = lifetime
+        self.signer = signer
+        self.delay = 0.0
         self.status = 200  # anything else: answered with that status and no token
         self.body: bytes | None = None  # set: answered with these bytes instead of a token
         self._lock = threading.Lock()
@@ -132,8 +140,11 @@ class MetadataServer:
             if self.body is not None:
                 return 200, self.body, None
             self._seq += 1
-            token, _exp = make_id_token(audience, self.lifetime, self._seq)
-            return 200, token.encode("ascii"), token
+            seq, lifetime, signer, delay = self._seq, self.lifetime, self.signer, self.delay
+        if delay:
+            time.sleep(delay)
+        token, _exp = make_id_token(audience, lifetime, seq, signer)
+        return 200, token.encode("ascii"), token
 
     def _record(self, req: MetaRequest) -> None:
         with self._lock:

@@ -51,7 +51,8 @@ mod worker;
 
 pub use start::init_module;
 pub use worker::{
-    catch_up, missing, refresh_record, request_refetch, start_worker, stop_worker, tick,
+    catch_up, missing, nudge, refresh_record, request_refetch, start_worker, stop_worker, tick,
+    token_record,
 };
 
 /// The zone's name and size: one page table plus room for every key set and token.
@@ -77,7 +78,7 @@ pub struct StoreConf {
 }
 
 impl StoreConf {
-    fn wait(&self) -> Duration {
+    pub(crate) fn wait(&self) -> Duration {
         Duration::from_millis(self.wait_ms.unwrap_or(DEFAULT_WAIT_MS))
     }
 
