@@ -17,6 +17,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mesh_test.client import request
 from mesh_test.live import wait_until, wait_workers
@@ -349,6 +350,44 @@ def test_a_reset_first_peer_is_retried_on_the_second_but_a_post_never_is(module_
         assert b.echo.requests == before + 3, "a POST was retried on the second peer"
     finally:
         peer.close()
+
+
+# ---------------------------------------------------------------- metrics
+
+def _samples(text: str) -> dict:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_outbound_requests_and_token_fetches_are_counted(module_path, metadata, launcher_fn):
+    md = metadata()
+    a, b = start_pair(launcher_fn, md)
+    for _ in range(3):
+        assert a.get("/callee/x").status == 200
+    assert a.get("/callee/x", method="POST").status == 200
+    text = a.get("/metrics").body.decode()
+    s = _samples(text)
+    route = (("code", "2xx"), ("route", "/callee/"))
+    assert s[("mesh_upstream_requests_total", route)] == 4, text
+    count = s[("mesh_upstream_duration_seconds_count", (("route", "/callee/"),))]
+    assert count == 4
+    total = s[("mesh_upstream_duration_seconds_sum", (("route", "/callee/"),))]
+    assert 0 < total < 4 * 5.0
+    buckets = sorted((float(dict(k[1])["le"]), v) for k, v in s.items()
+                     if k[0] == "mesh_upstream_duration_seconds_bucket" and dict(k[1])["route"] == "/callee/")
+    assert buckets[-1] == (float("inf"), 4)
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets), "buckets are cumulative"
+    assert buckets[0][0] <= 0.005 and any(le >= 30 for le, _ in buckets[:-1]), buckets
+    assert s[("mesh_outbound_token_fetches_total", (("audience", B_AUD), ("result", "success")))] >= 1
+    assert ("mesh_outbound_token_fetches_total", (("audience", B_AUD), ("result", "failure"))) in s
+    # the gateway route is listed once it was used; a refusal of mesh_auth is not an outbound call
+    assert a.get("/gateway/x").status == 401
+    s = _samples(a.get("/metrics").body.decode())
+    assert ("mesh_upstream_requests_total", (("code", "4xx"), ("route", "/gateway/"))) not in s or \
+        s[("mesh_upstream_requests_total", (("code", "4xx"), ("route", "/gateway/")))] == 0
 
 
 # ---------------------------------------------------------------- nginx -t

@@ -6,6 +6,7 @@
 //! * [`token`]: JWT verification (RFC 7515, 7519, 8725);
 //! * [`extract`]: `Authorization: Bearer` parsing;
 //! * [`cache`]: per-worker cache of verified tokens;
+//! * [`histogram`]: cumulative histograms (bucket layout, Prometheus rendering);
 //! * [`metrics`]: the Prometheus text format of `mesh_status` and its label sets;
 //! * [`policy`]: RBAC patterns, `mesh_role` bindings, `mesh_allow`/`mesh_deny` rules;
 //! * [`provider`]: `mesh_provider` blocks: lines, the Google preset, algorithm/key rules;
@@ -21,6 +22,7 @@ pub mod audit;
 pub mod cache;
 pub mod extract;
 pub mod gcra;
+pub mod histogram;
 pub mod keys;
 pub mod keystore;
 pub mod metrics;

@@ -48,11 +48,21 @@ pub fn auth_index(s: AuthStatus) -> Option<usize> {
 /// Results of a key refresh (`mesh_keys_refresh_total{provider,result}`).
 pub const REFRESH_RESULTS: [&str; 2] = ["success", "failure"];
 
+/// Status classes of `mesh_upstream_requests_total{code}`: the class, not the code, keeps
+/// the series few (five per route) whatever the upstream answers.
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The counter index of a status's class; `None` outside 100..=599 (no response).
+pub fn status_class(status: u64) -> Option<usize> {
+    (100..600).contains(&status).then(|| (status / 100 - 1) as usize)
+}
+
 /// A metric family's type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Counter,
     Gauge,
+    Histogram,
 }
 
 impl Kind {
@@ -60,6 +70,7 @@ impl Kind {
         match self {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
         }
     }
 }
@@ -78,7 +89,7 @@ impl Exposition {
     /// Starts a family: its `# HELP` and `# TYPE` lines. Samples of the family follow.
     pub fn family(&mut self, name: &str, kind: Kind, help: &str) {
         debug_assert!(valid_name(name), "metric name {name}");
-        debug_assert!(kind == Kind::Gauge || name.ends_with("_total"));
+        debug_assert!(kind != Kind::Counter || name.ends_with("_total"));
         let _ = writeln!(self.out, "# HELP {name} {}", escape_help(help));
         let _ = writeln!(self.out, "# TYPE {name} {}", kind.as_str());
     }

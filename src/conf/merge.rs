@@ -128,7 +128,7 @@ fn index_rules(set: &mut super::LocSet) {
     }
 }
 
-fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), ConfError> {
+fn merge(mcf: &mut MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), ConfError> {
     // The http-level configuration is only ever `prev`, so resolve both sides.
     resolve_auth(mcf, &mut prev.set.auth)?;
     resolve_auth(mcf, &mut conf.set.auth)?;
@@ -181,5 +181,13 @@ fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), C
     let env = mcf.trace_project_env.as_deref();
     prev.resolve(env);
     conf.resolve(env);
+    // An `if` block in a location counts under its location.
+    if conf.route.is_empty() {
+        conf.route.clone_from(&prev.route);
+    }
+    if conf.outbound_auth.is_some() && conf.facts.is_location() && !mcf.routes.contains(&conf.route)
+    {
+        mcf.routes.push(conf.route.clone());
+    }
     Ok(())
 }

@@ -64,6 +64,8 @@ pub struct MainConf {
     pub outbound: Vec<Arc<OutboundToken>>,
     /// `mesh_rate_limit_zone` names.
     pub zones: Vec<String>,
+    /// The `route` labels of the locations with `mesh_outbound_auth` (gathered while merging).
+    pub routes: Vec<String>,
     /// `mesh_metadata_server`.
     pub metadata_server: String,
     /// `mesh_token_cache`: 0 is `off`.
@@ -101,6 +103,7 @@ impl Default for MainConf {
             providers: Vec::new(),
             outbound: Vec::new(),
             zones: Vec::new(),
+            routes: Vec::new(),
             metadata_server: DEFAULT_METADATA_SERVER.into(),
             token_cache: DEFAULT_TOKEN_CACHE,
             config_version: String::new(),
@@ -150,7 +153,7 @@ pub struct LocConf {
     /// and `audience` say which line); `None`: off.
     pub outbound_auth: Option<Arc<OutboundToken>>,
     /// The `route` label of the outbound metrics: the location's name as written (`/billing/`,
-    /// `~ ^/api/`), or `server` for a server's own level.
+    /// `~ ^/api/`); empty above locations.
     pub route: String,
     /// `mesh_log_level`: the level of the refusal lines (an `NGX_LOG_*`).
     pub log_level: ngx::ffi::ngx_uint_t,

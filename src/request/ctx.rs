@@ -84,6 +84,8 @@ pub struct RequestCtx {
     /// `mesh_outbound_auth`: whether the client sent its own `Authorization` (decided once, on
     /// the first pass; later passes find the module's own header there).
     outbound_client_auth: Cell<Option<bool>>,
+    /// The request reached `mesh_outbound_auth` (it is an outbound call, counted per route).
+    outbound_used: Cell<bool>,
 }
 
 /// Drops the context when the request pool is freed.
@@ -147,6 +149,15 @@ impl RequestCtx {
 
     pub fn set_outbound_client_auth(&self, own: bool) {
         self.outbound_client_auth.set(Some(own));
+    }
+
+    pub fn set_outbound_used(&self) {
+        self.outbound_used.set(true);
+    }
+
+    /// Whether the request reached `mesh_outbound_auth`.
+    pub fn outbound_used(&self) -> bool {
+        self.outbound_used.get()
     }
 
     /// Whether the access handler rewrote the upstream headers in this pass; resets it.
@@ -232,6 +243,7 @@ impl RequestCtx {
                     rate_refused_pass: Cell::new(None),
                     outbound_wait_until: Cell::new(0),
                     outbound_client_auth: Cell::new(None),
+                    outbound_used: Cell::new(false),
                 },
             );
             // The context does not move from here on: `current` may point into it.

@@ -46,8 +46,9 @@ const SERVERLESS_AUTHORIZATION: HeaderName =
 /// How often a waiting request looks for a fresh token.
 const POLL_MS: ngx_msec_t = 10;
 
+/// The shared store's clock: milliseconds since the epoch.
 fn now_ms() -> u64 {
-    crate::nginx::request::now_us() / 1000
+    crate::state::unix_now_us() / 1000
 }
 
 /// The token in force for a request, renewal started when it is due (never waits).
@@ -71,6 +72,7 @@ pub fn precontent(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
     let Some(ctx) = RequestCtx::of(r) else {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     };
+    ctx.set_outbound_used();
     if let Some(token) = current(t) {
         return if attach(r, lcf, ctx, &token) {
             Status::NGX_DECLINED.into()

@@ -4,8 +4,9 @@
 use std::ffi::{c_char, c_void};
 use std::ptr;
 
+use mesh_core::histogram::{Histogram, LATENCY};
 use mesh_core::metrics::{
-    Exposition, Kind, AUTH_STATUSES, CONTENT_TYPE, DECISIONS, REFRESH_RESULTS,
+    Exposition, Kind, AUTH_STATUSES, CONTENT_TYPE, DECISIONS, REFRESH_RESULTS, STATUS_CLASSES,
 };
 use mesh_core::status::AuthStatus;
 use mesh_core::token::unverified_issuer;
@@ -300,6 +301,36 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
         );
     }
 
+    if let Some(s) = s {
+        e.family(
+            "mesh_upstream_requests_total",
+            Kind::Counter,
+            "Outbound calls (requests through a location with mesh_outbound_auth), by route (the location) and status class.",
+        );
+        for r in &s.routes {
+            for (class, v) in STATUS_CLASSES.iter().zip(r.by_class) {
+                e.sample(
+                    "mesh_upstream_requests_total",
+                    &[("route", &r.route), ("code", class)],
+                    v,
+                );
+            }
+        }
+        Histogram::family(
+            &mut e,
+            "mesh_upstream_duration_seconds",
+            "Duration of outbound calls by route, from the request's start to its end (retries and a wait for the token included).",
+        );
+        for r in &s.routes {
+            LATENCY.write(
+                &mut e,
+                "mesh_upstream_duration_seconds",
+                &[("route", &r.route)],
+                &r.duration,
+            );
+        }
+    }
+
     e.family(
         "mesh_outbound_token_fetches_total",
         Kind::Counter,
@@ -354,9 +385,32 @@ pub unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         let r = unsafe { Request::from_ngx_http_request(r) };
         if let Some(ctx) = RequestCtx::existing(r) {
             count(r, ctx);
+            if ctx.outbound_used() {
+                count_upstream(r);
+            }
         }
         Status::NGX_OK.into()
     })
+}
+
+/// An outbound call (it reached `mesh_outbound_auth`): its status class and duration under
+/// the location's route, the duration from the request's start (as `$request_time`: retries and
+/// a wait for the token included).
+fn count_upstream(r: &Request) {
+    let Some(lcf) = MeshModule::location_conf(r) else {
+        return;
+    };
+    let raw = r.as_ref();
+    let status = if raw.err_status != 0 {
+        raw.err_status
+    } else {
+        raw.headers_out.status
+    } as u64;
+    let start_us = (raw.start_sec.max(0) as u64)
+        .saturating_mul(1_000_000)
+        .saturating_add(raw.start_msec as u64 * 1000);
+    let duration_us = crate::state::unix_now_us().saturating_sub(start_us);
+    metrics::count_upstream(&lcf.route, status, duration_us);
 }
 
 fn count(r: &Request, ctx: &RequestCtx) {

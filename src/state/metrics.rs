@@ -14,7 +14,8 @@ use std::ffi::c_void;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
-use mesh_core::metrics::{auth_index, name_hash, DECISIONS};
+use mesh_core::histogram::{Counts, LATENCY};
+use mesh_core::metrics::{auth_index, name_hash, status_class, DECISIONS, STATUS_CLASSES};
 use mesh_core::status::AuthStatus;
 use ngx::core::Status;
 use ngx::ffi::{
@@ -28,20 +29,21 @@ use crate::request::ctx::Decision;
 /// The zone's name (nginx refuses another module's zone of the same name).
 pub const ZONE_NAME: &str = "mesh_metrics";
 /// The zone's size: the table below plus the slab allocator's own pages.
-const ZONE_SIZE: usize = 128 * 1024;
+const ZONE_SIZE: usize = 256 * 1024;
 /// Name slots: providers and rate-limit zones of this and earlier configurations.
 const NSLOTS: usize = 256;
 /// Bytes of a name kept to tell names apart (with the name's length and hash).
 const NAME_LEN: usize = 96;
 /// Counters per name slot.
-const NCOUNTERS: usize = 16;
+const NCOUNTERS: usize = 24;
 /// Marks a table written by this layout.
-const MAGIC: u64 = 0x6d65_7368_6d65_7401;
+const MAGIC: u64 = 0x6d65_7368_6d65_7402;
 
 /// Slot kinds.
 const KIND_EMPTY: u64 = 0;
 const KIND_PROVIDER: u64 = 1;
 const KIND_ZONE: u64 = 2;
+const KIND_ROUTE: u64 = 3;
 
 /// A provider slot's counters: `0..11` the verification outcomes (`AUTH_STATUSES` order),
 /// then these.
@@ -50,6 +52,11 @@ const P_REFRESH_FAILED: usize = 12;
 const P_LAST_REFRESH: usize = 13;
 /// A zone slot's counters.
 const Z_RATE_LIMITED: usize = 0;
+/// A route slot's counters: one per status class (`STATUS_CLASSES`), then the duration
+/// histogram's buckets, then its sum (microseconds).
+const R_BUCKETS: usize = STATUS_CLASSES.len();
+const R_SUM: usize = R_BUCKETS + LATENCY.len();
+const _: () = assert!(R_SUM < NCOUNTERS);
 
 #[repr(C)]
 struct Shared {
@@ -106,6 +113,8 @@ pub struct Metrics {
     /// be named for (a missing token where several providers are accepted).
     providers: Vec<(String, usize)>,
     zones: Vec<(String, usize)>,
+    /// Locations with `mesh_outbound_auth`, by their `route` label.
+    routes: Vec<(String, usize)>,
     /// Providers whose keys were read at configuration time: their last refresh is then.
     file_providers: Vec<String>,
     /// The rate zones' own state (keys in use, evictions), in the configuration pool.
@@ -125,6 +134,7 @@ impl Default for Metrics {
             shared: ptr::null_mut(),
             providers: Vec::new(),
             zones: Vec::new(),
+            routes: Vec::new(),
             file_providers: Vec::new(),
             rate_zones: Vec::new(),
         }
@@ -210,6 +220,19 @@ pub fn count_rate_limited(zone: &str) {
     }
 }
 
+/// A request through a location with `mesh_outbound_auth`: its status and how long it took.
+pub fn count_upstream(route: &str, status: u64, duration_us: u64) {
+    let Some((m, s)) = active() else { return };
+    let Some(slot) = slot_of(s, &m.routes, route) else {
+        return;
+    };
+    if let Some(class) = status_class(status) {
+        add(&slot.counters[class]);
+    }
+    add(&slot.counters[R_BUCKETS + LATENCY.bucket(duration_us)]);
+    slot.counters[R_SUM].fetch_add(duration_us, Ordering::Relaxed);
+}
+
 /// What a scrape reads: a snapshot of every counter of this configuration's names.
 pub struct Snapshot {
     pub decisions: [u64; DECISIONS.len()],
@@ -217,6 +240,13 @@ pub struct Snapshot {
     pub cache_misses: u64,
     pub providers: Vec<ProviderCounts>,
     pub zones: Vec<ZoneCounts>,
+    pub routes: Vec<RouteCounts>,
+}
+
+pub struct RouteCounts {
+    pub route: String,
+    pub by_class: [u64; STATUS_CLASSES.len()],
+    pub duration: Counts,
 }
 
 pub struct ProviderCounts {
@@ -281,6 +311,25 @@ pub fn snapshot() -> Option<Snapshot> {
             })
         })
         .collect();
+    let routes = m
+        .routes
+        .iter()
+        .filter_map(|(route, i)| {
+            let slot = s.slots.get(*i)?;
+            let mut by_class = [0; STATUS_CLASSES.len()];
+            for (v, c) in by_class.iter_mut().zip(&slot.counters) {
+                *v = load(c);
+            }
+            Some(RouteCounts {
+                route: route.clone(),
+                by_class,
+                duration: Counts {
+                    buckets: slot.counters[R_BUCKETS..R_SUM].iter().map(load).collect(),
+                    sum_us: load(&slot.counters[R_SUM]),
+                },
+            })
+        })
+        .collect();
     let mut decisions = [0; DECISIONS.len()];
     for (d, c) in decisions.iter_mut().zip(&s.decisions) {
         *d = load(c);
@@ -291,6 +340,7 @@ pub fn snapshot() -> Option<Snapshot> {
         cache_misses: load(&s.cache_misses),
         providers,
         zones,
+        routes,
     })
 }
 
@@ -305,7 +355,9 @@ pub unsafe fn configure(
     m: &mut Metrics,
     providers: &[(String, bool)],
     zones: &[String],
+    routes: &[String],
 ) -> Result<(), String> {
+    m.routes = routes.iter().map(|n| (n.clone(), usize::MAX)).collect();
     m.providers = std::iter::once(String::new())
         .chain(providers.iter().map(|(n, _)| n.clone()))
         .map(|n| (n, usize::MAX))
@@ -374,7 +426,11 @@ unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void)
         t.epoch += 1;
         let epoch = t.epoch;
         let now = super::unix_now();
-        for (kind, names) in [(KIND_PROVIDER, &mut m.providers), (KIND_ZONE, &mut m.zones)] {
+        for (kind, names) in [
+            (KIND_PROVIDER, &mut m.providers),
+            (KIND_ZONE, &mut m.zones),
+            (KIND_ROUTE, &mut m.routes),
+        ] {
             for (name, index) in names.iter_mut() {
                 *index = bind(t, kind, name, epoch);
             }
