@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -519,3 +520,69 @@ def test_image_size_and_no_build_tools():
     tools = podman("run", "--rm", "--pull=never", "--entrypoint", "sh", IMAGE, "-c",
                    "for t in cargo rustc gcc cc make clang ld openssl; do command -v $t; done; true")
     assert tools.stdout == "", f"build tools in the runtime image: {tools.stdout}"
+
+
+# ---------------------------------------------------------------- the way out (MESH_ROUTE_*)
+
+def test_an_egress_route_reaches_another_service_that_names_the_caller(echo, mounts, keyring):
+    """Two containers: the caller's app calls http://127.0.0.1:EGRESS/callee/...; the callee
+    verifies the caller's ID token (from a fake metadata server, signed with the suite's key)
+    and its app is told who called."""
+    from mesh_test.metadata import SERVICE_ACCOUNT, MetadataServer, token_claims
+    from mesh_test.tokens import KID_RSA
+
+    md = MetadataServer(signer=(keyring.rsa, KID_RSA))
+    callee_aud = "https://callee.test"
+    callee = caller = None
+    try:
+        callee, callee_port = start({
+            "MESH_GOOGLE": "off",
+            "MESH_ISSUER": "https://accounts.google.com",
+            "MESH_KEYS": "/keys/jwks.json",
+            "MESH_ISSUER_AUDIENCE": callee_aud,
+            "MESH_ISSUER_PRINCIPAL": "email",
+            "MESH_ALLOWED_CALLERS": SERVICE_ACCOUNT,
+            "MESH_UPSTREAM": f"http://{echo.address}",
+            "MESH_WORKERS": "1",
+        }, [mounts["keys"]])
+        egress = free_port()
+        env = base_env(0, echo)
+        env.update({
+            "MESH_ALLOWED_CALLERS": "any",
+            "MESH_METADATA_SERVER": md.url,
+            "MESH_EGRESS_PORT": str(egress),
+            "MESH_ROUTE_CALLEE": f"http://127.0.0.1:{callee_port}/v1 audience={callee_aud} timeout=5s",
+        })
+        caller, caller_port = start(env, [mounts["keys"]])
+        assert request(caller_port, "/ready", timeout=5).status == 200
+        wait_for_port(egress, timeout=10)
+        resp = request(egress, "/callee/orders?x=1", [("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")])
+        assert resp.status == 200, resp
+        assert resp.json()["path"] == "/v1/orders?x=1"
+        assert resp.upstream_header("X-Mesh-Caller") == SERVICE_ACCOUNT, resp
+        assert token_claims(resp.upstream_header("Authorization")[len("Bearer "):])["aud"] == callee_aud
+        assert resp.upstream_header("traceparent").split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
+        # an unknown route, and the egress port on another loopback address: nothing there
+        assert request(egress, "/nowhere/x").status == 404
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.2", egress), timeout=2).close()
+        assert "MESH_ROUTE_CALLEE" in caller.stderr() and "plain http://" in caller.stderr()
+    finally:
+        for box in (caller, callee):
+            if box:
+                box.remove()
+        md.close()
+
+
+@pytest.mark.parametrize("value,says", [
+    ("ftp://x", "http:// or https:// URL"),
+    ("http://127.0.0.1:1 retries=9", "retries=N"),
+    ("http://127.0.0.1:1 timeout=soon", "timeout=T"),
+    ("http://127.0.0.1:1 rate=fast", "rate=R"),
+    ("http://127.0.0.1:1 color=blue", "audience=AUD"),
+])
+def test_a_bad_route_stops_the_container_naming_the_variable(echo, mounts, value, says):
+    env = dict(base_env(free_port(), echo), MESH_ALLOWED_CALLERS="any", MESH_ROUTE_BILLING=value)
+    rc, lines, err = run_to_exit(env, [mounts["keys"]])
+    assert rc != 0
+    assert any("MESH_ROUTE_BILLING" in l.get("message", "") and says in l.get("message", "") for l in lines), err
