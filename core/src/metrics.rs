@@ -54,7 +54,9 @@ pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// The counter index of a status's class; `None` outside 100..=599 (no response).
 pub fn status_class(status: u64) -> Option<usize> {
-    (100..600).contains(&status).then(|| (status / 100 - 1) as usize)
+    (100..600)
+        .contains(&status)
+        .then(|| (status / 100 - 1) as usize)
 }
 
 /// A metric family's type.
@@ -197,6 +199,17 @@ pub fn name_hash(name: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(100), Some(0));
+        assert_eq!(status_class(204), Some(1));
+        assert_eq!(status_class(499), Some(3));
+        assert_eq!(status_class(599), Some(4));
+        assert_eq!(status_class(0), None);
+        assert_eq!(status_class(600), None);
+        assert_eq!(STATUS_CLASSES[status_class(503).unwrap()], "5xx");
+    }
 
     #[test]
     fn families_and_samples() {

@@ -51,18 +51,6 @@ fn now_ms() -> u64 {
     crate::state::unix_now_us() / 1000
 }
 
-/// The token in force for a request, renewal started when it is due (never waits).
-pub fn current(t: &OutboundToken) -> Option<std::sync::Arc<str>> {
-    if t.should_nudge(now_ms()) {
-        keystore::nudge();
-    }
-    t.current().or_else(|| {
-        // A token another worker published since this worker's timer last looked.
-        keystore::catch_up();
-        t.current()
-    })
-}
-
 /// The pre-content step of a location with `mesh_outbound_auth`: `NGX_DECLINED` to go on
 /// (headers set), `NGX_AGAIN` while waiting for a token, or the status to answer.
 pub fn precontent(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
@@ -73,7 +61,7 @@ pub fn precontent(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     };
     ctx.set_outbound_used();
-    if let Some(token) = current(t) {
+    if let Some(token) = t.current_renewing() {
         return if attach(r, lcf, ctx, &token) {
             Status::NGX_DECLINED.into()
         } else {
