@@ -243,12 +243,12 @@ $servers        keepalive 16;
         }
 "
     done
-    [ -n "$locations" ] || return 0
     if [ -n "${MESH_METADATA_SERVER:-}" ]; then
         check MESH_METADATA_SERVER '^https?://[A-Za-z0-9._~-]+(:[0-9]{1,5})?/?$' "http://HOST[:PORT] (default: Google's metadata server)"
         egress_http="    mesh_metadata_server $MESH_METADATA_SERVER;
 $egress_http"
     fi
+    [ -n "$locations" ] || return 0
     egress_server="    # The way out: the app's calls to other services (MESH_ROUTE_<NAME>), on loopback only.
     server {
         listen 127.0.0.1:$MESH_EGRESS_PORT;
