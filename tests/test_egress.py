@@ -260,6 +260,28 @@ def test_a_token_that_expired_while_no_timer_ran_is_renewed_by_the_next_request(
     assert len(fetched) == 1, f"one fetch for all workers and requests: {fetched}"
 
 
+def test_a_client_that_leaves_while_its_request_waits_for_a_token_harms_nothing(
+        module_path, metadata, launcher_fn):
+    lifetime = 3
+    md = metadata(lifetime=lifetime)
+    a, b = start_pair(launcher_fn, md)
+    workers = wait_workers(a.ngx)
+    assert a.get("/callee/x").status == 200
+    md.delay = 1.0  # the fresh token comes after the clients below have left
+    _freeze(workers, lifetime + 1.5)
+    before = b.echo.requests
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", a.port), timeout=2) as s:
+            s.sendall(b"GET /callee/gone HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            time.sleep(0.05)
+    time.sleep(1.5)
+    md.delay = 0
+    resp = a.get("/callee/after")
+    assert resp.status == 200, resp
+    assert b.echo.requests == before + 1, "a request whose client left was sent upstream"
+    assert set(wait_workers(a.ngx)) == set(workers), "a worker died"
+
+
 def test_a_request_inside_the_renewal_window_goes_on_at_once_and_starts_one_renewal(
         module_path, metadata, launcher_fn):
     lifetime = 8  # renewed halfway, at 4 s
