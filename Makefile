@@ -1,7 +1,8 @@
 # ngx-mesh: the front door.
 #   make run    build the module and run the demo on 127.0.0.1:8080
-#   make test   every test: core unit tests, then real nginx 1.22 (Debian) and 1.28 (vendored),
-#               each with 1 and 2 workers
+#   make check  the shell's layers (scripts/layers.py), rustfmt and clippy (-D warnings)
+#   make test   make check, then every test: core unit tests, then real nginx 1.22 (Debian) and
+#               1.28 (vendored), each with 1 and 2 workers
 #   make bench  wrk against stock nginx and the module, in one run, printing ratios
 #   make image  build the container image (Dockerfile) with docker where an engine runs, else podman
 #   make test-image  build the image with podman from a local Debian 13 base (no registry), run it
@@ -28,7 +29,7 @@ APT_PACKAGES := nginx nginx-dev libclang-dev libssl-dev libpcre2-dev zlib1g-dev 
 # overwriting it under a live worker can kill that worker with SIGBUS.
 install-module = cp $(1) $(2).tmp && mv -f $(2).tmp $(2)
 
-.PHONY: all deps build build-vendored test test-core test-nginx msrv-check run bench bench-guard clean image test-image test-image-build image-deps
+.PHONY: all deps check build build-vendored test test-core test-nginx msrv-check run bench bench-guard clean image test-image test-image-build image-deps
 
 all: build
 
@@ -39,9 +40,22 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (1.85 or newer)"; exit 1; }
+	@# make check runs rustfmt and clippy: rustup toolchains may lack them.
+	@if ! $(CARGO) fmt --version >/dev/null 2>&1 || ! $(CARGO) clippy --version >/dev/null 2>&1; then \
+		command -v rustup >/dev/null || { echo "cargo fmt and cargo clippy are needed: install rustfmt and clippy"; exit 1; }; \
+		echo "installing: rustfmt clippy"; rustup component add rustfmt clippy; \
+	fi
 
 $(NGINX_TREE)/objs/ngx_auto_config.h:
 	scripts/nginx-tree.sh $(NGINX_TREE)
+
+# One-way layers and no circle between files (it prints the folder graph), formatting, and
+# clippy on both crates with every warning an error (release: the build scripts' output, nginx
+# bindings and aws-lc, is then shared with make build).
+check: deps $(NGINX_TREE)/objs/ngx_auto_config.h
+	python3 scripts/layers.py
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets --locked -- -D warnings
 
 # The module for the machine's stock nginx (Debian 12: 1.22.1).
 build: $(NGINX_TREE)/objs/ngx_auto_config.h
@@ -84,7 +98,7 @@ test-nginx: deps build build-vendored $(PYTEST)
 bench-guard: deps build $(PYTEST)
 	bench/guard.sh $(MODULE)
 
-test: deps msrv-check test-core test-nginx bench-guard
+test: deps check msrv-check test-core test-nginx bench-guard
 
 run: deps build
 	nginx-conf/demo/run.sh $(MODULE)

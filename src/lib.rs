@@ -14,7 +14,7 @@ use std::ptr;
 
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_array_push, ngx_conf_t, ngx_cycle_t, ngx_http_handler_pt, ngx_http_module_t,
+    ngx_array_push, ngx_command_t, ngx_conf_t, ngx_cycle_t, ngx_http_handler_pt, ngx_http_module_t,
     ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_http_phases_NGX_HTTP_LOG_PHASE,
     ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE, ngx_int_t, ngx_module_t, ngx_uint_t,
     NGX_HTTP_MODULE, NGX_LOG_EMERG,
@@ -28,7 +28,7 @@ mod state;
 
 use conf::{LocConf, MainConf};
 use ngx::ngx_log_error;
-use state::{keystore, refresher};
+use state::keystore;
 
 pub(crate) struct MeshModule;
 
@@ -54,9 +54,9 @@ pub static mut ngx_http_mesh_module: ngx_module_t = ngx_module_t {
     ctx: ptr::addr_of!(NGX_HTTP_MESH_MODULE_CTX).cast_mut().cast(),
     // SAFETY: the command table is a static that nginx only reads; taking its address
     // does not create a reference.
-    commands: unsafe { ptr::addr_of_mut!(conf::commands::NGX_HTTP_MESH_COMMANDS[0]) },
+    commands: unsafe { ptr::addr_of_mut!(NGX_HTTP_MESH_COMMANDS[0]) },
     type_: NGX_HTTP_MODULE as ngx_uint_t,
-    init_module: Some(keystore::init_module),
+    init_module: Some(init_module),
     init_process: Some(init_process),
     exit_process: Some(exit_process),
     ..ngx_module_t::default()
@@ -65,6 +65,27 @@ pub static mut ngx_http_mesh_module: ngx_module_t = ngx_module_t {
 /// Runs in each worker after fork: seeds the trace-id generator from the OS, takes the keys
 /// and outbound tokens from the shared key store, starts the refresher thread that fetches
 /// them when due and the timer that keeps this worker in step with the store.
+/// Every `mesh_*` directive (`conf::commands`), with the content handlers of `mesh_ready` and
+/// `mesh_status`.
+static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; conf::commands::COUNT] =
+    conf::commands::table::<MeshModule>();
+
+impl conf::ContentHandlers for MeshModule {
+    const READY: ngx_http_handler_pt = Some(request::ready::handler);
+    const METRICS: ngx_http_handler_pt = Some(request::status::status_handler);
+}
+
+/// In the master before the workers fork, at start and at each reload: the shared key
+/// store's first fetch.
+unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: the cycle's http main configuration (if any) lives as long as the cycle.
+    match unsafe { MeshModule::main_conf(&*cycle) } {
+        // SAFETY: nginx passes the new cycle.
+        Some(mcf) => unsafe { keystore::init_module(cycle, &mcf.keystore, mcf.key_sources()) },
+        None => Status::NGX_OK.into(),
+    }
+}
+
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: nginx passes the live cycle.
     let log = unsafe { (*cycle).log };
@@ -81,21 +102,29 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         return Status::NGX_OK.into();
     };
     state::metrics::activate(&mcf.metrics);
-    if let Err(e) = keystore::start_worker(mcf) {
+    if let Err(e) = keystore::start_worker(&mcf.keystore, mcf.key_sources()) {
         ngx_log_error!(NGX_LOG_EMERG, log, "mesh: {}", e);
         return Status::NGX_ERROR.into();
     }
-    refresher::timer::start(log);
-    if let Err(e) = state::rate_sync::start_worker(mcf.metrics.rate_zones(), log) {
+    keystore::timer::start(log);
+    if let Err(e) = state::syncer::start_worker(mcf.metrics.rate_zones(), log) {
         ngx_log_error!(NGX_LOG_EMERG, log, "mesh: {}", e);
         return Status::NGX_ERROR.into();
+    }
+    if let Some(export) = &mcf.trace_export {
+        if let Err(e) = state::span_export::start_worker(export) {
+            ngx_log_error!(NGX_LOG_EMERG, log, "mesh: {}", e);
+            return Status::NGX_ERROR.into();
+        }
     }
     Status::NGX_OK.into()
 }
 
-/// Runs in a worker that leaves (graceful shutdown, reload): gives up what it was fetching.
+/// Runs in a worker that leaves (graceful shutdown, reload): gives up what it was fetching,
+/// and sends the spans still queued (bounded: about a second).
 unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
     nginx::no_panic((), keystore::stop_worker);
+    nginx::no_panic((), state::span_export::stop_worker);
 }
 
 unsafe impl HttpModuleMainConf for MeshModule {
@@ -157,13 +186,18 @@ impl HttpModule for MeshModule {
 
             request::response::install_header_filter();
 
-            if let Err(e) = keystore::add_zone(cf) {
-                ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
-                return Status::NGX_ERROR.into();
-            }
             let Some(mcf) = MeshModule::main_conf_mut(&*cf) else {
                 return Status::NGX_ERROR.into();
             };
+            let sources = keystore::Sources {
+                providers: &mcf.providers,
+                outbound: &mcf.outbound,
+                metadata_server: &mcf.metadata_server,
+            };
+            if let Err(e) = keystore::add_zone(cf, &mut mcf.keystore, &sources, Self::module()) {
+                ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
+                return Status::NGX_ERROR.into();
+            }
             let providers: Vec<(String, bool)> = mcf
                 .providers
                 .iter()
@@ -171,9 +205,14 @@ impl HttpModule for MeshModule {
                 .collect();
             let zones = mcf.zones.clone();
             let routes = mcf.routes.clone();
-            if let Err(e) =
-                state::metrics::configure(cf, &mut mcf.metrics, &providers, &zones, &routes)
-            {
+            if let Err(e) = state::metrics::configure(
+                cf,
+                &mut mcf.metrics,
+                &providers,
+                &zones,
+                &routes,
+                Self::module(),
+            ) {
                 ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
                 return Status::NGX_ERROR.into();
             }

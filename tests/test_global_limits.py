@@ -201,6 +201,7 @@ def test_a_global_zone_limits_and_leaves_expiring_keys_in_redis(module_path, lau
     ttl = redis_server.command("PTTL", keys[0])
     assert 0 < ttl <= (BURST + 2) * 1000 // RATE + 50, ttl
     assert metric(site.port, "mesh_rate_limit_sync_age_seconds") < 2.0
+    assert time.time() - 2.0 < metric(site.port, "mesh_rate_limit_sync_last_success_timestamp_seconds") <= time.time() + 1
     assert metric(site.port, "mesh_rate_limit_sync_dropped_total") == 0
     # a plain zone in the same nginx is not in Redis, and has no sync metrics
     assert request(site.port, "/local/?k=bob").status == 200
@@ -293,6 +294,7 @@ def test_rediss_verifies_the_server_against_ca_file(module_path, launcher_fn):
         print("\n" + warn[0])
         assert metric(other.port, "mesh_rate_limit_sync_up") == 0
         assert metric(other.port, "mesh_rate_limit_sync_age_seconds") == float("inf")
+        assert metric(other.port, "mesh_rate_limit_sync_last_success_timestamp_seconds") == 0
     finally:
         redis.stop()
         shutil.rmtree(pki.dir, ignore_errors=True)

@@ -1,12 +1,13 @@
 //! ngx-mesh's pure core: no nginx types, no FFI, no `unsafe`.
 //!
 //! * [`status`]: verification outcomes (`$mesh_auth_status`);
+//! * [`decision`]: what the module decided for a request (`$mesh_decision`);
 //! * [`audit`]: `mesh_require_auth`: which routes must verify callers, the `nginx -t` summary;
 //! * [`keys`]: JWKS, PEM and HMAC key sets;
 //! * [`token`]: JWT verification (RFC 7515, 7519, 8725);
 //! * [`extract`]: `Authorization: Bearer` parsing;
 //! * [`cache`]: per-worker cache of verified tokens;
-//! * [`histogram`]: cumulative histograms (bucket layout, Prometheus rendering);
+//! * [`otlp`]: spans as OTLP/HTTP protobuf, for `mesh_trace_export`;
 //! * [`metrics`]: the Prometheus text format of `mesh_status` and its label sets;
 //! * [`policy`]: RBAC patterns, `mesh_role` bindings, `mesh_allow`/`mesh_deny` rules;
 //! * [`provider`]: `mesh_provider` blocks: lines, the Google preset, algorithm/key rules;
@@ -20,12 +21,13 @@
 
 pub mod audit;
 pub mod cache;
+pub mod decision;
 pub mod extract;
 pub mod gcra;
-pub mod histogram;
 pub mod keys;
 pub mod keystore;
 pub mod metrics;
+pub mod otlp;
 pub mod policy;
 pub mod provider;
 pub mod ratesync;

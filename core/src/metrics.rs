@@ -4,8 +4,8 @@
 //! The shell keeps the counters (plain atomics in shared memory) and hands their values to
 //! an [`Exposition`], which writes `# HELP` / `# TYPE` lines and samples with escaped label
 //! values. Label values are bounded: decisions, verification outcomes and refresh results are
-//! the fixed lists below; providers, zones and audiences are names from the configuration.
-//! No caller name is ever a label.
+//! the fixed lists below; providers, zones and audiences are names from the configuration;
+//! callers (`mesh_requests_total{caller}`) are bounded by `mesh_metrics_callers`.
 
 use std::fmt::Write;
 
@@ -13,16 +13,6 @@ use crate::status::AuthStatus;
 
 /// The `Content-Type` of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// `$mesh_decision` values, in counter order (`mesh_requests_total{decision}`).
-pub const DECISIONS: [&str; 6] = [
-    "allow",
-    "deny",
-    "unauthenticated",
-    "rate_limited",
-    "would_deny",
-    "would_rate_limit",
-];
 
 /// `$mesh_auth_status` values counted per provider (`mesh_auth_total{provider,status}`), in
 /// counter order. `off` is not among them: nothing is verified, so there is no provider.
@@ -48,15 +38,36 @@ pub fn auth_index(s: AuthStatus) -> Option<usize> {
 /// Results of a key refresh (`mesh_keys_refresh_total{provider,result}`).
 pub const REFRESH_RESULTS: [&str; 2] = ["success", "failure"];
 
-/// Status classes of `mesh_upstream_requests_total{code}`: the class, not the code, keeps
-/// the series few (five per route) whatever the upstream answers.
-pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Status classes (`mesh_requests_total{code}`): the class, not the code, so that a
+/// caller's series stay few (five per decision) whatever statuses its upstream answers.
+pub const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// The counter index of a status's class; `None` outside 100..=599 (no response).
-pub fn status_class(status: u64) -> Option<usize> {
-    (100..600)
-        .contains(&status)
-        .then(|| (status / 100 - 1) as usize)
+/// The class index of a status; one outside 100..=599 (nginx logs 0 for a request that got
+/// no response) counts as `5xx`, a failure of the server to answer.
+pub fn code_class(status: u16) -> usize {
+    match status {
+        100..=599 => usize::from(status / 100 - 1),
+        _ => 4,
+    }
+}
+
+/// Upper bounds (milliseconds) of the duration histograms' buckets: from 1 ms (a cached
+/// token on loopback) to 30 s (a slow upstream), roughly 1-2.5-5 per decade; `+Inf` follows.
+pub const DURATION_BUCKETS_MS: [u64; 14] = [
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000,
+];
+
+/// The bucket a duration falls in (`DURATION_BUCKETS_MS.len()`: `+Inf` only).
+pub fn duration_bucket(ms: u64) -> usize {
+    DURATION_BUCKETS_MS.partition_point(|&le| le < ms)
+}
+
+/// The `le` label of each bucket, then `+Inf`.
+pub fn bucket_le(i: usize) -> String {
+    match DURATION_BUCKETS_MS.get(i) {
+        Some(&ms) => format!("{}", ms as f64 / 1000.0),
+        None => "+Inf".into(),
+    }
 }
 
 /// A metric family's type.
@@ -116,6 +127,22 @@ impl Exposition {
         self.out.push(' ');
         value.write_to(&mut self.out);
         self.out.push('\n');
+    }
+
+    /// One histogram's samples (after its `family`): `buckets` per [`DURATION_BUCKETS_MS`]
+    /// bucket and `+Inf` (not cumulative: summed here), and the sum in milliseconds.
+    pub fn histogram(&mut self, name: &str, labels: &[(&str, &str)], buckets: &[u64], sum_ms: u64) {
+        let bucket = format!("{name}_bucket");
+        let mut total = 0u64;
+        for (i, n) in buckets.iter().enumerate() {
+            total += n;
+            let le = bucket_le(i);
+            let mut with_le: Vec<(&str, &str)> = labels.to_vec();
+            with_le.push(("le", &le));
+            self.sample(&bucket, &with_le, total);
+        }
+        self.sample(&format!("{name}_sum"), labels, sum_ms as f64 / 1000.0);
+        self.sample(&format!("{name}_count"), labels, total);
     }
 
     pub fn finish(self) -> String {
@@ -201,14 +228,58 @@ mod tests {
     use super::*;
 
     #[test]
-    fn status_classes() {
-        assert_eq!(status_class(100), Some(0));
-        assert_eq!(status_class(204), Some(1));
-        assert_eq!(status_class(499), Some(3));
-        assert_eq!(status_class(599), Some(4));
-        assert_eq!(status_class(0), None);
-        assert_eq!(status_class(600), None);
-        assert_eq!(STATUS_CLASSES[status_class(503).unwrap()], "5xx");
+    fn durations_fall_in_the_first_bucket_that_holds_them() {
+        assert_eq!(duration_bucket(0), 0);
+        assert_eq!(duration_bucket(1), 0);
+        assert_eq!(duration_bucket(2), 1);
+        assert_eq!(duration_bucket(3), 2);
+        assert_eq!(duration_bucket(30_000), 13);
+        assert_eq!(duration_bucket(30_001), DURATION_BUCKETS_MS.len());
+        assert_eq!(bucket_le(0), "0.001");
+        assert_eq!(bucket_le(9), "1");
+        assert_eq!(bucket_le(14), "+Inf");
+        assert_eq!(
+            [99, 100, 204, 399, 404, 503, 599, 0, 600].map(code_class),
+            [4, 0, 1, 2, 3, 4, 4, 4, 4]
+        );
+    }
+
+    #[test]
+    fn histograms_are_cumulative_with_sum_and_count() {
+        let mut e = Exposition::new();
+        e.family("d_seconds", Kind::Histogram, "h");
+        let mut b = [0u64; DURATION_BUCKETS_MS.len() + 1];
+        b[0] = 2;
+        b[3] = 1;
+        b[DURATION_BUCKETS_MS.len()] = 1;
+        e.histogram("d_seconds", &[("caller", "a")], &b, 40_012);
+        let out = e.finish();
+        assert!(out.contains("# TYPE d_seconds histogram\n"), "{out}");
+        assert!(
+            out.contains("d_seconds_bucket{caller=\"a\",le=\"0.001\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("d_seconds_bucket{caller=\"a\",le=\"0.005\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("d_seconds_bucket{caller=\"a\",le=\"0.01\"} 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("d_seconds_bucket{caller=\"a\",le=\"30\"} 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("d_seconds_bucket{caller=\"a\",le=\"+Inf\"} 4\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("d_seconds_sum{caller=\"a\"} 40.012\n"),
+            "{out}"
+        );
+        assert!(out.contains("d_seconds_count{caller=\"a\"} 4\n"), "{out}");
     }
 
     #[test]

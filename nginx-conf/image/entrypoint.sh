@@ -280,8 +280,9 @@ configure_image() {
         MESH_ISSUER_ALGORITHMS MESH_ISSUER_PRINCIPAL MESH_ISSUER_NAME MESH_AUTH_PROVIDERS
         MESH_ALLOWED_CALLERS MESH_RATE MESH_BURST MESH_RATE_ZONE_SIZE MESH_TRACE MESH_TRACE_SAMPLE
         MESH_TRACE_RESPONSE MESH_FORWARD_IDENTITY MESH_HEALTH_PATH MESH_CONFIG_VERSION
-        MESH_ENVSUBST_FILTER MESH_NGINX_CONF MESH_EGRESS_PORT MESH_REDIS_URL MESH_REDIS_PASSWORD_FILE
-        MESH_REDIS_CA MESH_REAL_IP MESH_METADATA_SERVER "
+        MESH_ENVSUBST_FILTER MESH_NGINX_CONF MESH_METRICS_PORT MESH_TRACE_EXPORT
+        MESH_TRACE_SERVICE MESH_EGRESS_PORT MESH_REDIS_URL MESH_REDIS_PASSWORD_FILE MESH_REDIS_CA
+        MESH_REAL_IP MESH_METADATA_SERVER "
     for name in $(compgen -e); do
         [[ $name == MESH_* ]] || continue
         [[ $known == *[[:space:]]$name[[:space:]]* ]] && continue
@@ -306,12 +307,18 @@ configure_image() {
     : "${MESH_HEALTH_PATH:=/health}"
     : "${MESH_CONFIG_VERSION:=image}"
     : "${MESH_ISSUER_NAME:=issuer}"
+    : "${MESH_METRICS_PORT:=9464}"
     : "${MESH_EGRESS_PORT:=9090}"
     : "${MESH_REAL_IP:=on}"
 
     check PORT '^[1-9][0-9]{0,4}$' "a port number (1-65535)"
     ((PORT <= 65535)) || die "PORT=$PORT is not valid: expected a port number (1-65535)"
     check MESH_WORKERS '^(auto|[1-9][0-9]{0,3})$' "auto or a number of worker processes"
+    check MESH_METRICS_PORT '^(off|[1-9][0-9]{0,4})$' "off or a port number (1-65535)"
+    if [ "$MESH_METRICS_PORT" != off ]; then
+        ((MESH_METRICS_PORT <= 65535)) || die "MESH_METRICS_PORT=$MESH_METRICS_PORT is not valid: expected off or a port number (1-65535)"
+        [ "$MESH_METRICS_PORT" != "$PORT" ] || die "MESH_METRICS_PORT=$MESH_METRICS_PORT is PORT, the port callers reach: metrics are served on 127.0.0.1 only, on a port of their own"
+    fi
     check MESH_ERROR_LOG_LEVEL '^(debug|info|notice|warn|error|crit|alert|emerg)$' "an error_log level (debug, info, notice, warn, error, crit, alert, emerg)"
     check MESH_SHUTDOWN_TIMEOUT '^[0-9]+(ms|s)?$' "a time such as 8s (Cloud Run stops the container 10 s after SIGTERM)"
     check MESH_UPSTREAM '^https?://[A-Za-z0-9._~-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~!&()*+,=:@%/-]*)?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?(/[A-Za-z0-9._~!&()*+,=:@%/-]*)?$' \
@@ -325,6 +332,7 @@ configure_image() {
     check MESH_EGRESS_PORT '^[1-9][0-9]{0,4}$' "a port number (1-65535)"
     ((MESH_EGRESS_PORT <= 65535)) || die "MESH_EGRESS_PORT=$MESH_EGRESS_PORT is not valid: expected a port number (1-65535)"
     [ "$MESH_EGRESS_PORT" != "$PORT" ] || die "MESH_EGRESS_PORT=$MESH_EGRESS_PORT is PORT: the egress routes listen on loopback only, never on the port Cloud Run sends requests to"
+    [ "$MESH_EGRESS_PORT" != "$MESH_METRICS_PORT" ] || die "MESH_EGRESS_PORT=$MESH_EGRESS_PORT is MESH_METRICS_PORT: give the egress routes a port of their own"
     check MESH_TRACE_SAMPLE '^(0|1|0?\.[0-9]+|0\.[0-9]+|1\.0*)$' "a ratio from 0 to 1, e.g. 0.1"
     check MESH_RATE '^(off|[1-9][0-9]*r/[sm])$' "off or a rate such as 100r/s or 600r/m"
     check MESH_BURST '^[0-9]+$' "a number of requests"
@@ -538,6 +546,38 @@ configure_image() {
         fi
     fi
 
+    # Span export: MESH_TRACE_EXPORT=google (Cloud Trace's OTLP endpoint, with the service
+    # account's access token) or an OTLP/HTTP URL (an OpenTelemetry collector sidecar).
+    local export=""
+    if [ -n "${MESH_TRACE_EXPORT:-}" ]; then
+        case "$MESH_TRACE_EXPORT" in
+        google) export="    mesh_trace_export https://telemetry.googleapis.com/v1/traces auth=google;" ;;
+        *)
+            check MESH_TRACE_EXPORT '^https?://[A-Za-z0-9._~-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~!&()*+,=:@%/-]*)?$' \
+                "google, or an http:// or https:// OTLP/HTTP URL such as http://127.0.0.1:4318/v1/traces"
+            export="    mesh_trace_export $(q "$MESH_TRACE_EXPORT");" ;;
+        esac
+        [ "$MESH_TRACE" = on ] || log warn "MESH_TRACE_EXPORT is set but MESH_TRACE=off: no request is traced, so no span is sent"
+    fi
+    if [ -n "${MESH_TRACE_SERVICE:-}" ]; then
+        check MESH_TRACE_SERVICE '^[A-Za-z0-9._:/-]{1,256}$' "a service name (letters, digits, . _ : / -)"
+        export+="
+    mesh_trace_service $MESH_TRACE_SERVICE;"
+    fi
+
+    # Metrics for the Managed Prometheus sidecar: loopback only (a Cloud Run instance's
+    # containers share it), never on PORT.
+    local metrics="    # metrics: off (MESH_METRICS_PORT=off)"
+    if [ "$MESH_METRICS_PORT" != off ]; then
+        metrics="    server {
+        listen 127.0.0.1:$MESH_METRICS_PORT;
+        mesh_auth off;
+        access_log off;
+        location = /metrics { mesh_status; }
+        location / { return 404; }
+    }"
+    fi
+
     local health="        # health path: off (MESH_HEALTH_PATH=off)"
     if [ "$MESH_HEALTH_PATH" != off ]; then
         health="        location = $MESH_HEALTH_PATH {
@@ -561,6 +601,8 @@ configure_image() {
     export _MESH_TRACE=$trace
     export _MESH_FORWARD_IDENTITY=$MESH_FORWARD_IDENTITY
     export _MESH_HEALTH=$health
+    export _MESH_TRACE_EXPORT=$export
+    export _MESH_METRICS_SERVER=$metrics
     export _MESH_RULES=${rules%$'\n'}
     export _MESH_RATE_LIMIT=${limit%$'\n'}
     export _MESH_UPSTREAM

@@ -16,9 +16,9 @@ use ngx::ffi::{
 };
 use ngx::ngx_string;
 
-use super::directive::{directive, flag, set_once};
+use super::directive::{directive, flag, set_once, ContentHandlers};
 use super::{
-    identity, keys, log, outbound, policy, provider, rate_limit, trace, LocConf, MainConf,
+    identity, keys, log, metrics, outbound, policy, provider, rate_limit, trace, LocConf, MainConf,
 };
 
 const M: u32 = NGX_HTTP_MAIN_CONF;
@@ -89,8 +89,12 @@ impl Level for LocConf {
 const T1: u32 = NGX_CONF_TAKE1;
 const FLAG: u32 = NGX_CONF_FLAG;
 
+/// Entries of the table, the terminating empty one included.
+pub const COUNT: usize = 34;
+
+/// The table, with `H`'s content handlers.
 #[rustfmt::skip]
-pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 31] = [
+pub const fn table<H: ContentHandlers>() -> [ngx_command_t; COUNT] { [
     // identity
     each!("mesh_provider",          M | NGX_CONF_BLOCK | T1, MainConf, providers,        provider::block),
     once!("mesh_auth",              MSL | NGX_CONF_1MORE,    LocConf,  auth,             identity::auth),
@@ -116,6 +120,8 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 31] = [
     once!("mesh_trace_sample",      MSL | T1,                LocConf,  trace_sample,     trace::sample),
     once!("mesh_trace_project",     MS | T1,                 LocConf,  trace_project,    trace::project),
     once!("mesh_trace_response",    MSL | FLAG,              LocConf,  trace_response,   flag),
+    once!("mesh_trace_export",      M | NGX_CONF_1MORE,      MainConf, trace_export,     trace::export),
+    once!("mesh_trace_service",     M | T1,                  MainConf, trace_service,    trace::service),
     // identity forwarding, outbound identity, operations
     once!("mesh_forward_identity",  MSL | FLAG,              LocConf,  forward_identity, flag),
     each!("mesh_outbound_token",    M | NGX_CONF_TAKE2,      MainConf, outbound,         outbound::token),
@@ -123,8 +129,9 @@ pub static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; 31] = [
     once!("mesh_metadata_server",   M | T1,                  MainConf, metadata_server,  outbound::metadata_server),
     once!("mesh_log_level",         MSL | T1,                LocConf,  log_level,        log::level),
     once!("mesh_keys_wait",         M | T1,                  MainConf, keys_wait,        keys::wait),
-    command(ngx_string!("mesh_ready"), NGX_HTTP_LOC_CONF | ngx::ffi::NGX_CONF_NOARGS, keys::ready, NGX_HTTP_LOC_CONF_OFFSET),
-    command(ngx_string!("mesh_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, crate::request::status::mesh_status, NGX_HTTP_LOC_CONF_OFFSET),
+    command(ngx_string!("mesh_ready"), NGX_HTTP_LOC_CONF | ngx::ffi::NGX_CONF_NOARGS, keys::ready::<H>, NGX_HTTP_LOC_CONF_OFFSET),
+    command(ngx_string!("mesh_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, metrics::mesh_status::<H>, NGX_HTTP_LOC_CONF_OFFSET),
+    once!("mesh_metrics_callers",   M | T1,                  MainConf, metrics_callers,  log::metrics_callers),
     once!("mesh_config_version",    M | T1,                  MainConf, config_version,   identity::config_version),
     ngx_command_t::empty(),
-];
+] }

@@ -9,7 +9,7 @@
 use std::ffi::{c_char, c_void};
 
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
-use ngx::ffi::{ngx_conf_t, ngx_str_t};
+use ngx::ffi::{ngx_conf_t, ngx_http_handler_pt, ngx_str_t};
 
 use crate::nginx::conf::{args, conf_error, conf_msg, word, ConfPos};
 use crate::nginx::no_panic;
@@ -148,4 +148,11 @@ pub fn push<T>(list: &mut Option<std::sync::Arc<Vec<T>>>, item: T) -> Result<(),
         None => *list = Some(std::sync::Arc::new(vec![item])),
     }
     Ok(())
+}
+
+/// The request handlers that `mesh_ready` and `mesh_status` make a location's content handler
+/// (they live in `request/`, above this folder: the module names them).
+pub trait ContentHandlers {
+    const READY: ngx_http_handler_pt;
+    const METRICS: ngx_http_handler_pt;
 }

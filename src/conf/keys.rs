@@ -7,7 +7,7 @@ use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{ngx_command_t, ngx_conf_t};
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
 
-use super::directive::{invalid, ConfError, Directive};
+use super::directive::{invalid, ConfError, ContentHandlers, Directive};
 use crate::nginx::conf::conf_error;
 use crate::nginx::no_panic;
 
@@ -30,7 +30,7 @@ pub fn wait(d: &Directive) -> Result<u64, ConfError> {
 ///
 /// # Safety
 /// Called by nginx for the directive inside a location.
-pub unsafe extern "C" fn ready(
+pub unsafe extern "C" fn ready<H: ContentHandlers>(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
     _conf: *mut c_void,
@@ -46,7 +46,7 @@ pub unsafe extern "C" fn ready(
                 "mesh_ready: this location already has a content handler",
             );
         }
-        clcf.handler = Some(crate::request::ready::handler);
+        clcf.handler = H::READY;
         NGX_CONF_OK
     })
 }

@@ -4,6 +4,7 @@
 use std::ffi::{c_char, c_void};
 use std::sync::Arc;
 
+use mesh_core::otlp::{Attr, Resource};
 use mesh_core::policy::RuleSet;
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::ngx_conf_t;
@@ -11,6 +12,7 @@ use ngx::http::HttpModuleMainConf;
 
 use super::directive::ConfError;
 use super::{audit, Auth, AuthSpec, LocConf, MainConf, TRACE_PROJECT_ENV};
+use crate::state::span_export::TraceExport;
 use crate::MeshModule;
 
 /// `init_main_conf`: the http-level values in force.
@@ -41,10 +43,64 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
             mcf.config_version = v;
         }
         mcf.keystore.wait_ms = mcf.set.keys_wait;
+        if let Some(n) = mcf.set.metrics_callers {
+            mcf.metrics.callers = n;
+        }
         // Read once, here in the master: nginx clears the environment of its workers.
         mcf.trace_project_env = std::env::var(TRACE_PROJECT_ENV).ok();
+        mcf.trace_export = mcf.set.trace_export.take().map(|settings| {
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let resource = span_resource(
+                mcf.set.trace_service.take(),
+                env("K_SERVICE"),
+                env("K_REVISION"),
+                mcf.trace_project_env.clone().filter(|v| !v.is_empty()),
+                &mcf.config_version,
+            );
+            Arc::new(TraceExport {
+                settings,
+                resource,
+                metadata_server: mcf.metadata_server.clone(),
+            })
+        });
         NGX_CONF_OK
     })
+}
+
+/// The resource every exported span names: `service.name` from `mesh_trace_service`, else
+/// Cloud Run's `K_SERVICE`, else `nginx`; on Cloud Run (`K_SERVICE` set) the platform and the
+/// revision; the project when known (Cloud Trace files spans under `gcp.project_id`).
+fn span_resource(
+    service: Option<String>,
+    k_service: Option<String>,
+    k_revision: Option<String>,
+    project: Option<String>,
+    config_version: &str,
+) -> Resource {
+    let mut attributes = vec![Attr::str(
+        "service.name",
+        service
+            .or_else(|| k_service.clone())
+            .unwrap_or_else(|| "nginx".into()),
+    )];
+    if let Some(rev) = k_revision {
+        attributes.push(Attr::str("service.version", rev));
+    }
+    if k_service.is_some() {
+        attributes.push(Attr::str("cloud.provider", "gcp"));
+        attributes.push(Attr::str("cloud.platform", "gcp_cloud_run"));
+    }
+    if let Some(p) = project {
+        attributes.push(Attr::str("gcp.project_id", p));
+    }
+    if !config_version.is_empty() {
+        attributes.push(Attr::str("mesh.config_version", config_version));
+    }
+    Resource {
+        attributes,
+        scope_name: "ngx-mesh".into(),
+        scope_version: env!("CARGO_PKG_VERSION").into(),
+    }
 }
 
 /// Resolves the provider names of a `mesh_auth` against the `mesh_provider` blocks. Done at

@@ -21,6 +21,7 @@ mod identity;
 mod keys;
 pub(crate) mod log;
 pub mod merge;
+mod metrics;
 mod outbound;
 mod policy;
 mod provider;
@@ -35,10 +36,12 @@ use mesh_core::gcra::policy_header;
 use mesh_core::policy::{RoleBinding, Rule, RuleSet};
 use ngx::ffi::ngx_http_complex_value_t;
 
+pub use directive::ContentHandlers;
 pub use identity::{Auth, AuthSpec};
 pub use outbound::OutboundAuth;
 pub use rate_limit::{CallerRate, RateLimit};
 
+use crate::state::keystore::Sources;
 use crate::state::outbound::OutboundToken;
 use crate::state::provider::MeshProvider;
 
@@ -81,6 +84,8 @@ pub struct MainConf {
     pub keystore: crate::state::keystore::StoreConf,
     /// The routes `mesh_require_auth` checks, gathered while merging.
     pub(crate) audit: audit::Audit,
+    /// `mesh_trace_export`, with the spans' resource; `None`: spans are not exported.
+    pub trace_export: Option<Arc<crate::state::span_export::TraceExport>>,
     set: MainSet,
 }
 
@@ -95,6 +100,9 @@ struct MainSet {
     /// Provider names that `provider=` of `mesh_allow`/`mesh_deny` lines refer to, with
     /// where: checked against the `mesh_provider` blocks once the http block is read.
     rule_providers: Vec<(String, crate::nginx::conf::ConfPos)>,
+    trace_export: Option<mesh_core::otlp::ExportSettings>,
+    trace_service: Option<String>,
+    metrics_callers: Option<usize>,
 }
 
 impl Default for MainConf {
@@ -111,6 +119,7 @@ impl Default for MainConf {
             trace_project_env: None,
             keystore: Default::default(),
             audit: audit::Audit::default(),
+            trace_export: None,
             set: MainSet::default(),
         }
     }
@@ -226,6 +235,17 @@ impl Default for LocConf {
         };
         lcf.resolve(None);
         lcf
+    }
+}
+
+impl MainConf {
+    /// What the shared key store keeps for this configuration.
+    pub fn key_sources(&self) -> Sources<'_> {
+        Sources {
+            providers: &self.providers,
+            outbound: &self.outbound,
+            metadata_server: &self.metadata_server,
+        }
     }
 }
 

@@ -129,7 +129,7 @@ unsafe extern "C" fn get(
         let (token, req, v) = unsafe { (&*(data as *const OutboundToken), &*r, &mut *v) };
         // SAFETY: a live request has a live connection.
         let log = unsafe { (*req.connection).log };
-        let value = token.current_renewing();
+        let value = crate::state::keystore::current_token(token);
         if value.is_none() && token.should_warn() {
             ngx::ngx_log_error!(
                 NGX_LOG_WARN,

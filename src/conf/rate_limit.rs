@@ -10,12 +10,14 @@ use mesh_core::policy::Pattern;
 use mesh_core::ratesync::{check_prefix, parse_sync};
 use mesh_core::units::parse_size;
 use ngx::ffi::{ngx_http_complex_value_t, ngx_shm_zone_t, ngx_str_t};
+use ngx::http::HttpModule;
 use redis::{ConnectionAddr, IntoConnectionInfo};
 
 use super::directive::{invalid, push, ConfError, Directive};
 use crate::nginx::conf::{compile_complex, full_path, shared_zone, value_part, ConfPos};
-use crate::state::rate_sync::SyncConf;
-use crate::state::rate_zone::{zone_init, RateZone};
+use crate::state::rate_sync::{shm_size, SyncConf};
+use crate::state::rate_zone::{sync_zone_init, zone_init, RateZone};
+use crate::MeshModule;
 
 /// The smallest zone: nginx's shared-memory modules refuse less than 8 pages.
 const MIN_ZONE_SIZE: usize = 8 * 4096;
@@ -65,7 +67,7 @@ pub fn zone(zones: &mut Vec<String>, d: &Directive) -> Result<(), ConfError> {
         .into());
     }
     let sync = sync_of(d, &name)?;
-    let zone = shared_zone(d.cf, d.args[1], size)?.as_ptr();
+    let zone = shared_zone(d.cf, d.args[1], size, MeshModule::module())?.as_ptr();
     // SAFETY: `zone` is nginx's entry for this name; `data` is ours to set once, to a
     // RateZone in the configuration pool (which lives as long as the cycle).
     unsafe {
@@ -90,12 +92,12 @@ pub fn zone(zones: &mut Vec<String>, d: &Directive) -> Result<(), ConfError> {
                 len: sync.shm_name.len(),
                 data: sync.shm_name.as_ptr().cast_mut(),
             };
-            let sz = shared_zone(d.cf, shm_name, crate::state::rate_sync::shm_size(size))?.as_ptr();
+            let sz = shared_zone(d.cf, shm_name, shm_size(size), MeshModule::module())?.as_ptr();
             if !(*sz).data.is_null() {
                 return Err(format!("mesh_rate_limit_zone \"{name}\" is defined twice").into());
             }
             (*sz).data = p.cast();
-            (*sz).init = Some(crate::state::rate_sync::zone_init);
+            (*sz).init = Some(sync_zone_init);
         }
     }
     zones.push(name);
@@ -269,7 +271,12 @@ pub fn limit(d: &Directive) -> Result<Rc<RateLimit>, ConfError> {
                 .map_err(|_| invalid(format!("invalid key \"{text}\"")))?,
         ),
     };
-    let zone = shared_zone(d.cf, value_part(&zone_word, zone_name), 0)?;
+    let zone = shared_zone(
+        d.cf,
+        value_part(&zone_word, zone_name),
+        0,
+        MeshModule::module(),
+    )?;
     Ok(Rc::new(RateLimit {
         zone,
         zone_name: zone_name.to_string(),

@@ -218,6 +218,9 @@ impl HeaderName {
     }
 }
 
+/// `Retry-After`, sent with a rate-limit refusal and with a 503 for keys not fetched yet.
+pub const RETRY_AFTER: HeaderName = HeaderName::new("Retry-After", "retry-after");
+
 /// A header value: copied into the request pool, or pointing at memory that outlives every
 /// request (the configuration, whose references are `'static`; or static text).
 pub enum HeaderValue<'a> {

@@ -7,6 +7,7 @@
 
 use std::cell::RefCell;
 
+use mesh_core::decision::Decision;
 use mesh_core::policy::{roles_into, Caller, Verdict};
 use mesh_core::status::AuthStatus;
 use ngx::core::Status;
@@ -16,14 +17,14 @@ use ngx::ffi::{
 };
 use ngx::http::{HttpModuleLocationConf, Request};
 
-use super::ctx::{Decision, RequestCtx};
+use super::ctx::RequestCtx;
 use super::identify::Identity;
 use super::limit::limit;
 use super::log::log_refusal;
 use super::upstream;
 use crate::conf::LocConf;
 use crate::nginx::headers::{
-    pool_fmt, push_header_out, push_header_out_elt, HeaderName, HeaderValue,
+    pool_fmt, push_header_out, push_header_out_elt, HeaderName, HeaderValue, RETRY_AFTER,
 };
 use crate::nginx::no_panic;
 use crate::nginx::request::method_name;
@@ -32,7 +33,6 @@ use crate::MeshModule;
 /// Seconds a client is told to wait when a provider has no keys yet.
 const NO_KEYS_RETRY_AFTER: &[u8] = b"10";
 
-pub(super) const RETRY_AFTER: HeaderName = HeaderName::new("Retry-After", "retry-after");
 const WWW_AUTHENTICATE: HeaderName = HeaderName::new("WWW-Authenticate", "www-authenticate");
 
 thread_local! {

@@ -12,6 +12,7 @@ use std::cell::{Cell, OnceCell, RefCell};
 use std::ffi::c_void;
 use std::ptr;
 
+use mesh_core::decision::Decision;
 use mesh_core::status::AuthStatus;
 use ngx::ffi::{ngx_http_request_t, ngx_pool_cleanup_add, ngx_table_elt_t};
 use ngx::http::{HttpModule, HttpModuleLocationConf, Request};
@@ -20,30 +21,6 @@ use super::identify::{identify, same_identity_settings, Identity};
 use super::trace::{self, Trace};
 use crate::conf::LocConf;
 use crate::MeshModule;
-
-/// What the module decided for a request (`$mesh_decision`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
-    Allow,
-    Deny,
-    Unauthenticated,
-    RateLimited,
-    WouldDeny,
-    WouldRateLimit,
-}
-
-impl Decision {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Decision::Allow => "allow",
-            Decision::Deny => "deny",
-            Decision::Unauthenticated => "unauthenticated",
-            Decision::RateLimited => "rate_limited",
-            Decision::WouldDeny => "would_deny",
-            Decision::WouldRateLimit => "would_rate_limit",
-        }
-    }
-}
 
 pub struct RequestCtx {
     /// The request this context belongs to (subrequests share the pool, not the context).

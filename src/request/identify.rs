@@ -208,7 +208,7 @@ fn verify_any(
                         .iter()
                         .zip(&snapshots)
                         .filter(|(_, p)| p.issuers.iter().any(|i| i == iss))
-                        .for_each(|(m, _)| m.request_refetch());
+                        .for_each(|(m, _)| crate::state::keystore::request_refetch(m));
                 }
             }
             Err(e)

@@ -1,18 +1,19 @@
 //! Rate limiting: the request's key charged once per zone, the caller's rate chosen by
 //! `mesh_rate_limit_caller`, and the `RateLimit` headers.
 
+use mesh_core::decision::Decision;
 use mesh_core::gcra::{ratelimit_field, ratelimit_field_max_len, retry_after_secs};
 use mesh_core::policy::Caller;
 use mesh_core::ratetable::key_hash_parts;
 use ngx::ffi::ngx_int_t;
 use ngx::http::Request;
 
-use super::access::RETRY_AFTER;
-use super::ctx::{Decision, RequestCtx};
+use super::ctx::RequestCtx;
 use super::log::log_refusal;
 use crate::conf::{LocConf, RateLimit};
-use crate::nginx::headers::{pool_fmt, push_header_out, HeaderName, HeaderValue};
+use crate::nginx::headers::{pool_fmt, push_header_out, HeaderName, HeaderValue, RETRY_AFTER};
 use crate::nginx::request::{client_addr, now_us};
+use crate::state::metrics;
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::new("RateLimit-Policy", "ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::new("RateLimit", "ratelimit");
@@ -81,6 +82,7 @@ pub fn limit(
         return None;
     }
     ctx.decide(Decision::RateLimited);
+    metrics::count_rate_limited(&zone.name);
     if lcf.rate_headers {
         if let Some(v) = pool_fmt(r, 20, retry_after_secs(&outcome)) {
             push_header_out(r, &RETRY_AFTER, HeaderValue::InPool(v));

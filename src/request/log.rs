@@ -1,10 +1,11 @@
 //! The one line per refusal (or dry-run would-refusal), at `mesh_log_level` (default `info`):
 //! caller, reason, rule, trace. Never the token or a claim value.
 
+use mesh_core::decision::Decision;
 use ngx::ffi::ngx_int_t;
 use ngx::http::{HttpModuleLocationConf, Request};
 
-use super::ctx::{Decision, RequestCtx};
+use super::ctx::RequestCtx;
 use crate::conf::log::DEFAULT_LOG_LEVEL;
 use crate::MeshModule;
 

@@ -8,6 +8,7 @@
 //! - `outbound`: `mesh_outbound_auth`, the service's own token toward the upstream;
 //! - `precontent`: what another access module admitted after our refusal (`satisfy any`);
 //! - `trace`: this hop's trace, started in one place;
+//! - `span`: the span of this hop that `mesh_trace_export` sends;
 //! - `upstream`: the headers the upstream receives;
 //! - `response`: the header filter (`traceresponse`);
 //! - `ready`: the `mesh_ready` content handler;
@@ -22,6 +23,7 @@ pub mod outbound;
 pub mod precontent;
 pub mod ready;
 pub mod response;
+mod span;
 pub mod status;
 pub mod trace;
 mod upstream;

@@ -26,13 +26,12 @@ use ngx::ffi::{
 };
 use ngx::http::{HttpModuleMainConf, Request};
 
-use super::access::RETRY_AFTER;
 use super::ctx::RequestCtx;
 use super::identify::token_of;
 use crate::conf::LocConf;
 use crate::nginx::headers::{
     any_header_in, pool_fmt, push_header_in, push_header_in_elt, push_header_out,
-    remove_headers_in, remove_headers_in_where, HeaderName, HeaderValue,
+    remove_headers_in, remove_headers_in_where, HeaderName, HeaderValue, RETRY_AFTER,
 };
 use crate::nginx::no_panic;
 use crate::state::keystore;
@@ -61,7 +60,7 @@ pub fn precontent(r: &mut Request, lcf: &LocConf) -> ngx_int_t {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     };
     ctx.set_outbound_used();
-    if let Some(token) = t.current_renewing() {
+    if let Some(token) = keystore::current_token(t) {
         return if attach(r, lcf, ctx, &token) {
             Status::NGX_DECLINED.into()
         } else {

@@ -27,7 +27,7 @@ pub unsafe extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             return rc.into();
         }
         let missing = match MeshModule::main_conf(req) {
-            Some(mcf) => crate::state::keystore::missing(mcf),
+            Some(mcf) => crate::state::keystore::missing(mcf.key_sources()),
             None => Vec::new(),
         };
         let (status, body) = if missing.is_empty() {

@@ -1,55 +1,31 @@
 //! `mesh_status`: the Prometheus content handler, and the log-phase handler that counts each
 //! request once, with its final decision and verification outcome.
 
-use std::ffi::{c_char, c_void};
 use std::ptr;
 
-use mesh_core::histogram::{Histogram, LATENCY};
+use mesh_core::decision::Decision;
 use mesh_core::metrics::{
-    Exposition, Kind, AUTH_STATUSES, CONTENT_TYPE, DECISIONS, REFRESH_RESULTS, STATUS_CLASSES,
+    Exposition, Kind, AUTH_STATUSES, CODE_CLASSES, CONTENT_TYPE, REFRESH_RESULTS,
 };
 use mesh_core::status::AuthStatus;
 use mesh_core::token::unverified_issuer;
-use ngx::core::{Buffer, Status, NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::core::{Buffer, Status};
 use ngx::ffi::{
-    ngx_chain_t, ngx_command_t, ngx_conf_t, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_HTTP_GET,
-    NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED,
+    ngx_chain_t, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_HTTP_GET, NGX_HTTP_HEAD,
+    NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED,
 };
-use ngx::http::{
-    HTTPStatus, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule, Request,
-};
+use ngx::http::{HTTPStatus, HttpModuleLocationConf, HttpModuleMainConf, Request};
 
 use super::ctx::RequestCtx;
 use crate::conf::MainConf;
 use crate::nginx::no_panic;
-use crate::state::metrics::{self, Snapshot};
+use crate::state::metrics::{self, CallerCounts, Snapshot, SPAN_DROPS};
 use crate::state::unix_now;
 use crate::MeshModule;
 
-/// `mesh_status;` (location): this location answers with the metrics.
-///
-/// # Safety
-/// nginx calls directive handlers with its configuration context.
-pub unsafe extern "C" fn mesh_status(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    _conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: `cf` is live while the directive is handled; in a location its http core
-    // location configuration exists.
-    let clcf = unsafe { NgxHttpCoreModule::location_conf_mut(&*cf) };
-    match clcf {
-        Some(clcf) => {
-            clcf.handler = Some(status_handler);
-            NGX_CONF_OK
-        }
-        None => NGX_CONF_ERROR,
-    }
-}
-
 /// The content handler: GET and HEAD only; never blocks (relaxed loads of shared counters,
 /// and each rate zone's mutex for two words).
-unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+pub unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
         // SAFETY: nginx calls content handlers with a live request.
         let r = unsafe { Request::from_ngx_http_request(r) };
@@ -105,16 +81,11 @@ fn send(r: &mut Request, body: &str, head: bool) -> ngx_int_t {
 fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
     let mut e = Exposition::new();
     let now = unix_now();
+    let now_precise = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
 
-    e.family(
-        "mesh_requests_total",
-        Kind::Counter,
-        "Requests decided by the mesh module, by final decision ($mesh_decision).",
-    );
-    for (i, d) in DECISIONS.iter().enumerate() {
-        let v = s.map_or(0, |s| s.decisions[i]);
-        e.sample("mesh_requests_total", &[("decision", d)], v);
-    }
+    render_requests(&mut e, s.map_or(&[][..], |s| &s.callers[..]));
 
     e.family(
         "mesh_auth_total",
@@ -184,9 +155,24 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
         }
     }
     e.family(
+        "mesh_rate_limit_sync_last_success_timestamp_seconds",
+        Kind::Gauge,
+        "Global (redis=) rate-limit zones: when a sync last reached Redis, seconds since the epoch; 0: never.",
+    );
+    for z in zones {
+        if let Some((_, age, _)) = z.sync {
+            let at = age.map_or(0.0, |ms| now_precise - ms as f64 / 1000.0);
+            e.sample(
+                "mesh_rate_limit_sync_last_success_timestamp_seconds",
+                &[("zone", &z.name)],
+                at,
+            );
+        }
+    }
+    e.family(
         "mesh_rate_limit_sync_age_seconds",
         Kind::Gauge,
-        "Global (redis=) rate-limit zones: seconds since a sync last reached Redis (+Inf: never).",
+        "Deprecated (removed in the next release): use mesh_rate_limit_sync_last_success_timestamp_seconds. Seconds since a sync last reached Redis (+Inf: never).",
     );
     for z in zones {
         if let Some((_, age, _)) = z.sync {
@@ -233,6 +219,31 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
         &[],
         s.map_or(0, |s| s.cache_misses),
     );
+
+    if mcf.trace_export.is_some() {
+        e.family(
+            "mesh_trace_spans_exported_total",
+            Kind::Counter,
+            "Spans the mesh_trace_export receiver accepted.",
+        );
+        e.sample(
+            "mesh_trace_spans_exported_total",
+            &[],
+            s.map_or(0, |s| s.spans_exported),
+        );
+        e.family(
+            "mesh_trace_spans_dropped_total",
+            Kind::Counter,
+            "Spans lost, by reason: queue_full (the worker's queue was full), export_failed (the receiver did not take them), shutdown (still queued when a leaving worker's flush time ran out).",
+        );
+        for (i, reason) in SPAN_DROPS.iter().enumerate() {
+            e.sample(
+                "mesh_trace_spans_dropped_total",
+                &[("reason", reason)],
+                s.map_or(0, |s| s.spans_dropped[i]),
+            );
+        }
+    }
 
     e.family("mesh_keys", Kind::Gauge, "Keys loaded for a provider.");
     for p in &mcf.providers {
@@ -285,9 +296,21 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
     }
 
     e.family(
+        "mesh_outbound_token_expiry_timestamp_seconds",
+        Kind::Gauge,
+        "When the current outbound token for an audience expires, seconds since the epoch; 0: none held.",
+    );
+    for t in &mcf.outbound {
+        e.sample(
+            "mesh_outbound_token_expiry_timestamp_seconds",
+            &[("audience", &t.audience)],
+            t.expires_at().unwrap_or(0),
+        );
+    }
+    e.family(
         "mesh_outbound_token_expiry_seconds",
         Kind::Gauge,
-        "Seconds until the current outbound token for an audience expires; 0: none held.",
+        "Deprecated (removed in the next release): use mesh_outbound_token_expiry_timestamp_seconds. Seconds until the current outbound token for an audience expires; 0: none held.",
     );
     for t in &mcf.outbound {
         let left = t
@@ -308,7 +331,7 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
             "Outbound calls (requests through a location with mesh_outbound_auth), by route (the location) and status class.",
         );
         for r in &s.routes {
-            for (class, v) in STATUS_CLASSES.iter().zip(r.by_class) {
+            for (class, v) in CODE_CLASSES.iter().zip(r.by_class) {
                 e.sample(
                     "mesh_upstream_requests_total",
                     &[("route", &r.route), ("code", class)],
@@ -316,17 +339,17 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
                 );
             }
         }
-        Histogram::family(
-            &mut e,
+        e.family(
             "mesh_upstream_duration_seconds",
+            Kind::Histogram,
             "Duration of outbound calls by route, from the request's start to its end (retries and a wait for the token included).",
         );
         for r in &s.routes {
-            LATENCY.write(
-                &mut e,
+            e.histogram(
                 "mesh_upstream_duration_seconds",
                 &[("route", &r.route)],
-                &r.duration,
+                &r.buckets,
+                r.sum_ms,
             );
         }
     }
@@ -373,6 +396,60 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
     e.finish()
 }
 
+/// `mesh_requests_total{caller,decision,code}` and `mesh_request_duration_seconds{caller,
+/// decision}`: a decision's series appear once it happened (for the unnamed caller, always,
+/// so that a fresh scrape shows the families' shape).
+fn render_requests(e: &mut Exposition, callers: &[CallerCounts]) {
+    e.family(
+        "mesh_requests_total",
+        Kind::Counter,
+        "Requests decided by the mesh module, by caller (the verified principal of an admitted request; empty: anonymous or refused; other: past mesh_metrics_callers), final decision ($mesh_decision) and status class.",
+    );
+    let fresh = |c: &CallerCounts, d: usize| {
+        c.name.as_deref().is_none_or(str::is_empty) || c.requests[d].iter().any(|&n| n > 0)
+    };
+    for c in callers {
+        for (d, decision) in Decision::ALL.iter().map(|d| d.as_str()).enumerate() {
+            if !fresh(c, d) {
+                continue;
+            }
+            for (k, code) in CODE_CLASSES.iter().enumerate() {
+                // A caller's classes as they happen; the unnamed set shows every one.
+                if c.requests[d][k] == 0 && c.name.as_deref().is_some_and(|n| !n.is_empty()) {
+                    continue;
+                }
+                let mut labels = vec![("decision", decision), ("code", *code)];
+                if let Some(name) = &c.name {
+                    labels.insert(0, ("caller", name.as_str()));
+                }
+                e.sample("mesh_requests_total", &labels, c.requests[d][k]);
+            }
+        }
+    }
+    e.family(
+        "mesh_request_duration_seconds",
+        Kind::Histogram,
+        "Time from the request's first byte to its log phase (nginx's $request_time), by caller and final decision.",
+    );
+    for c in callers {
+        for (d, decision) in Decision::ALL.iter().map(|d| d.as_str()).enumerate() {
+            if !fresh(c, d) {
+                continue;
+            }
+            let mut labels = vec![("decision", decision)];
+            if let Some(name) = &c.name {
+                labels.insert(0, ("caller", name.as_str()));
+            }
+            e.histogram(
+                "mesh_request_duration_seconds",
+                &labels,
+                &c.buckets[d],
+                c.sum_ms[d],
+            );
+        }
+    }
+}
+
 /// The version of the nginx headers the module was built against (it loads only into that nginx).
 fn nginx_version() -> &'static str {
     ngx::ffi::NGINX_VERSION.to_str().unwrap_or("")
@@ -388,6 +465,7 @@ pub unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             if ctx.outbound_used() {
                 count_upstream(r);
             }
+            super::span::export(r, ctx);
         }
         Status::NGX_OK.into()
     })
@@ -405,22 +483,41 @@ fn count_upstream(r: &Request) {
         raw.err_status
     } else {
         raw.headers_out.status
-    } as u64;
-    let start_us = (raw.start_sec.max(0) as u64)
-        .saturating_mul(1_000_000)
-        .saturating_add(raw.start_msec as u64 * 1000);
-    let duration_us = crate::state::unix_now_us().saturating_sub(start_us);
-    metrics::count_upstream(&lcf.route, status, duration_us);
+    };
+    metrics::count_upstream(&lcf.route, status as u16, request_time_ms(raw));
+}
+
+/// The request's time so far, in milliseconds, as nginx's `$request_time` measures it.
+fn request_time_ms(r: &ngx_http_request_t) -> u64 {
+    let start = (r.start_sec.max(0) as u64)
+        .saturating_mul(1000)
+        .saturating_add(r.start_msec as u64);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    now.saturating_sub(start)
 }
 
 fn count(r: &Request, ctx: &RequestCtx) {
     if !ctx.decided() {
         return;
     }
-    if let Some(d) = ctx.decision() {
-        metrics::count_decision(d);
-    }
     let id = ctx.identity();
+    if let Some(d) = ctx.decision() {
+        // A caller gets series of its own only when admitted: a refused one could be anyone
+        // with a token of the issuer, and would use up the bounded caller labels.
+        let admitted = matches!(
+            d,
+            Decision::Allow | Decision::WouldDeny | Decision::WouldRateLimit
+        );
+        let raw = r.as_ref();
+        metrics::count_request(
+            id.principal().filter(|_| admitted),
+            d,
+            raw.headers_out.status as u16,
+            request_time_ms(raw),
+        );
+    }
     if id.status == AuthStatus::Off {
         return;
     }

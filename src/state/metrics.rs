@@ -14,22 +14,23 @@ use std::ffi::c_void;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
-use mesh_core::histogram::{Counts, LATENCY};
-use mesh_core::metrics::{auth_index, name_hash, status_class, DECISIONS, STATUS_CLASSES};
+use mesh_core::decision::Decision;
+use mesh_core::metrics::{
+    auth_index, code_class, duration_bucket, name_hash, CODE_CLASSES, DURATION_BUCKETS_MS,
+};
 use mesh_core::status::AuthStatus;
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_conf_t, ngx_int_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc_locked,
-    ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG,
+    ngx_conf_t, ngx_int_t, ngx_module_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock,
+    ngx_slab_alloc_locked, ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG,
 };
 
 use super::rate_zone::RateZone;
-use crate::request::ctx::Decision;
 
 /// The zone's name (nginx refuses another module's zone of the same name).
 pub const ZONE_NAME: &str = "mesh_metrics";
 /// The zone's size: the table below plus the slab allocator's own pages.
-const ZONE_SIZE: usize = 256 * 1024;
+const ZONE_SIZE: usize = 2 * 1024 * 1024;
 /// Name slots: providers and rate-limit zones of this and earlier configurations.
 const NSLOTS: usize = 256;
 /// Bytes of a name kept to tell names apart (with the name's length and hash).
@@ -37,7 +38,15 @@ const NAME_LEN: usize = 96;
 /// Counters per name slot.
 const NCOUNTERS: usize = 24;
 /// Marks a table written by this layout.
-const MAGIC: u64 = 0x6d65_7368_6d65_7402;
+const MAGIC: u64 = 0x6d65_7368_6d65_7404;
+
+/// `mesh_metrics_callers` at most.
+pub const MAX_CALLERS: usize = 1000;
+/// Caller slots: `""` (anonymous or refused), `other` (past the bound), then one per caller.
+const CALLER_SLOTS: usize = MAX_CALLERS + 2;
+const CALLER_NONE: usize = 0;
+const CALLER_OTHER: usize = 1;
+const NBUCKETS: usize = DURATION_BUCKETS_MS.len() + 1;
 
 /// Slot kinds.
 const KIND_EMPTY: u64 = 0;
@@ -52,10 +61,10 @@ const P_REFRESH_FAILED: usize = 12;
 const P_LAST_REFRESH: usize = 13;
 /// A zone slot's counters.
 const Z_RATE_LIMITED: usize = 0;
-/// A route slot's counters: one per status class (`STATUS_CLASSES`), then the duration
-/// histogram's buckets, then its sum (microseconds).
-const R_BUCKETS: usize = STATUS_CLASSES.len();
-const R_SUM: usize = R_BUCKETS + LATENCY.len();
+/// A route slot's counters: one per status class (`CODE_CLASSES`), then the duration
+/// histogram's buckets (`+Inf` last), then its sum (milliseconds).
+const R_BUCKETS: usize = CODE_CLASSES.len();
+const R_SUM: usize = R_BUCKETS + NBUCKETS;
 const _: () = assert!(R_SUM < NCOUNTERS);
 
 #[repr(C)]
@@ -63,10 +72,38 @@ struct Shared {
     magic: u64,
     /// Bumped by every configuration that binds names (under the mutex).
     epoch: u64,
-    decisions: [AtomicU64; DECISIONS.len()],
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
+    spans_exported: AtomicU64,
+    spans_dropped: [AtomicU64; SPAN_DROPS.len()],
     slots: [NameSlot; NSLOTS],
+    /// Caller slots bound so far (they are never unbound: a caller keeps its series).
+    callers_bound: AtomicU64,
+    callers: [CallerSlot; CALLER_SLOTS],
+}
+
+/// One caller's requests and their durations, per decision.
+#[repr(C)]
+struct CallerSlot {
+    hash: u64,
+    len: u64,
+    name: [u8; NAME_LEN],
+    requests: [[AtomicU64; CODE_CLASSES.len()]; Decision::ALL.len()],
+    buckets: [[AtomicU64; NBUCKETS]; Decision::ALL.len()],
+    sum_ms: [AtomicU64; Decision::ALL.len()],
+}
+
+impl CallerSlot {
+    fn is(&self, name: &str) -> bool {
+        let n = name.as_bytes();
+        let keep = n.len().min(NAME_LEN);
+        self.hash == name_hash(name) && self.len == n.len() as u64 && self.name[..keep] == n[..keep]
+    }
+
+    fn name(&self) -> String {
+        let keep = (self.len as usize).min(NAME_LEN);
+        String::from_utf8_lossy(&self.name[..keep]).into_owned()
+    }
 }
 
 #[repr(C)]
@@ -119,6 +156,10 @@ pub struct Metrics {
     file_providers: Vec<String>,
     /// The rate zones' own state (keys in use, evictions), in the configuration pool.
     rate_zones: Vec<*const RateZone>,
+    /// `mesh_metrics_callers`: callers with series of their own; 0: no caller label.
+    pub callers: usize,
+    /// The zone's pool, for binding a new caller to a slot under its mutex.
+    pool: *mut ngx_slab_pool_t,
 }
 
 // SAFETY: after `zone_init` (in the master, before workers fork) a `Metrics` is only read;
@@ -137,9 +178,14 @@ impl Default for Metrics {
             routes: Vec::new(),
             file_providers: Vec::new(),
             rate_zones: Vec::new(),
+            callers: DEFAULT_CALLERS,
+            pool: ptr::null_mut(),
         }
     }
 }
+
+/// `mesh_metrics_callers` default.
+pub const DEFAULT_CALLERS: usize = 100;
 
 /// The worker's cycle's `Metrics`; null in the master and before `init_process`.
 static ACTIVE: AtomicPtr<Metrics> = AtomicPtr::new(ptr::null_mut());
@@ -177,20 +223,110 @@ fn add(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A request's final decision.
-pub fn count_decision(d: Decision) {
-    // `Decision` lists its values in the order of `DECISIONS`.
-    let i = match d {
-        Decision::Allow => 0,
-        Decision::Deny => 1,
-        Decision::Unauthenticated => 2,
-        Decision::RateLimited => 3,
-        Decision::WouldDeny => 4,
-        Decision::WouldRateLimit => 5,
-    };
+/// Why spans of `mesh_trace_export` were lost (`mesh_trace_spans_dropped_total{reason}`).
+#[derive(Clone, Copy)]
+pub enum SpanDrop {
+    /// The worker's queue was full (the receiver is slower than the traffic).
+    QueueFull = 0,
+    /// The receiver did not take the batch (unreachable, refused, timed out).
+    ExportFailed = 1,
+    /// Still queued when the leaving worker's flush time ran out.
+    Shutdown = 2,
+}
+
+/// The `reason` label of each [`SpanDrop`], in its order.
+pub const SPAN_DROPS: [&str; 3] = ["queue_full", "export_failed", "shutdown"];
+
+/// Spans the receiver accepted (any thread).
+pub fn count_spans_exported(n: u64) {
     if let Some((_, s)) = active() {
-        add(&s.decisions[i]);
+        s.spans_exported.fetch_add(n, Ordering::Relaxed);
     }
+}
+
+/// Spans lost, and why (any thread).
+pub fn count_spans_dropped(why: SpanDrop, n: u64) {
+    if let Some((_, s)) = active() {
+        s.spans_dropped[why as usize].fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+thread_local! {
+    /// This worker's caller → slot index (callers seen by this worker), so that only a
+    /// caller's first request in a worker takes the zone's mutex.
+    static CALLER_INDEX: std::cell::RefCell<std::collections::HashMap<Box<str>, usize>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// The slot of `caller` (`None`: anonymous or refused): its own while fewer than
+/// `mesh_metrics_callers` callers have one, else `other`.
+fn caller_slot(m: &Metrics, s: &Shared, caller: Option<&str>) -> usize {
+    let Some(caller) = caller.filter(|c| !c.is_empty()) else {
+        return CALLER_NONE;
+    };
+    if m.callers == 0 {
+        return CALLER_NONE;
+    }
+    if let Some(i) = CALLER_INDEX.with(|c| c.borrow().get(caller).copied()) {
+        return i;
+    }
+    // SAFETY: `pool` is the zone's slab pool (set with `shared`); its mutex guards binding.
+    let i = unsafe { bind_caller(m, s, caller) };
+    CALLER_INDEX.with(|c| {
+        let mut c = c.borrow_mut();
+        // Bounded like the table: a worker does not remember more callers than it counts.
+        if c.len() < 4 * MAX_CALLERS {
+            c.insert(caller.into(), i);
+        }
+    });
+    i
+}
+
+/// Finds or binds `caller`'s slot under the zone's mutex.
+///
+/// # Safety
+/// `m.pool` is the live slab pool of the zone whose table is `s`.
+unsafe fn bind_caller(m: &Metrics, s: &Shared, caller: &str) -> usize {
+    let Some(pool) = (unsafe { m.pool.as_mut() }) else {
+        return CALLER_OTHER;
+    };
+    let _lock = crate::nginx::shm::Locked::new(pool);
+    let bound = (s.callers_bound.load(Ordering::Relaxed) as usize).min(MAX_CALLERS);
+    let first = CALLER_OTHER + 1;
+    if let Some(i) = (first..first + bound).find(|&i| s.callers[i].is(caller)) {
+        return if i - first < m.callers {
+            i
+        } else {
+            CALLER_OTHER
+        };
+    }
+    if bound >= m.callers {
+        return CALLER_OTHER;
+    }
+    let i = first + bound;
+    let n = caller.as_bytes();
+    let keep = n.len().min(NAME_LEN);
+    // SAFETY: `m.shared` is the table `s` views; slot `i` is past every bound one, so no
+    // other process reads its name yet; the bound count is raised (under the mutex) only
+    // after the name is written.
+    let slot = unsafe { &mut (*m.shared).callers[i] };
+    slot.hash = name_hash(caller);
+    slot.len = n.len() as u64;
+    slot.name = [0; NAME_LEN];
+    slot.name[..keep].copy_from_slice(&n[..keep]);
+    s.callers_bound.store(bound as u64 + 1, Ordering::Release);
+    i
+}
+
+/// A finished request (log phase): its caller (`None`: anonymous or refused), decision,
+/// status and duration.
+pub fn count_request(caller: Option<&str>, d: Decision, status: u16, duration_ms: u64) {
+    let Some((m, s)) = active() else { return };
+    let di = d.index();
+    let slot = &s.callers[caller_slot(m, s, caller)];
+    add(&slot.requests[di][code_class(status)]);
+    add(&slot.buckets[di][duration_bucket(duration_ms)]);
+    slot.sum_ms[di].fetch_add(duration_ms, Ordering::Relaxed);
 }
 
 /// A request's verification outcome, under `provider` (empty when none can be named).
@@ -212,6 +348,17 @@ pub fn count_token_cache(hit: bool) {
 }
 
 /// A request refused by a rate-limit zone.
+/// A request through a location with `mesh_outbound_auth`: its status and how long it took.
+pub fn count_upstream(route: &str, status: u16, duration_ms: u64) {
+    let Some((m, s)) = active() else { return };
+    let Some(slot) = slot_of(s, &m.routes, route) else {
+        return;
+    };
+    add(&slot.counters[code_class(status)]);
+    add(&slot.counters[R_BUCKETS + duration_bucket(duration_ms)]);
+    slot.counters[R_SUM].fetch_add(duration_ms, Ordering::Relaxed);
+}
+
 pub fn count_rate_limited(zone: &str) {
     if let Some((m, s)) = active() {
         if let Some(slot) = slot_of(s, &m.zones, zone) {
@@ -220,33 +367,84 @@ pub fn count_rate_limited(zone: &str) {
     }
 }
 
-/// A request through a location with `mesh_outbound_auth`: its status and how long it took.
-pub fn count_upstream(route: &str, status: u64, duration_us: u64) {
-    let Some((m, s)) = active() else { return };
-    let Some(slot) = slot_of(s, &m.routes, route) else {
-        return;
-    };
-    if let Some(class) = status_class(status) {
-        add(&slot.counters[class]);
-    }
-    add(&slot.counters[R_BUCKETS + LATENCY.bucket(duration_us)]);
-    slot.counters[R_SUM].fetch_add(duration_us, Ordering::Relaxed);
-}
-
 /// What a scrape reads: a snapshot of every counter of this configuration's names.
 pub struct Snapshot {
-    pub decisions: [u64; DECISIONS.len()],
+    /// Requests by caller (`None`: the label is off, `mesh_metrics_callers 0`), in slot
+    /// order: anonymous or refused (`""`), `other`, then each caller.
+    pub callers: Vec<CallerCounts>,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    pub spans_exported: u64,
+    pub spans_dropped: [u64; SPAN_DROPS.len()],
     pub providers: Vec<ProviderCounts>,
     pub zones: Vec<ZoneCounts>,
     pub routes: Vec<RouteCounts>,
 }
 
+/// One route's outbound calls: by status class, and their duration histogram.
 pub struct RouteCounts {
     pub route: String,
-    pub by_class: [u64; STATUS_CLASSES.len()],
-    pub duration: Counts,
+    pub by_class: [u64; CODE_CLASSES.len()],
+    pub buckets: [u64; NBUCKETS],
+    pub sum_ms: u64,
+}
+
+#[derive(Default)]
+pub struct CallerCounts {
+    pub name: Option<String>,
+    pub requests: [[u64; CODE_CLASSES.len()]; Decision::ALL.len()],
+    pub buckets: [[u64; NBUCKETS]; Decision::ALL.len()],
+    pub sum_ms: [u64; Decision::ALL.len()],
+}
+
+impl CallerCounts {
+    fn add(&mut self, slot: &CallerSlot) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        for d in 0..Decision::ALL.len() {
+            for (a, c) in self.requests[d].iter_mut().zip(&slot.requests[d]) {
+                *a += load(c);
+            }
+            for (a, c) in self.buckets[d].iter_mut().zip(&slot.buckets[d]) {
+                *a += load(c);
+            }
+            self.sum_ms[d] += load(&slot.sum_ms[d]);
+        }
+    }
+}
+
+/// The callers' counts as `mesh_status` shows them: with `mesh_metrics_callers 0` one set
+/// without a caller; else `""`, `other` (callers past the bound, also those bound before a
+/// reload lowered it), then each caller in the order they first came.
+fn caller_counts(m: &Metrics, s: &Shared) -> Vec<CallerCounts> {
+    let bound = (s.callers_bound.load(Ordering::Acquire) as usize).min(MAX_CALLERS);
+    let used = &s.callers[..CALLER_OTHER + 1 + bound];
+    if m.callers == 0 {
+        let mut all = CallerCounts::default();
+        used.iter().for_each(|slot| all.add(slot));
+        return vec![all];
+    }
+    let mut out: Vec<CallerCounts> = ["", "other"]
+        .iter()
+        .map(|n| CallerCounts {
+            name: Some(n.to_string()),
+            ..Default::default()
+        })
+        .collect();
+    out[0].add(&used[CALLER_NONE]);
+    out[1].add(&used[CALLER_OTHER]);
+    for (i, slot) in used[CALLER_OTHER + 1..].iter().enumerate() {
+        if i < m.callers {
+            let mut c = CallerCounts {
+                name: Some(slot.name()),
+                ..Default::default()
+            };
+            c.add(slot);
+            out.push(c);
+        } else {
+            out[1].add(slot);
+        }
+    }
+    out
 }
 
 pub struct ProviderCounts {
@@ -316,28 +514,20 @@ pub fn snapshot() -> Option<Snapshot> {
         .iter()
         .filter_map(|(route, i)| {
             let slot = s.slots.get(*i)?;
-            let mut by_class = [0; STATUS_CLASSES.len()];
-            for (v, c) in by_class.iter_mut().zip(&slot.counters) {
-                *v = load(c);
-            }
             Some(RouteCounts {
                 route: route.clone(),
-                by_class,
-                duration: Counts {
-                    buckets: slot.counters[R_BUCKETS..R_SUM].iter().map(load).collect(),
-                    sum_us: load(&slot.counters[R_SUM]),
-                },
+                by_class: std::array::from_fn(|c| load(&slot.counters[c])),
+                buckets: std::array::from_fn(|b| load(&slot.counters[R_BUCKETS + b])),
+                sum_ms: load(&slot.counters[R_SUM]),
             })
         })
         .collect();
-    let mut decisions = [0; DECISIONS.len()];
-    for (d, c) in decisions.iter_mut().zip(&s.decisions) {
-        *d = load(c);
-    }
     Some(Snapshot {
-        decisions,
+        callers: caller_counts(m, s),
         cache_hits: load(&s.cache_hits),
         cache_misses: load(&s.cache_misses),
+        spans_exported: load(&s.spans_exported),
+        spans_dropped: s.spans_dropped.each_ref().map(load),
         providers,
         zones,
         routes,
@@ -346,6 +536,7 @@ pub fn snapshot() -> Option<Snapshot> {
 
 /// At the end of the http block (`postconfiguration`): asks nginx for the zone, with the
 /// names this configuration counts under: `providers` as (name, keys read from a file now).
+/// The zones are `module`'s.
 ///
 /// # Safety
 /// `cf` is nginx's configuration context; `m` lives in the main configuration (the
@@ -356,6 +547,7 @@ pub unsafe fn configure(
     providers: &[(String, bool)],
     zones: &[String],
     routes: &[String],
+    module: &ngx_module_t,
 ) -> Result<(), String> {
     m.routes = routes.iter().map(|n| (n.clone(), usize::MAX)).collect();
     m.providers = std::iter::once(String::new())
@@ -375,7 +567,7 @@ pub unsafe fn configure(
             len: name.len(),
             data: name.as_ptr().cast_mut(),
         };
-        let zone = crate::nginx::conf::shared_zone(cf, name, 0)?;
+        let zone = crate::nginx::conf::shared_zone(cf, name, 0, module)?;
         // SAFETY: `data` of a mesh zone is its `RateZone` (set when it was declared).
         m.rate_zones
             .push(unsafe { (*zone.as_ptr()).data as *const RateZone });
@@ -384,7 +576,7 @@ pub unsafe fn configure(
         len: ZONE_NAME.len(),
         data: ZONE_NAME.as_ptr().cast_mut(),
     };
-    let zone = crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE)?.as_ptr();
+    let zone = crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE, module)?.as_ptr();
     // SAFETY: nginx's entry for our zone; `data` is set to this cycle's `Metrics`.
     unsafe {
         (*zone).data = ptr::from_mut(m).cast();
@@ -442,6 +634,7 @@ unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void)
         }
         ngx_shmtx_unlock(&mut (*shpool).mutex);
         m.shared = table;
+        m.pool = shpool;
         Status::NGX_OK.into()
     }
 }

@@ -16,7 +16,10 @@ pub mod outbound;
 pub mod provider;
 pub mod rate_sync;
 pub mod rate_zone;
+pub mod redis;
 pub mod refresher;
+pub mod span_export;
+pub mod syncer;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

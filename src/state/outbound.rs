@@ -37,20 +37,6 @@ impl OutboundToken {
         }
     }
 
-    /// The token in force for a request, its renewal started when it is due (never waits):
-    /// a request that finds it due does the worker's timer's work at once
-    /// (`keystore::nudge`), so renewal does not depend on a timer a throttled CPU may not run.
-    pub fn current_renewing(&self) -> Option<Arc<str>> {
-        if self.should_nudge(super::unix_now_us() / 1000) {
-            super::keystore::nudge();
-        }
-        self.current().or_else(|| {
-            // A token another worker published since this worker's timer last looked.
-            super::keystore::catch_up();
-            self.current()
-        })
-    }
-
     /// Whether a request at `now` (ms) should make the worker look at the store now: the
     /// token is due for renewal (or this worker has not seen its schedule yet), and no request
     /// did so within the last `NUDGE_INTERVAL_MS`.

@@ -59,14 +59,6 @@ impl MeshProvider {
         };
         *slot = Arc::new(p);
     }
-
-    /// A token named a `kid` we do not have: fetch again now (at most every 30 s for all
-    /// workers, one fetch in flight; the shared key store decides).
-    pub fn request_refetch(&self) {
-        if self.url.is_some() {
-            super::keystore::request_refetch(self);
-        }
-    }
 }
 
 /// Where a provider's keys come from when they are a URL.

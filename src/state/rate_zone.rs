@@ -131,9 +131,6 @@ impl RateZone {
             t.evictions = stats.evictions;
             t.keys = u32::try_from(stats.keys).unwrap_or(u32::MAX);
             ngx_shmtx_unlock(&mut (*shpool).mutex);
-            if !outcome.allowed && !dry_run {
-                super::metrics::count_rate_limited(&self.name);
-            }
             Some(outcome)
         }
     }
@@ -218,6 +215,30 @@ pub unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
             nslots
         );
         Status::NGX_OK.into()
+    }
+}
+
+/// `shm_zone->init` of a global zone's sync state (`rate_sync`), in the master for every
+/// (re)started cycle.
+///
+/// # Safety
+/// nginx calls this with the sync state's zone, whose `data` is the `RateZone` it belongs to
+/// (already initialised: its zone was declared first).
+pub unsafe extern "C" fn sync_zone_init(
+    shm_zone: *mut ngx_shm_zone_t,
+    _old: *mut c_void,
+) -> ngx_int_t {
+    // SAFETY: see the contract: `data` is the RateZone, in the configuration pool.
+    unsafe {
+        let zone = &mut *((*shm_zone).data as *mut RateZone);
+        let Some((pool, _)) = zone.parts() else {
+            return Status::NGX_ERROR.into();
+        };
+        let (size, name) = (zone.size, zone.name.clone());
+        let Some(sync) = zone.sync.as_mut() else {
+            return Status::NGX_ERROR.into();
+        };
+        sync.init(shm_zone, pool, size, &name)
     }
 }
 

@@ -125,7 +125,8 @@ def start(env: dict[str, str], volumes: list[str]) -> tuple[Container, int]:
     """A container listening on a free port (a new one if the port was taken before nginx bound it)."""
     for _ in range(3):
         port = free_port()
-        box = Container(dict(env, PORT=str(port)), volumes)
+        # host networking: every container's loopback metrics port must be its own too
+        box = Container({"MESH_METRICS_PORT": str(free_port()), **env, "PORT": str(port)}, volumes)
         try:
             if box.wait_port(port):
                 return box, port
@@ -639,3 +640,45 @@ def test_redis_url_makes_the_per_caller_zone_global(echo, mounts, tmp_path):
     zone = [l.strip() for l in done.stdout.splitlines() if "mesh_rate_limit_zone callers" in l]
     assert zone == ["mesh_rate_limit_zone callers 10m 'redis=rediss://10.0.0.3:6378/0' "
                     "'password_file=/redis/auth' 'ca_file=/redis/ca.pem';"], done.stdout
+
+
+def test_spans_and_metrics_leave_the_container(echo, mounts, keyring):
+    """MESH_TRACE_EXPORT sends each hop's span to an OTLP receiver; MESH_METRICS_PORT serves
+    mesh_status on loopback for the Managed Prometheus sidecar, never on PORT."""
+    from mesh_test.otlp import OtlpReceiver, attrs
+
+    receiver = OtlpReceiver()
+    env = dict(
+        base_env(0, echo),
+        MESH_ALLOWED_CALLERS="any",
+        MESH_TRACE_EXPORT=f"{receiver.url}/v1/traces",
+        MESH_TRACE_SERVICE="orders-img",
+        MESH_METRICS_PORT=str(free_port()),
+        K_SERVICE="orders",
+        K_REVISION="orders-00042-abc",
+    )
+    box, port = start(env, [mounts["keys"]])
+    try:
+        trace = os.urandom(16).hex()
+        resp = request(port, "/orders/1", headers=[*bearer(token(keyring, "reader@test")),
+                                                   ("traceparent", f"00-{trace}-b7ad6b7169203331-01")])
+        assert resp.status == 200, resp
+        res, _, span = receiver.span_of(trace, timeout=20)
+        assert res["service.name"] == "orders-img"
+        assert res["service.version"] == "orders-00042-abc"
+        assert res["cloud.platform"] == "gcp_cloud_run"
+        assert attrs(span.attributes)["enduser.id"] == "reader@test"
+        assert span.span_id.hex() == resp.upstream_header("traceparent").split("-")[2]
+
+        metrics = request(int(env["MESH_METRICS_PORT"]), "/metrics")
+        assert metrics.status == 200, metrics
+        text = metrics.body.decode()
+        assert 'mesh_requests_total{caller="reader@test",decision="allow",code="2xx"} 1' in text, text
+        assert "mesh_trace_spans_exported_total" in text
+        # PORT does not serve them: there, /metrics is a route like any other (no token: 401)
+        assert request(port, "/metrics").status == 401
+        conf = podman("exec", box.name, "cat", "/tmp/nginx/nginx.conf").stdout
+        assert f"listen 127.0.0.1:{env['MESH_METRICS_PORT']};" in conf
+    finally:
+        box.remove()
+        receiver.close()

@@ -34,25 +34,23 @@ use mesh_core::keystore::{slot_for_new, Schedule, SlotUse, KEYS_MAX_BACKOFF, TOK
 use mesh_core::refresh::{refresh_after, renew_at};
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_conf_t, ngx_int_t, ngx_log_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock,
-    ngx_slab_alloc_locked, ngx_slab_calloc, ngx_slab_free_locked, ngx_slab_pool_t, ngx_str_t,
-    NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
+    ngx_conf_t, ngx_int_t, ngx_log_t, ngx_module_t, ngx_shm_zone_t, ngx_shmtx_lock,
+    ngx_shmtx_unlock, ngx_slab_alloc_locked, ngx_slab_calloc, ngx_slab_free_locked,
+    ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
 };
-use ngx::http::HttpModuleMainConf;
 
-use crate::conf::MainConf;
 use crate::state::outbound::OutboundToken;
 use crate::state::provider::MeshProvider;
 use crate::state::refresher::{FetchedKeys, Job};
-use crate::MeshModule;
 
 mod start;
+pub mod timer;
 mod worker;
 
 pub use start::init_module;
 pub use worker::{
-    catch_up, missing, nudge, refresh_record, request_refetch, start_worker, stop_worker, tick,
-    token_record,
+    catch_up, current_token, missing, nudge, refresh_record, request_refetch, start_worker,
+    stop_worker, tick, token_record,
 };
 
 /// The zone's name and size: one page table plus room for every key set and token.
@@ -345,13 +343,21 @@ impl Source {
     }
 }
 
+/// What one configuration asks of the store: its providers (those with a key URL are
+/// sources) and outbound tokens, and where tokens are fetched.
+pub struct Sources<'a> {
+    pub providers: &'a [Arc<MeshProvider>],
+    pub outbound: &'a [Arc<OutboundToken>],
+    pub metadata_server: &'a str,
+}
+
 /// Every source of a configuration: providers with a key URL, then outbound tokens.
-fn sources(mcf: &MainConf) -> Vec<Source> {
-    mcf.providers
+fn sources(s: &Sources) -> Vec<Source> {
+    s.providers
         .iter()
         .filter(|p| p.url.is_some())
         .map(|p| Source::Keys(p.clone()))
-        .chain(mcf.outbound.iter().map(|t| Source::Token(t.clone())))
+        .chain(s.outbound.iter().map(|t| Source::Token(t.clone())))
         .collect()
 }
 
@@ -443,16 +449,19 @@ fn publish(l: &mut Locked, i: usize, pid: u64, now: u64, outcome: Outcome) -> (u
 
 // ---------------------------------------------------------------- configuration
 
-/// Adds the zone when the configuration has key URLs or outbound tokens (postconfiguration).
+/// Adds the zone when the configuration has key URLs or outbound tokens (postconfiguration),
+/// owned by `module`.
 ///
 /// # Safety
-/// `cf` is nginx's configuration context, after the http block was parsed.
-pub unsafe fn add_zone(cf: *mut ngx_conf_t) -> Result<(), String> {
-    // SAFETY: inside the http block the main configuration exists (see the contract).
-    let Some(mcf) = (unsafe { MeshModule::main_conf_mut(&*cf) }) else {
-        return Ok(());
-    };
-    let n = sources(mcf).len();
+/// `cf` is nginx's configuration context, after the http block was parsed; `store` lives in
+/// its main configuration.
+pub unsafe fn add_zone(
+    cf: *mut ngx_conf_t,
+    store: &mut StoreConf,
+    srcs: &Sources,
+    module: &ngx_module_t,
+) -> Result<(), String> {
+    let n = sources(srcs).len();
     if n == 0 {
         return Ok(());
     }
@@ -465,7 +474,7 @@ pub unsafe fn add_zone(cf: *mut ngx_conf_t) -> Result<(), String> {
         len: ZONE_NAME.len(),
         data: ZONE_NAME.as_ptr().cast_mut(),
     };
-    let zone = crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE)
+    let zone = crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE, module)
         .map_err(|_| format!("the shared zone \"{ZONE_NAME}\" cannot be created"))?
         .as_ptr();
     // SAFETY: `zone` is nginx's entry for the name (nginx copied nothing of `name` it keeps:
@@ -486,7 +495,7 @@ pub unsafe fn add_zone(cf: *mut ngx_conf_t) -> Result<(), String> {
         }
         (*zone).data = view.cast();
         (*zone).init = Some(zone_init);
-        mcf.keystore.zone = NonNull::new(zone);
+        store.zone = NonNull::new(zone);
     }
     Ok(())
 }

@@ -6,14 +6,12 @@ use mesh_core::keystore::drop_at_load;
 use mesh_core::refresh::refresh_after;
 use ngx::core::Status;
 use ngx::ffi::{ngx_cycle_t, ngx_int_t, ngx_log_t, NGX_LOG_INFO, NGX_LOG_WARN};
-use ngx::http::HttpModuleMainConf;
 
 use super::{
-    log_line, now_ms, publish, sources, Outcome, SlotUse, Source, CAPACITY, TOKEN_MIN_LIFE,
+    log_line, now_ms, publish, sources, Outcome, SlotUse, Source, Sources, StoreConf, CAPACITY,
+    TOKEN_MIN_LIFE,
 };
-use crate::conf::MainConf;
 use crate::state::refresher::{self, FetchedKeys};
-use crate::MeshModule;
 
 /// What the start-up fetch of one source brought.
 enum ColdResult {
@@ -92,31 +90,28 @@ fn cold_fetch(todo: &[Source], metadata_server: &str, deadline: Instant) -> Vec<
     })
 }
 
-/// The module's `init_module`: in the master, after the listening sockets are open and before
-/// the workers fork; at start and at each reload (never for `nginx -t`).
+/// The module's `init_module`, for the new cycle's configuration: in the master, after the
+/// listening sockets are open and before the workers fork; at start and at each reload
+/// (never for `nginx -t`).
 ///
 /// # Safety
 /// nginx passes the new cycle.
-pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+pub unsafe fn init_module(cycle: *mut ngx_cycle_t, store: &StoreConf, s: Sources) -> ngx_int_t {
     // SAFETY: nginx's globals are written only during option parsing; the cycle is live.
     let (testing, log) = unsafe { (ngx::ffi::ngx_test_config != 0, (*cycle).log) };
     if testing {
         return Status::NGX_OK.into();
     }
-    // SAFETY: the cycle's http main configuration (if any) lives as long as the cycle.
-    let Some(mcf) = (unsafe { MeshModule::main_conf(&*cycle) }) else {
-        return Status::NGX_OK.into();
-    };
-    crate::nginx::no_panic((), || load(mcf, log));
+    crate::nginx::no_panic((), || load(store, &s, log));
     Status::NGX_OK.into()
 }
 
-fn load(mcf: &MainConf, log: *mut ngx_log_t) {
-    let Some(zone) = mcf.keystore.zone() else {
+fn load(store: &StoreConf, s: &Sources, log: *mut ngx_log_t) {
+    let Some(zone) = store.zone() else {
         return;
     };
-    let srcs = sources(mcf);
-    let server = mcf.metadata_server.as_str();
+    let srcs = sources(s);
+    let server = s.metadata_server;
     let ids: Vec<String> = srcs.iter().map(|s| s.id(server)).collect();
     let now = now_ms();
     let mut slot_of = vec![usize::MAX; srcs.len()];
@@ -162,7 +157,7 @@ fn load(mcf: &MainConf, log: *mut ngx_log_t) {
             }
         }
     }
-    let wait = mcf.keystore.wait();
+    let wait = store.wait();
     if todo.is_empty() || wait.is_zero() {
         return;
     }

@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use ngx::ffi::ngx_log_t;
 
-use super::{log_line, now_ms, publish, sources, KeyZone, Outcome, Source};
-use crate::conf::MainConf;
+use super::{log_line, now_ms, publish, sources, KeyZone, Outcome, Source, Sources, StoreConf};
 use crate::state::outbound::OutboundToken;
 use crate::state::provider::MeshProvider;
 use crate::state::refresher::{self, Job};
@@ -43,18 +42,18 @@ fn serves_requests() -> bool {
 
 /// `init_process` of a worker: takes every source the zone holds, and starts the thread that
 /// fetches what this worker claims. Not in cache managers and loaders.
-pub fn start_worker(mcf: &MainConf) -> Result<(), String> {
+pub fn start_worker(store: &StoreConf, s: Sources) -> Result<(), String> {
     if !serves_requests() {
         return Ok(());
     }
-    let srcs = sources(mcf);
-    let Some(zone) = mcf.keystore.zone() else {
+    let srcs = sources(&s);
+    let Some(zone) = store.zone() else {
         return Ok(());
     };
     if srcs.is_empty() {
         return Ok(());
     }
-    let server = mcf.metadata_server.as_str();
+    let server = s.metadata_server;
     let mut worker = Worker {
         zone,
         pid: std::process::id() as u64,
@@ -181,8 +180,23 @@ pub fn nudge() {
     tick(log);
 }
 
+/// The token in force for a request, its renewal started when it is due (never waits): a
+/// request that finds it due does the timer's work at once (`nudge`), so renewal does not
+/// depend on a timer a throttled CPU may not run.
+pub fn current_token(t: &OutboundToken) -> Option<Arc<str>> {
+    if t.should_nudge(now_ms()) {
+        nudge();
+    }
+    t.current().or_else(|| {
+        // A token another worker published since this worker's timer last looked.
+        catch_up();
+        t.current()
+    })
+}
+
 /// A token named a `kid` that `p`'s keys lack: one worker refetches (at most every 30 s for
-/// all workers, one fetch in flight). Called from request handlers.
+/// all workers, one fetch in flight; nothing for a provider without a key URL). Called from
+/// request handlers.
 pub fn request_refetch(p: &MeshProvider) {
     WORKER.with(|cell| {
         let Ok(mut guard) = cell.try_borrow_mut() else {
@@ -247,15 +261,15 @@ pub fn catch_up() {
 }
 
 /// What this worker lacks to serve every provider and outbound token: empty when ready.
-pub fn missing(mcf: &MainConf) -> Vec<String> {
+pub fn missing(s: Sources) -> Vec<String> {
     catch_up();
     let mut out = Vec::new();
-    for p in &mcf.providers {
+    for p in s.providers {
         if !Source::Keys(p.clone()).loaded() {
             out.push(format!("mesh_provider \"{}\": no keys", p.name));
         }
     }
-    for t in &mcf.outbound {
+    for t in s.outbound {
         if !Source::Token(t.clone()).loaded() {
             out.push(format!("mesh_outbound_token \"{}\": no token", t.audience));
         }

@@ -6,7 +6,7 @@
 //! because no worker ever waits on it. The rule that makes it sound: the thread never calls
 //! nginx. It takes jobs from a queue that the worker fills and hands each result back through
 //! a second queue; the worker publishes it to the shared key store from its own event loop
-//! (`timer`), and every worker (this one too) swaps it into its providers and tokens through
+//! (`keystore::timer`), and every worker (this one too) swaps it into its providers and tokens through
 //! `RwLock<Arc<..>>` (a reader takes a snapshot; the writer holds the lock only to swap a
 //! pointer).
 //!
@@ -14,8 +14,7 @@
 //! fetch per refresh for all workers. The master fetches with the same functions before the
 //! workers fork (`fetch_keys`, `fetch_token`).
 
-mod http;
-pub mod timer;
+pub(crate) mod http;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};

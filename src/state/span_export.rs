@@ -1,0 +1,283 @@
+//! `mesh_trace_export`: each worker's queue of finished spans and the thread that sends them
+//! in batches over OTLP/HTTP.
+//!
+//! The request path only moves a span into a bounded channel (`try_send`: never waits); a
+//! full queue drops the span and counts it. The thread sends a batch when it is full or when
+//! its oldest span has waited `interval`, and at worker exit sends what is left within a
+//! second. Nothing it does can delay or fail a request: a receiver that is down costs the
+//! spans, counted, and one `[warn]` (written by nginx's thread, at the next span).
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mesh_core::otlp::{encode_export, parse_access_token, Attr, ExportSettings, Resource, Span};
+
+use super::metrics::{self, SpanDrop};
+use super::refresher::http::{agent, get};
+
+/// Longest one export may take while the worker runs.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a leaving worker gives the thread to send what is queued.
+pub const EXIT_FLUSH: Duration = Duration::from_millis(900);
+
+/// What `mesh_trace_export` configured, resolved at configuration time (the master reads the
+/// environment: nginx clears it for its workers).
+pub struct TraceExport {
+    pub settings: ExportSettings,
+    pub resource: Resource,
+    /// `mesh_metadata_server`, for `auth=google` (access token, and the project id when no
+    /// `mesh_trace_project` or `GOOGLE_CLOUD_PROJECT` names it).
+    pub metadata_server: String,
+}
+
+/// The worker's end of the queue (nginx's thread only).
+struct Worker {
+    queue: SyncSender<Span>,
+    /// Closed by the thread when it has sent what it could after the queue closed.
+    done: Receiver<()>,
+}
+
+thread_local! {
+    static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
+}
+
+/// A change of the receiver's state to log (from the thread, written by nginx's thread).
+static NOTICE: Mutex<Option<(bool, String)>> = Mutex::new(None);
+static HAS_NOTICE: AtomicBool = AtomicBool::new(false);
+
+fn notice(up: bool, msg: String) {
+    if let Ok(mut n) = NOTICE.lock() {
+        *n = Some((up, msg));
+        HAS_NOTICE.store(true, Ordering::Release);
+    }
+}
+
+/// A change of the receiver's state since the last call: (reachable again, the line).
+pub fn take_notice() -> Option<(bool, String)> {
+    if !HAS_NOTICE.swap(false, Ordering::Acquire) {
+        return None;
+    }
+    NOTICE.lock().ok().and_then(|mut n| n.take())
+}
+
+/// Starts this worker's exporter thread (`init_process`).
+pub fn start_worker(conf: &Arc<TraceExport>) -> Result<(), String> {
+    let (queue, rx) = mpsc::sync_channel(conf.settings.queue);
+    let (done_tx, done) = mpsc::channel();
+    let conf = Arc::clone(conf);
+    std::thread::Builder::new()
+        .name("mesh-spans".into())
+        .spawn(move || {
+            Sender::new(conf).run(&rx);
+            drop(done_tx);
+        })
+        .map_err(|e| format!("cannot start the span export thread: {e}"))?;
+    WORKER.with(|w| *w.borrow_mut() = Some(Worker { queue, done }));
+    Ok(())
+}
+
+/// Queues a finished span; drops (and counts) it when the queue is full.
+pub fn submit(span: Span) {
+    WORKER.with(|w| {
+        let w = w.borrow();
+        let Some(w) = w.as_ref() else { return };
+        match w.queue.try_send(span) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => metrics::count_spans_dropped(SpanDrop::QueueFull, 1),
+            Err(TrySendError::Disconnected(_)) => {
+                metrics::count_spans_dropped(SpanDrop::ExportFailed, 1)
+            }
+        }
+    });
+}
+
+/// Whether this worker exports spans (so the request path builds them only then).
+pub fn active() -> bool {
+    WORKER.with(|w| w.borrow().is_some())
+}
+
+/// A leaving worker (`exit_process`): closes the queue and waits, at most [`EXIT_FLUSH`] and
+/// a little, for the thread to send what is left.
+pub fn stop_worker() {
+    if let Some(w) = WORKER.with(|w| w.borrow_mut().take()) {
+        drop(w.queue);
+        let _ = w.done.recv_timeout(EXIT_FLUSH + Duration::from_millis(100));
+    }
+}
+
+/// The thread's side.
+struct Sender {
+    conf: Arc<TraceExport>,
+    agent: ureq::Agent,
+    resource: Resource,
+    /// The resource names its project (or needs none).
+    project_known: bool,
+    /// `auth=google`: the access token and when to fetch a new one.
+    token: Option<(String, Instant)>,
+    /// The last export failed (a `[warn]` was noted; the next success notes recovery).
+    failing: bool,
+}
+
+impl Sender {
+    fn new(conf: Arc<TraceExport>) -> Sender {
+        let resource = conf.resource.clone();
+        let project_known = !conf.settings.auth_google
+            || resource
+                .attributes
+                .iter()
+                .any(|a| a.key == "gcp.project_id");
+        Sender {
+            agent: agent(None, EXPORT_TIMEOUT, false),
+            resource,
+            project_known,
+            token: None,
+            failing: false,
+            conf,
+        }
+    }
+
+    fn run(&mut self, rx: &Receiver<Span>) {
+        let max = self.conf.settings.batch;
+        let interval = Duration::from_millis(self.conf.settings.interval_ms);
+        let mut batch: Vec<Span> = Vec::with_capacity(max);
+        // When the oldest span of `batch` must leave.
+        let mut due: Option<Instant> = None;
+        loop {
+            let wait = due.map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            match rx.recv_timeout(wait) {
+                Ok(span) => {
+                    if batch.is_empty() {
+                        due = Some(Instant::now() + interval);
+                    }
+                    batch.push(span);
+                    if batch.len() >= max {
+                        self.send(&mut batch, None);
+                        due = None;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if !batch.is_empty() {
+                        self.send(&mut batch, None);
+                    }
+                    due = None;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        // The worker is leaving: what is queued goes now, within the exit bound.
+        let deadline = Instant::now() + EXIT_FLUSH;
+        self.agent = agent(None, EXIT_FLUSH, false);
+        while !batch.is_empty() {
+            if Instant::now() >= deadline {
+                metrics::count_spans_dropped(SpanDrop::Shutdown, batch.len() as u64);
+                break;
+            }
+            let rest = batch.split_off(batch.len().min(max));
+            self.send(&mut batch, Some(deadline));
+            batch = rest;
+        }
+    }
+
+    /// Sends `batch` (emptied either way), counting what arrived or was lost.
+    fn send(&mut self, batch: &mut Vec<Span>, deadline: Option<Instant>) {
+        let n = batch.len() as u64;
+        let result = self.export(batch, deadline);
+        batch.clear();
+        match result {
+            Ok(()) => {
+                metrics::count_spans_exported(n);
+                if self.failing {
+                    self.failing = false;
+                    notice(
+                        true,
+                        format!("span export to {} works again", self.conf.settings.url),
+                    );
+                }
+            }
+            Err(e) => {
+                metrics::count_spans_dropped(SpanDrop::ExportFailed, n);
+                if !self.failing {
+                    self.failing = true;
+                    notice(
+                        false,
+                        format!(
+                            "span export to {} failed ({e}); spans are dropped and counted until it works again",
+                            self.conf.settings.url
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    fn export(&mut self, batch: &[Span], deadline: Option<Instant>) -> Result<(), String> {
+        if !self.project_known {
+            self.find_project()?;
+        }
+        let body = encode_export(&self.resource, batch);
+        let mut req = self
+            .agent
+            .post(&self.conf.settings.url)
+            .header("Content-Type", "application/x-protobuf");
+        let bearer;
+        if self.conf.settings.auth_google {
+            bearer = format!("Bearer {}", self.access_token()?);
+            req = req.header("Authorization", &bearer);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err("no time left".into());
+        }
+        let resp = req.send(&body[..]).map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(format!("status {status}"))
+        }
+    }
+
+    /// `auth=google` without a configured project: the metadata server names it.
+    fn find_project(&mut self) -> Result<(), String> {
+        let url = format!(
+            "{}/computeMetadata/v1/project/project-id",
+            self.conf.metadata_server.trim_end_matches('/')
+        );
+        let (body, _) = get(&self.agent, &url, Some(("Metadata-Flavor", "Google")))
+            .map_err(|e| format!("project id from the metadata server: {e}"))?;
+        let id = String::from_utf8(body).map_err(|_| "project id is not text".to_string())?;
+        let id = id.trim();
+        if id.is_empty() {
+            return Err("the metadata server named no project".into());
+        }
+        self.resource
+            .attributes
+            .push(Attr::str("gcp.project_id", id));
+        self.project_known = true;
+        Ok(())
+    }
+
+    /// The metadata server's access token for the instance's service account, fetched again
+    /// a minute before it expires.
+    fn access_token(&mut self) -> Result<String, String> {
+        if let Some((t, renew)) = &self.token {
+            if Instant::now() < *renew {
+                return Ok(t.clone());
+            }
+        }
+        let url = format!(
+            "{}/computeMetadata/v1/instance/service-accounts/default/token",
+            self.conf.metadata_server.trim_end_matches('/')
+        );
+        let (body, _) = get(&self.agent, &url, Some(("Metadata-Flavor", "Google")))
+            .map_err(|e| format!("access token from the metadata server: {e}"))?;
+        let (token, ttl) = parse_access_token(&body)?;
+        let renew = Instant::now() + Duration::from_secs(ttl.saturating_sub(60));
+        self.token = Some((token.clone(), renew));
+        Ok(token)
+    }
+}
