@@ -834,10 +834,18 @@ def test_a_google_id_token_is_accepted_and_names_the_email(google_site, keys, is
     assert resp.upstream_header("X-Test-Provider") == "google"
 
 
-@pytest.mark.parametrize("change", [{"email_verified": False}, {"email_verified": None}, {"email": None}],
-                         ids=["email-not-verified", "email_verified-missing", "email-missing"])
-def test_preset_google_requires_a_verified_email(google_site, keys, change):
-    token = google_token(keys, **change)
+@pytest.mark.parametrize("change", [{"email_verified": False}, {"email_verified": None},
+                                    {"email": None, "email_verified": None}],
+                         ids=["email-not-verified", "email_verified-missing", "no-email"])
+def test_preset_google_names_sub_without_a_verified_email(google_site, keys, change):
+    # IAM's generateIdToken (includeEmail=false) mints tokens without email: the caller is sub
+    resp = google_site.allowed("/g", bearer(google_token(keys, **change)))
+    assert resp.upstream_header("X-Test-Caller") == "118044773098211223344"
+    assert resp.upstream_header("X-Test-Provider") == "google"
+
+
+def test_preset_google_without_sub_or_verified_email_is_a_claim_mismatch(google_site, keys):
+    token = google_token(keys, sub=None, email_verified=False)
     google_site.refused("/g", bearer(token), "claim_mismatch", token=token)
 
 
@@ -859,9 +867,10 @@ def test_lines_written_in_the_block_win_over_the_preset(google_site, keys):
     # the issuer line replaced the preset's issuers
     token = google_token(keys)
     google_site.refused("/custom/x", bearer(token), "wrong_issuer", token=token)
-    # the preset's require line still holds
-    unverified = google_token(keys, iss="https://custom-google.mesh.test", email_verified=False)
-    google_site.refused("/custom/x", bearer(unverified), "claim_mismatch", token=unverified)
+    # the principal line names the claim alone: a verified email does not replace sub
+    resp = google_site.allowed("/custom/x", bearer(google_token(keys, iss="https://custom-google.mesh.test",
+                                                                email_verified=False)))
+    assert resp.upstream_header("X-Test-Caller") == "118044773098211223344"
 
 
 def test_signature_removed_by_google_is_accepted_with_platform_verified_on(google_site, keys):
@@ -876,7 +885,7 @@ def test_signature_removed_by_google_is_accepted_with_platform_verified_on(googl
     for over, status in [
         ({"exp": t - 600, "iat": t - 4000}, "expired"),
         ({"aud": "https://someone-else-uc.a.run.app"}, "wrong_audience"),
-        ({"email_verified": False}, "claim_mismatch"),
+        ({"email_verified": False, "sub": None}, "claim_mismatch"),
         ({"nbf": t + 600}, "not_yet_valid"),
         ({"iss": "https://evil.example.com"}, "wrong_issuer"),
     ]:

@@ -1,4 +1,4 @@
-"""`mesh_outbound_token $VAR AUDIENCE;` and `mesh_metadata_server URL;`: the master asks the
+"""`mesh_outbound_token $VAR AUDIENCE [format=full];` and `mesh_metadata_server URL;`: the master asks the
 metadata server for an ID token before start, one worker's background thread keeps it renewed for
 all workers (the shared key store), and `$VAR` carries it upstream.
 
@@ -26,7 +26,7 @@ from mesh_test.live import (
     wait_workers,
     worker_connections,
 )
-from mesh_test.metadata import IDENTITY_PATH, MetadataServer, make_id_token, token_claims
+from mesh_test.metadata import COMPUTE_ENGINE, IDENTITY_PATH, MetadataServer, make_id_token, token_claims
 from mesh_test.nginx import MESH_WORKERS, emerg_at_marked_line, passes_nginx_t, render
 from mesh_test.tokens import b64url, json_bytes
 
@@ -328,6 +328,8 @@ BAD_CONFIGS = [
     ("variable-without-dollar", "mesh_outbound_token orders_token https://a.example;  # BAD", ["orders_token"]),
     ("variable-only-dollar", "mesh_outbound_token $ https://a.example;  # BAD", ['"$"']),
     ("variable-bad-character", "mesh_outbound_token $orders-token https://a.example;  # BAD", ["$orders-token"]),
+    ("format-minimal", "mesh_outbound_token $t https://a.example format=minimal;  # BAD", ["format=minimal"]),
+    ("four-arguments", "mesh_outbound_token $t https://a.example format=full x;  # BAD", ["mesh_outbound_token"]),
     ("audience-missing", "mesh_outbound_token $orders_token;  # BAD", ["mesh_outbound_token"]),
     ("metadata-server-ftp", "mesh_metadata_server ftp://x;  # BAD", ["ftp://x"]),
     ("metadata-server-no-host", "mesh_metadata_server http://;  # BAD", ["http://"]),
@@ -364,3 +366,30 @@ def test_make_id_token_is_google_shaped():
     token, exp = make_id_token(ORDERS_AUD, 20, 1)
     c = token_claims(token)
     assert c["exp"] == exp and c["aud"] == ORDERS_AUD and token.count(".") == 2
+
+
+def test_format_full_asks_for_the_compute_claims(module_path, metadata_servers, launcher_fn):
+    md = metadata_servers(lifetime=3600)
+    more = f"mesh_outbound_token $full_token {ORDERS_AUD} format=full;"
+    body = outbound_conf(md.url, more).replace(
+        "    location /open/",
+        '    location /full/ { proxy_set_header Authorization "Bearer $full_token"; proxy_pass http://@UPSTREAM@; }\n'
+        "    location /open/")
+    site = launcher_fn.start(body)
+    wait_workers(site.ngx)
+    # the same audience twice: two tokens, one asked with format=full
+    reqs = [r for r in md.requests() if r.audience == ORDERS_AUD]
+    assert sorted((r.format or "") for r in reqs) == ["", "full"], reqs
+    full = next(r for r in reqs if r.format == "full")
+    assert full.raw_query == expected_query(ORDERS_AUD) + "&format=full", full.raw_query
+    plain = next(r for r in reqs if r.format is None)
+    conns = worker_connections(site.ngx)
+    try:
+        for conn in conns.values():
+            _, auth = upstream_authorization(conn, "/full/x")
+            assert auth == f"Bearer {full.token}", auth
+            assert token_claims(full.token)["google"]["compute_engine"] == COMPUTE_ENGINE
+            _, auth = upstream_authorization(conn, "/orders/x")
+            assert auth == f"Bearer {plain.token}" and "google" not in token_claims(plain.token), auth
+    finally:
+        close_all(conns)

@@ -1,5 +1,6 @@
 //! Verification keys: JWKS (RFC 7517/7518), PEM public keys and X.509
-//! certificates, and HMAC secrets.
+//! certificates, x509 key maps (`{"kid": "PEM certificate", ...}`, as Google publishes the
+//! keys of Firebase Authentication and of service accounts), and HMAC secrets.
 //!
 //! Only public keys are accepted from files and JWKS documents; HMAC secrets
 //! come from `secret FILE` alone, so an HS* token can never be checked against
@@ -15,11 +16,29 @@ use base64::Engine;
 use jsonwebtoken::DecodingKey;
 use serde_json::Value;
 
-pub use jsonwebtoken::Algorithm;
+/// A JWS signature algorithm (RFC 7518 3.1, RFC 8037). The module's own list rather than
+/// jsonwebtoken's: jsonwebtoken 10.3 (the newest that builds on Rust 1.85) has no ES512, and
+/// every signature is checked with aws-lc directly ([`Key::verify`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+    ES512,
+    EdDSA,
+    HS256,
+    HS384,
+    HS512,
+}
 
 /// Every algorithm this module supports, in the order `KeySet::algorithms`
 /// reports them.
-pub const ALL_ALGORITHMS: [Algorithm; 12] = [
+pub const ALL_ALGORITHMS: [Algorithm; 13] = [
     Algorithm::RS256,
     Algorithm::RS384,
     Algorithm::RS512,
@@ -28,6 +47,7 @@ pub const ALL_ALGORITHMS: [Algorithm; 12] = [
     Algorithm::PS512,
     Algorithm::ES256,
     Algorithm::ES384,
+    Algorithm::ES512,
     Algorithm::EdDSA,
     Algorithm::HS256,
     Algorithm::HS384,
@@ -40,6 +60,7 @@ pub enum KeyKind {
     Rsa,
     EcP256,
     EcP384,
+    EcP521,
     Ed25519,
     Hmac,
 }
@@ -54,6 +75,7 @@ impl KeyKind {
             KeyKind::Rsa => matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512),
             KeyKind::EcP256 => alg == ES256,
             KeyKind::EcP384 => alg == ES384,
+            KeyKind::EcP521 => alg == ES512,
             KeyKind::Ed25519 => alg == EdDSA,
             KeyKind::Hmac => matches!(alg, HS256 | HS384 | HS512),
         }
@@ -136,6 +158,7 @@ fn lc_algorithm(alg: Algorithm) -> Option<&'static dyn VerificationAlgorithm> {
         Algorithm::PS512 => &lc::RSA_PSS_2048_8192_SHA512,
         Algorithm::ES256 => &lc::ECDSA_P256_SHA256_FIXED,
         Algorithm::ES384 => &lc::ECDSA_P384_SHA384_FIXED,
+        Algorithm::ES512 => &lc::ECDSA_P521_SHA512_FIXED,
         Algorithm::EdDSA => &lc::ED25519,
         Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => return None,
     })
@@ -259,11 +282,11 @@ pub struct KeySet {
 impl KeySet {
     /// Parse a JWK Set (RFC 7517 section 5): `{"keys":[...]}`.
     ///
-    /// Supported: `kty` RSA (`n`, `e`), EC with `crv` P-256/P-384 (`x`, `y`),
+    /// Supported: `kty` RSA (`n`, `e`), EC with `crv` P-256/P-384/P-521 (`x`, `y`),
     /// OKP with `crv` Ed25519 (`x`). Skipped silently: keys whose `use` is not
     /// `sig` or whose `key_ops` lacks `verify` (RFC 7517 sections 4.2, 4.3),
     /// keys whose `alg` is not a supported signature algorithm (e.g.
-    /// encryption keys), and other key types or curves (`oct`, P-521, X25519,
+    /// encryption keys), and other key types or curves (`oct`, secp256k1, X25519,
     /// ...). A supported key with bad members is an error, as is a document
     /// with no usable key.
     pub fn from_jwks(bytes: &[u8]) -> Result<KeySet, String> {
@@ -289,7 +312,7 @@ impl KeySet {
         }
         if keys.is_empty() {
             return Err("JWKS holds no usable signature key \
-                        (supported: RSA, EC P-256/P-384, OKP Ed25519)"
+                        (supported: RSA, EC P-256/P-384/P-521, OKP Ed25519)"
                 .into());
         }
         Ok(KeySet { keys })
@@ -320,8 +343,7 @@ impl KeySet {
                 }
                 SectionKind::Certificate => {
                     n += 1;
-                    spki_of_certificate(&der)
-                        .and_then(key_from_spki)
+                    key_from_certificate(&der.into())
                         .map_err(|e| format!("PEM block #{n} (CERTIFICATE): {e}"))?
                 }
                 SectionKind::RsaPrivateKey
@@ -340,15 +362,57 @@ impl KeySet {
             };
             return Err(format!(
                 "no usable public key: expected PEM \"PUBLIC KEY\" or \"CERTIFICATE\" \
-                 blocks with RSA, EC P-256/P-384 or Ed25519 keys{hint}"
+                 blocks with RSA, EC P-256/P-384/P-521 or Ed25519 keys{hint}"
             ));
         }
         Ok(KeySet { keys })
     }
 
-    /// A JWKS document if the first non-whitespace byte is `{`, else PEM.
+    /// Parse an x509 key map: a JSON object whose every member is a `kid` and its PEM
+    /// certificate (Google's `.../robot/v1/metadata/x509/ACCOUNT` and
+    /// `.../service_accounts/v1/metadata/x509/ACCOUNT`). Each certificate is only a
+    /// container for its public key (validity and chain are not checked, as Google rotates
+    /// the map itself); a certificate whose key type is not supported is skipped.
+    pub fn from_x509_map(bytes: &[u8]) -> Result<KeySet, String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::CertificateDer;
+
+        let doc: serde_json::Map<String, Value> =
+            serde_json::from_slice(bytes).map_err(|e| format!("invalid x509 key map JSON: {e}"))?;
+        let mut keys = Vec::new();
+        for (kid, pem) in &doc {
+            let named = |e: String| {
+                format!(
+                    "x509 key map entry \"{}\": {e}",
+                    crate::status::sanitize(kid)
+                )
+            };
+            let pem = pem
+                .as_str()
+                .ok_or_else(|| named("not a PEM certificate string".into()))?;
+            if contains(pem.as_bytes(), b"PRIVATE KEY-----") {
+                return Err(named("private keys do not belong here".into()));
+            }
+            let der = CertificateDer::from_pem_slice(pem.as_bytes())
+                .map_err(|_| named("not a PEM certificate".into()))?;
+            if let Some(mut key) = key_from_certificate(&der).map_err(named)? {
+                key.kid = Some(kid.clone());
+                keys.push(key);
+            }
+        }
+        if keys.is_empty() {
+            return Err("x509 key map holds no usable certificate \
+                        (supported: RSA, EC P-256/P-384/P-521, Ed25519 keys)"
+                .into());
+        }
+        Ok(KeySet { keys })
+    }
+
+    /// The shape decides: a JSON object with a `keys` member is a JWKS, any other JSON
+    /// object an x509 key map; anything else is read as PEM.
     pub fn load(bytes: &[u8]) -> Result<KeySet, String> {
         match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') if is_x509_map(bytes) => KeySet::from_x509_map(bytes),
             Some(b'{') => KeySet::from_jwks(bytes),
             _ => KeySet::from_pem(bytes),
         }
@@ -409,6 +473,7 @@ pub fn algorithm_name(a: Algorithm) -> &'static str {
         Algorithm::HS512 => "HS512",
         Algorithm::ES256 => "ES256",
         Algorithm::ES384 => "ES384",
+        Algorithm::ES512 => "ES512",
         Algorithm::RS256 => "RS256",
         Algorithm::RS384 => "RS384",
         Algorithm::RS512 => "RS512",
@@ -493,19 +558,25 @@ fn jwk_to_key(jwk: &Value) -> Result<Option<Key>, String> {
             let (kind, size) = match obj.get("crv").and_then(Value::as_str) {
                 Some("P-256") => (KeyKind::EcP256, 32),
                 Some("P-384") => (KeyKind::EcP384, 48),
+                Some("P-521") => (KeyKind::EcP521, 66),
                 Some(_) => return Ok(None),
                 None => return Err("missing \"crv\"".into()),
             };
             let x = b64_member(obj, "x")?;
             let y = b64_member(obj, "y")?;
-            if x.len() != size || y.len() != size {
+            // RFC 7518 6.2.1.2 wants full-length coordinates, but some issuers drop leading
+            // zero bytes (1 in 256 P-521 keys has a coordinate one byte short; Google's
+            // jwt_verify_lib accepts it): shorter is taken as the same number, longer refused.
+            if x.is_empty() || y.is_empty() || x.len() > size || y.len() > size {
                 return Err(format!("EC \"x\" and \"y\" must be {size} bytes each"));
             }
-            // SEC 1 uncompressed point: 0x04 || x || y.
+            // SEC 1 uncompressed point: 0x04 || x || y, each padded to the field size.
             let mut point = Vec::with_capacity(1 + 2 * size);
             point.push(0x04);
-            point.extend_from_slice(&x);
-            point.extend_from_slice(&y);
+            for c in [&x, &y] {
+                point.resize(point.len() + size - c.len(), 0);
+                point.extend_from_slice(c);
+            }
             let key = DecodingKey::from_ec_der(&point);
             (kind, point, key)
         }
@@ -606,8 +677,6 @@ const TAG_INTEGER: u8 = 0x02;
 const TAG_BIT_STRING: u8 = 0x03;
 const TAG_OID: u8 = 0x06;
 const TAG_SEQUENCE: u8 = 0x30;
-/// `[0] EXPLICIT` (the certificate version).
-const TAG_CONTEXT_0: u8 = 0xa0;
 
 /// 1.2.840.113549.1.1.1 rsaEncryption (RFC 8017 A.1)
 const OID_RSA_ENCRYPTION: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
@@ -617,6 +686,8 @@ const OID_EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
 const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 /// 1.3.132.0.34 secp384r1 (RFC 5480 2.1.1.1)
 const OID_P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
+/// 1.3.132.0.35 secp521r1 (RFC 5480 2.1.1.1)
+const OID_P521: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x23];
 /// 1.3.101.112 id-Ed25519 (RFC 8410 3)
 const OID_ED25519: &[u8] = &[0x2b, 0x65, 0x70];
 
@@ -632,10 +703,6 @@ impl<'a> Der<'a> {
 
     fn is_empty(&self) -> bool {
         self.data.is_empty()
-    }
-
-    fn peek_tag(&self) -> Option<u8> {
-        self.data.first().copied()
     }
 
     /// The next element: (tag, contents).
@@ -676,23 +743,29 @@ impl<'a> Der<'a> {
     }
 }
 
-/// The subjectPublicKeyInfo (whole element) of an X.509 certificate
-/// (RFC 5280 4.1).
-fn spki_of_certificate(der: &[u8]) -> Result<&[u8], String> {
-    let cert = Der::new(der).expect(TAG_SEQUENCE, "Certificate")?;
-    let mut tbs = Der::new(Der::new(cert).expect(TAG_SEQUENCE, "tbsCertificate")?);
-    if tbs.peek_tag() == Some(TAG_CONTEXT_0) {
-        tbs.read()?; // version
+/// The key of an X.509 certificate (RFC 5280 4.1), read by rustls-webpki's certificate
+/// parser (X.509 v3, DER; the validity and the chain are not checked: the certificate only
+/// carries the key). `Ok(None)` for a key type we do not support.
+fn key_from_certificate(der: &rustls_pki_types::CertificateDer<'_>) -> Result<Option<Key>, String> {
+    let cert = webpki::EndEntityCert::try_from(der)
+        .map_err(|e| format!("not a readable X.509 v3 certificate ({e})"))?;
+    key_from_spki(cert.subject_public_key_info().as_ref())
+}
+
+/// Whether a JSON document is an x509 key map (an object of strings holding PEM
+/// certificates) rather than a JWKS (which has a `keys` member).
+fn is_x509_map(bytes: &[u8]) -> bool {
+    match serde_json::from_slice::<serde_json::Map<String, Value>>(bytes) {
+        Ok(doc) => {
+            !doc.contains_key("keys")
+                && !doc.is_empty()
+                && doc.values().all(|v| {
+                    v.as_str()
+                        .is_some_and(|s| s.contains("-----BEGIN CERTIFICATE-----"))
+                })
+        }
+        Err(_) => false,
     }
-    tbs.expect(TAG_INTEGER, "serialNumber")?;
-    tbs.expect(TAG_SEQUENCE, "signature")?;
-    tbs.expect(TAG_SEQUENCE, "issuer")?;
-    tbs.expect(TAG_SEQUENCE, "validity")?;
-    tbs.expect(TAG_SEQUENCE, "subject")?;
-    let before = tbs.data;
-    tbs.expect(TAG_SEQUENCE, "subjectPublicKeyInfo")?;
-    let used = before.len() - tbs.data.len();
-    Ok(&before[..used])
 }
 
 /// A key from a DER SubjectPublicKeyInfo (RFC 5280 4.1.2.7); `Ok(None)` for
@@ -729,6 +802,8 @@ fn key_from_spki(der: &[u8]) -> Result<Option<Key>, String> {
             (KeyKind::EcP256, 32)
         } else if curve == OID_P384 {
             (KeyKind::EcP384, 48)
+        } else if curve == OID_P521 {
+            (KeyKind::EcP521, 66)
         } else {
             return Ok(None);
         };
@@ -759,7 +834,7 @@ mod tests {
             assert_eq!(parse_algorithm(algorithm_name(a)), Some(a));
         }
         for bad in [
-            "none", "None", "ES512", "rs256", "HS256 ", "", "Ed25519", "ES256K",
+            "none", "None", "ES256K", "rs256", "HS256 ", "", "Ed25519", "ES256K",
         ] {
             assert_eq!(parse_algorithm(bad), None, "{bad}");
         }
@@ -807,7 +882,10 @@ mod tests {
             &[0x30, 0x02, 0x30, 0x00],
         ] {
             assert!(key_from_spki(bad).is_err(), "{bad:?}");
-            assert!(spki_of_certificate(bad).is_err(), "{bad:?}");
+            assert!(
+                key_from_certificate(&bad.to_vec().into()).is_err(),
+                "{bad:?}"
+            );
         }
     }
 

@@ -3,7 +3,8 @@
 //! * [`status`]: verification outcomes (`$mesh_auth_status`);
 //! * [`decision`]: what the module decided for a request (`$mesh_decision`);
 //! * [`audit`]: `mesh_require_auth`: which routes must verify callers, the `nginx -t` summary;
-//! * [`keys`]: JWKS, PEM and HMAC key sets;
+//! * [`keys`]: JWKS, PEM, x509 key map and HMAC key sets;
+//! * [`discovery`]: OpenID Connect discovery: the document's URL, its issuer and `jwks_uri`;
 //! * [`token`]: JWT verification (RFC 7515, 7519, 8725);
 //! * [`extract`]: `Authorization: Bearer` parsing;
 //! * [`cache`]: per-worker cache of verified tokens;
@@ -22,6 +23,7 @@
 pub mod audit;
 pub mod cache;
 pub mod decision;
+pub mod discovery;
 pub mod extract;
 pub mod gcra;
 pub mod keys;

@@ -15,6 +15,15 @@ use crate::units::{parse_on_off, parse_time_secs};
 pub const GOOGLE_ISSUERS: [&str; 2] = ["https://accounts.google.com", "accounts.google.com"];
 /// Google's JWKS (`preset google`).
 pub const GOOGLE_KEYS_URL: &str = "https://www.googleapis.com/oauth2/v3/certs";
+/// Firebase Authentication's issuer prefix (`preset firebase PROJECT`: the issuer is this and
+/// the project ID).
+pub const FIREBASE_ISSUER_PREFIX: &str = "https://securetoken.google.com/";
+/// Firebase Authentication's keys: the x509 key map of securetoken@system.gserviceaccount.com.
+pub const FIREBASE_KEYS_URL: &str =
+    "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com";
+/// A service account's public keys as a JWKS (`preset service_account EMAIL`: this and the
+/// email).
+pub const SERVICE_ACCOUNT_KEYS_PREFIX: &str = "https://www.googleapis.com/service_accounts/v1/jwk/";
 /// `leeway` when the block does not set it, in seconds.
 pub const DEFAULT_LEEWAY: u64 = 30;
 /// `principal` when the block does not set it.
@@ -27,11 +36,119 @@ pub enum KeySource<U> {
     Url(U),
 }
 
-/// `preset NAME;`: defaults for a well-known issuer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `preset NAME [ARG];`: defaults for a well-known issuer.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Preset {
     /// Google-signed ID tokens (Cloud Run service-to-service, `gcloud auth print-identity-token`).
     Google,
+    /// Firebase Authentication ID tokens of one project (end users of an app).
+    Firebase(String),
+    /// JWTs a service account signs with its own key (issuer and subject: its email).
+    ServiceAccount(String),
+}
+
+impl Preset {
+    /// `preset NAME [ARG]` as written: the words after `preset`.
+    pub fn parse(words: &[String]) -> Result<Preset, String> {
+        const KNOWN: &str = "known: google, firebase PROJECT, service_account EMAIL";
+        match words {
+            [name] if name == "google" => Ok(Preset::Google),
+            [name, project] if name == "firebase" => {
+                // Project IDs: lower-case letters, digits, hyphens; legacy domain-scoped ones
+                // ("example.com:project") add '.' and ':'.
+                let ok = !project.is_empty()
+                    && project
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:_".contains(&b));
+                if !ok {
+                    return Err(format!(
+                        "preset firebase: invalid project ID \"{}\"",
+                        project.escape_debug()
+                    ));
+                }
+                Ok(Preset::Firebase(project.clone()))
+            }
+            [name, email] if name == "service_account" => {
+                // The email goes into the key URL's path: letters, digits and ._+-@ only.
+                let ok = email.matches('@').count() == 1
+                    && !email.starts_with('@')
+                    && !email.ends_with('@')
+                    && email
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._+-@".contains(&b));
+                if !ok {
+                    return Err(format!(
+                        "preset service_account: invalid service account email \"{}\"",
+                        email.escape_debug()
+                    ));
+                }
+                Ok(Preset::ServiceAccount(email.clone()))
+            }
+            [name] if name == "firebase" => {
+                Err("preset firebase: the project ID is missing (preset firebase PROJECT;)".into())
+            }
+            [name] if name == "service_account" => Err(
+                "preset service_account: the email is missing (preset service_account EMAIL;)"
+                    .into(),
+            ),
+            [name, ..] if name == "google" || name == "firebase" || name == "service_account" => {
+                Err(format!("preset {name}: too many arguments ({KNOWN})"))
+            }
+            [other, ..] => Err(format!("preset: unknown preset \"{other}\" ({KNOWN})")),
+            [] => Err(format!("preset: which one? ({KNOWN})")),
+        }
+    }
+
+    /// The preset's name as written.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Preset::Google => "google",
+            Preset::Firebase(_) => "firebase",
+            Preset::ServiceAccount(_) => "service_account",
+        }
+    }
+
+    /// The issuers it accepts.
+    pub fn issuers(&self) -> Vec<String> {
+        match self {
+            Preset::Google => GOOGLE_ISSUERS.iter().map(|s| s.to_string()).collect(),
+            Preset::Firebase(project) => vec![format!("{FIREBASE_ISSUER_PREFIX}{project}")],
+            Preset::ServiceAccount(email) => vec![email.clone()],
+        }
+    }
+
+    /// Where its keys are published.
+    pub fn keys_url(&self) -> String {
+        match self {
+            Preset::Google => GOOGLE_KEYS_URL.into(),
+            Preset::Firebase(_) => FIREBASE_KEYS_URL.into(),
+            Preset::ServiceAccount(email) => format!("{SERVICE_ACCOUNT_KEYS_PREFIX}{email}"),
+        }
+    }
+}
+
+/// What the shell is asked to turn into its URL type when the block is finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UrlFor<'a> {
+    /// A preset's key URL.
+    Preset(&'a str),
+    /// `discovery on [ca=FILE]`: the issuer's discovery document, the issuer it must name, and
+    /// the CA file (a path the shell resolved).
+    Discovery {
+        document: &'a str,
+        issuer: &'a str,
+        ca: Option<&'a str>,
+    },
+}
+
+impl UrlFor<'_> {
+    /// The URL fetched first.
+    pub fn url(&self) -> &str {
+        match self {
+            UrlFor::Preset(u) => u,
+            UrlFor::Discovery { document, .. } => document,
+        }
+    }
 }
 
 /// The line a block-level error belongs to.
@@ -41,6 +158,7 @@ pub enum Line {
     Block,
     Secret,
     Algorithms,
+    Discovery,
 }
 
 /// Why a block cannot become a provider, and which line to blame.
@@ -73,6 +191,8 @@ pub struct ProviderBlock<U> {
     require: Vec<Requirement>,
     preset: Option<Preset>,
     platform_verified: Option<bool>,
+    /// `discovery on [ca=FILE]`: `Some(ca)`.
+    discovery: Option<Option<String>>,
 }
 
 impl<U> ProviderBlock<U> {
@@ -89,6 +209,7 @@ impl<U> ProviderBlock<U> {
             require: Vec::new(),
             preset: None,
             platform_verified: None,
+            discovery: None,
         }
     }
 
@@ -120,6 +241,15 @@ impl<U> ProviderBlock<U> {
 
     pub fn set_secret(&mut self, secret: KeySet) {
         self.secret = Some(secret);
+    }
+
+    pub fn has_discovery(&self) -> bool {
+        self.discovery.is_some()
+    }
+
+    /// `discovery on [ca=FILE]` (the shell resolved the CA path); `discovery off` is no line.
+    pub fn set_discovery(&mut self, ca: Option<String>) {
+        self.discovery = Some(ca);
     }
 
     /// One line of the block other than `keys` and `secret` (which read files). `dir` is the
@@ -154,14 +284,7 @@ impl<U> ProviderBlock<U> {
             }
             "preset" => {
                 dup(self.preset.is_some())?;
-                self.preset = Some(match one()? {
-                    "google" => Preset::Google,
-                    other => {
-                        return Err(format!(
-                            "preset: unknown preset \"{other}\" (known: google)"
-                        ))
-                    }
-                });
+                self.preset = Some(Preset::parse(vals)?);
             }
             "platform_verified" => {
                 dup(self.platform_verified.is_some())?;
@@ -222,33 +345,42 @@ impl<U> ProviderBlock<U> {
         Ok(())
     }
 
-    /// Checks the block as a whole, at its closing brace. `preset_url` turns the preset's key
-    /// URL into the shell's URL type.
+    /// Checks the block as a whole, at its closing brace. `url` turns a preset's key URL, or
+    /// the discovery document of `discovery on`, into the shell's URL type.
     pub fn finish(
         mut self,
-        preset_url: impl FnOnce(&str) -> Result<U, String>,
+        mut url: impl FnMut(UrlFor<'_>) -> Result<U, String>,
     ) -> Result<Built<U>, BlockError> {
         let at = |line: Line, message: String| BlockError { line, message };
-        if let Some(Preset::Google) = self.preset {
+        let mut email_first = false;
+        if let Some(preset) = self.preset.take() {
             // Lines written in the block win over the preset's defaults.
             if self.issuers.is_empty() {
-                self.issuers = GOOGLE_ISSUERS.iter().map(|s| s.to_string()).collect();
+                self.issuers = preset.issuers();
             }
-            if self.keys.is_none() && self.secret.is_none() {
-                let url = preset_url(GOOGLE_KEYS_URL)
-                    .map_err(|e| at(Line::Block, format!("preset google: {e}")))?;
-                self.keys = Some(KeySource::Url(url));
+            if self.keys.is_none() && self.secret.is_none() && self.discovery.is_none() {
+                let u = url(UrlFor::Preset(&preset.keys_url()))
+                    .map_err(|e| at(Line::Block, format!("preset {}: {e}", preset.name())))?;
+                self.keys = Some(KeySource::Url(u));
             }
+            // Google signs all three with RSA keys.
             self.algorithms
                 .get_or_insert_with(|| vec![Algorithm::RS256]);
-            self.principal.get_or_insert_with(|| "email".into());
-            if !self
-                .require
-                .iter()
-                .any(|r| r.path_text() == "email_verified")
-            {
-                if let Ok(r) = Requirement::parse("email_verified=true") {
-                    self.require.push(r);
+            match &preset {
+                // The caller: a verified `email` when the token has one, else `sub` (IAM's
+                // generateIdToken adds `email` only with includeEmail=true).
+                Preset::Google => email_first = self.principal.is_none(),
+                // A Firebase ID token's audience is its project.
+                Preset::Firebase(project) => {
+                    self.audiences.get_or_insert_with(|| vec![project.clone()]);
+                }
+                // Issuer and subject are both the account: a token it signed names itself.
+                Preset::ServiceAccount(email) => {
+                    if !self.require.iter().any(|r| r.path_text() == "sub") {
+                        if let Ok(r) = Requirement::parse(&format!("sub={email}")) {
+                            self.require.push(r);
+                        }
+                    }
                 }
             }
         }
@@ -271,6 +403,28 @@ impl<U> ProviderBlock<U> {
                 Line::Block,
                 format!("mesh_provider \"{name}\": no \"issuer\""),
             ));
+        }
+        if let Some(ca) = self.discovery.take() {
+            let blame = |m: String| at(Line::Discovery, format!("mesh_provider \"{name}\": {m}"));
+            if self.keys.is_some() || self.secret.is_some() {
+                return Err(blame(
+                    "\"discovery\" cannot be combined with \"keys\" or \"secret\" (discovery finds the keys)".into(),
+                ));
+            }
+            let [issuer] = self.issuers.as_slice() else {
+                return Err(blame(
+                    "\"discovery\" needs exactly one issuer (the document is found below it)"
+                        .into(),
+                ));
+            };
+            let document = crate::discovery::document_url(issuer).map_err(blame)?;
+            let u = url(UrlFor::Discovery {
+                document: &document,
+                issuer,
+                ca: ca.as_deref(),
+            })
+            .map_err(|e| blame(format!("discovery: {e}")))?;
+            self.keys = Some(KeySource::Url(u));
         }
         let (keys, url) = match (self.keys, self.secret) {
             (Some(_), Some(_)) => return Err(at(
@@ -305,6 +459,7 @@ impl<U> ProviderBlock<U> {
             keys: Arc::new(keys),
             leeway: self.leeway.unwrap_or(DEFAULT_LEEWAY),
             principal: self.principal.unwrap_or_else(|| DEFAULT_PRINCIPAL.into()),
+            email_first,
             require: self.require,
         };
         Ok(Built {

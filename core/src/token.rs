@@ -120,7 +120,33 @@ pub struct Provider {
     pub leeway: u64,
     /// The claim naming the caller (default `sub`).
     pub principal: String,
+    /// `preset google` without a `principal` line: a verified `email` (present, and
+    /// `email_verified` true) names the caller; else `principal` does. IAM-minted ID tokens
+    /// carry `email` only when asked for (`includeEmail`).
+    pub email_first: bool,
     pub require: Vec<Requirement>,
+}
+
+impl Provider {
+    /// The claim that names the caller of a token with these claims.
+    pub fn principal_claim(&self, claims: &Map<String, Value>) -> &str {
+        if self.email_first && has_verified_email(claims) {
+            "email"
+        } else {
+            &self.principal
+        }
+    }
+}
+
+/// Whether `email` is a non-empty string and `email_verified` is `true` (the boolean, or the
+/// string `"true"` that some older Google tokens carry).
+fn has_verified_email(claims: &Map<String, Value>) -> bool {
+    let verified = match claims.get("email_verified") {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => s == "true",
+        _ => false,
+    };
+    verified && matches!(claims.get("email"), Some(Value::String(s)) if !s.is_empty())
 }
 
 /// A verified token.
@@ -248,9 +274,13 @@ pub fn verify_platform(
 }
 
 /// The `aud` check (RFC 7519 4.1.3): `accepted` empty means not checked;
-/// otherwise the token's `aud` must contain one of them.
+/// otherwise the token's `aud` must contain one of them ([`audience_matches`]).
 pub fn check_audience(v: &Verified, accepted: &[String]) -> Result<(), AuthError> {
-    if accepted.is_empty() || v.audiences.iter().any(|a| accepted.contains(a)) {
+    if accepted.is_empty()
+        || v.audiences
+            .iter()
+            .any(|a| accepted.iter().any(|want| audience_matches(want, a)))
+    {
         return Ok(());
     }
     let reason = if v.audiences.is_empty() {
@@ -259,6 +289,24 @@ pub fn check_audience(v: &Verified, accepted: &[String]) -> Result<(), AuthError
         "audience not accepted"
     };
     Err(AuthError::new(AuthStatus::WrongAudience, reason))
+}
+
+/// Whether a token's `aud` value `got` is the configured audience `want`: byte for byte, or,
+/// when `want` is an `https://` URL, that URL with one trailing `/` added or removed (Google's
+/// samples mint `https://SERVICE.run.app/`, Cloud Run's own audience has no slash). Nothing
+/// else is forgiven: no case folding, no second slash, no other scheme.
+pub fn audience_matches(want: &str, got: &str) -> bool {
+    if want == got {
+        return true;
+    }
+    if !want.starts_with("https://") {
+        return false;
+    }
+    match (want.strip_suffix('/'), got.strip_suffix('/')) {
+        (Some(w), None) => !w.ends_with('/') && w == got,
+        (None, Some(g)) => !g.ends_with('/') && g == want,
+        _ => false,
+    }
 }
 
 fn fail<T>(status: AuthStatus, reason: impl AsRef<str>) -> Result<T, AuthError> {
@@ -528,7 +576,7 @@ impl<'t> Jwt<'t> {
     /// The verified token, for the provider [`Jwt::check`] returned (the claims move, they
     /// are not copied).
     pub fn into_verified(self, provider: &Provider) -> Verified {
-        let principal = match self.claims.get(&provider.principal) {
+        let principal = match self.claims.get(provider.principal_claim(&self.claims)) {
             Some(Value::String(s)) => s.clone(),
             _ => String::new(),
         };
@@ -671,21 +719,22 @@ impl<'t> Jwt<'t> {
 
         // 9. The principal: a non-empty string without control characters (it
         // ends up in request headers and logs).
-        match claims.get(&provider.principal) {
+        let principal = provider.principal_claim(claims);
+        match claims.get(principal) {
             Some(Value::String(s)) if !s.is_empty() && !s.chars().any(char::is_control) => {}
             Some(Value::String(s)) if !s.is_empty() => {
                 return fail(
                     AuthStatus::ClaimMismatch,
                     format!(
                         "principal claim {} has control characters",
-                        sanitize(&provider.principal)
+                        sanitize(principal)
                     ),
                 )
             }
             _ => {
                 return fail(
                     AuthStatus::ClaimMismatch,
-                    format!("principal claim {} missing", sanitize(&provider.principal)),
+                    format!("principal claim {} missing", sanitize(principal)),
                 )
             }
         }

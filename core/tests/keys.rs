@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use mesh_core::keys::{Algorithm, KeyKind, KeySet};
 
-const P521_PUB: &[u8] = include_bytes!("data/p521.pub.pem");
+const K256_PUB: &[u8] = include_bytes!("data/k256.pub.pem");
 const X25519_PUB: &[u8] = include_bytes!("data/x25519.pub.pem");
 const RSA_PKCS1: &[u8] = include_bytes!("data/rsa.pkcs1.pem");
 
@@ -17,15 +17,16 @@ fn kinds(s: &KeySet) -> Vec<KeyKind> {
 fn jwks_file() {
     let s = KeySet::from_jwks(JWKS).unwrap();
     let kids: Vec<&str> = s.keys.iter().map(|k| k.kid.as_deref().unwrap()).collect();
-    // enc1 (use=enc), oct1 (kty=oct), p521 and x1 (curves) are skipped.
-    assert_eq!(kids, ["rsa1", "ec256", "ec384", "ed1"]);
+    // enc1 (use=enc), oct1 (kty=oct), k256 and x1 (curves) are skipped.
+    assert_eq!(kids, ["rsa1", "ec256", "ec384", "ed1", "p521"]);
     assert_eq!(
         kinds(&s),
         [
             KeyKind::Rsa,
             KeyKind::EcP256,
             KeyKind::EcP384,
-            KeyKind::Ed25519
+            KeyKind::Ed25519,
+            KeyKind::EcP521
         ]
     );
     assert_eq!(s.keys[1].alg, Some(Algorithm::ES256));
@@ -33,7 +34,7 @@ fn jwks_file() {
     use Algorithm::*;
     assert_eq!(
         s.algorithms(),
-        [RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA]
+        [RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, ES512, EdDSA]
     );
 }
 
@@ -88,7 +89,7 @@ fn pem_public_keys_and_certificates() {
     let s = KeySet::from_pem(&all).unwrap();
     assert_eq!(s.keys.len(), 5);
     // Unsupported key types are skipped when something usable remains.
-    let mixed = [P521_PUB, X25519_PUB, ED_PUB].concat();
+    let mixed = [K256_PUB, X25519_PUB, ED_PUB].concat();
     assert_eq!(
         kinds(&KeySet::from_pem(&mixed).unwrap()),
         [KeyKind::Ed25519]
@@ -143,7 +144,7 @@ fn pem_errors() {
         assert!(KeySet::load(&bad).is_err());
     }
     // Nothing usable.
-    for bad in [&b""[..], b"hello", P521_PUB, X25519_PUB] {
+    for bad in [&b""[..], b"hello", K256_PUB, X25519_PUB] {
         let e = KeySet::from_pem(bad).unwrap_err();
         assert!(e.contains("no usable public key"), "{e}");
     }
@@ -164,7 +165,7 @@ fn pem_errors() {
 #[test]
 fn load_dispatches_on_first_byte() {
     let jwks = [b" \n\t".as_slice(), JWKS].concat();
-    assert_eq!(KeySet::load(&jwks).unwrap().keys.len(), 4);
+    assert_eq!(KeySet::load(&jwks).unwrap().keys.len(), 5);
     assert_eq!(KeySet::load(RSA_CRT).unwrap().keys.len(), 1);
     assert!(KeySet::load(b"").is_err());
     assert!(KeySet::load(b"   ").is_err());
@@ -175,7 +176,8 @@ fn load_dispatches_on_first_byte() {
 #[test]
 fn truncated_files_never_panic() {
     for data in [
-        JWKS, RSA_PUB, RSA_CRT, EC256_PUB, EC256_CRT, EC384_PUB, ED_PUB, P521_PUB, RSA_PKCS1,
+        JWKS, RSA_PUB, RSA_CRT, EC256_PUB, EC256_CRT, EC384_PUB, ED_PUB, P521_PUB, K256_PUB,
+        RSA_PKCS1,
     ] {
         for n in 0..data.len() {
             let _ = KeySet::load(&data[..n]);
@@ -209,4 +211,38 @@ fn secret() {
     assert!(KeySet::from_secret(b"").is_empty());
     assert!(KeySet::default().is_empty());
     assert!(KeySet::default().algorithms().is_empty());
+}
+
+#[test]
+fn x509_maps() {
+    let pem = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
+    let map = serde_json::json!({"k-rsa": pem(RSA_CRT), "k-ec": pem(EC256_CRT)}).to_string();
+    let s = KeySet::load(map.as_bytes()).unwrap();
+    let mut kids: Vec<&str> = s.keys.iter().map(|k| k.kid.as_deref().unwrap()).collect();
+    kids.sort();
+    assert_eq!(kids, ["k-ec", "k-rsa"]);
+    assert_eq!(KeySet::from_x509_map(map.as_bytes()).unwrap().keys.len(), 2);
+    // a JWKS is still a JWKS, and an object that is neither is read as a JWKS (and refused)
+    assert_eq!(KeySet::load(JWKS).unwrap().keys.len(), 5);
+    assert!(KeySet::load(b"{}").unwrap_err().contains("JWKS"));
+    let not_pem = serde_json::json!({"k": "hello"}).to_string();
+    assert!(KeySet::load(not_pem.as_bytes())
+        .unwrap_err()
+        .contains("JWKS"));
+    // a map entry that is a PEM public key, a broken certificate or not a string: refused, named
+    let bad_cert = "-----BEGIN CERTIFICATE-----\nMAMCAQE=\n-----END CERTIFICATE-----\n";
+    for (doc, word) in [
+        (
+            serde_json::json!({"k1": pem(RSA_CRT), "k2": bad_cert}),
+            "\"k2\"",
+        ),
+        (serde_json::json!({"k1": pem(RSA_CRT), "k2": 7}), "\"k2\""),
+        (serde_json::json!({"k3": pem(RSA_PUB)}), "\"k3\""),
+    ] {
+        let e = KeySet::from_x509_map(doc.to_string().as_bytes()).unwrap_err();
+        assert!(e.contains(word), "{e}");
+    }
+    let private = serde_json::json!({"k1": pem(RSA_CRT) + &pem(RSA_KEY)}).to_string();
+    let e = KeySet::load(private.as_bytes()).unwrap_err();
+    assert!(e.contains("private keys do not belong here"), "{e}");
 }

@@ -5,8 +5,8 @@ mod common;
 use common::{JWKS, RSA_PUB, SECRET};
 use mesh_core::keys::{Algorithm, KeySet};
 use mesh_core::provider::{
-    allowed_algorithms, check_key_url, BlockError, KeySource, Line, ProviderBlock, DEFAULT_LEEWAY,
-    GOOGLE_ISSUERS, GOOGLE_KEYS_URL,
+    allowed_algorithms, check_key_url, BlockError, KeySource, Line, ProviderBlock, UrlFor,
+    DEFAULT_LEEWAY, GOOGLE_ISSUERS, GOOGLE_KEYS_URL,
 };
 
 fn block() -> ProviderBlock<String> {
@@ -30,7 +30,7 @@ fn google_preset_fills_what_the_block_leaves_out() {
     b.line("preset", &words(&["google"])).unwrap();
     b.line("audience", &words(&["https://svc.example"]))
         .unwrap();
-    let built = b.finish(|u| Ok(u.to_string())).unwrap();
+    let built = b.finish(|u| Ok(u.url().to_string())).unwrap();
     assert_eq!(built.url.as_deref(), Some(GOOGLE_KEYS_URL));
     assert_eq!(
         built.provider.issuers,
@@ -38,9 +38,10 @@ fn google_preset_fills_what_the_block_leaves_out() {
     );
     assert_eq!(built.provider.algorithms, vec![Algorithm::RS256]);
     assert_eq!(built.algorithms, Some(vec![Algorithm::RS256]));
-    assert_eq!(built.provider.principal, "email");
-    assert_eq!(built.provider.require.len(), 1);
-    assert_eq!(built.provider.require[0].path_text(), "email_verified");
+    // the caller: a verified email when the token has one, else sub
+    assert_eq!(built.provider.principal, "sub");
+    assert!(built.provider.email_first);
+    assert!(built.provider.require.is_empty());
     assert!(built.provider.keys.is_empty(), "URL keys arrive later");
 }
 
@@ -62,6 +63,10 @@ fn lines_written_win_over_the_preset() {
         vec!["https://other.example".to_string()]
     );
     assert_eq!(built.provider.principal, "sub");
+    assert!(
+        !built.provider.email_first,
+        "a principal line names the claim alone"
+    );
     assert_eq!(built.provider.require.len(), 1);
     assert!(built.url.is_none());
 }
@@ -153,7 +158,7 @@ fn algorithms_must_fit_the_keys() {
     );
     assert!(allowed_algorithms(&empty, true, Some(&[Algorithm::HS384])).is_err());
     let all = allowed_algorithms(&empty, true, None).unwrap();
-    assert_eq!(all.len(), 9);
+    assert_eq!(all.len(), 10);
     assert!(!all.contains(&Algorithm::HS512));
 }
 
@@ -236,7 +241,7 @@ fn google_issuers_need_an_audience() {
     // preset google without audience
     let mut b = block();
     b.line("preset", &words(&["google"])).unwrap();
-    let e = err(b.finish(|u| Ok(u.to_string())));
+    let e = err(b.finish(|u| Ok(u.url().to_string())));
     assert_eq!(e.line, Line::Block);
     assert!(e.message.contains("need \"audience\""), "{}", e.message);
     // a Google issuer written by hand, any spelling
@@ -249,7 +254,7 @@ fn google_issuers_need_an_audience() {
         b.line("issuer", &words(&["https://ci.example", iss]))
             .unwrap();
         b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
-        let e = err(b.finish(|u| Ok(u.to_string())));
+        let e = err(b.finish(|u| Ok(u.url().to_string())));
         assert!(
             e.message.contains("need \"audience\""),
             "{iss}: {}",
@@ -262,9 +267,174 @@ fn google_issuers_need_an_audience() {
     b.line("audience", &words(&["https://svc.example"]))
         .unwrap();
     b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
-    assert!(b.finish(|u| Ok(u.to_string())).is_ok());
+    assert!(b.finish(|u| Ok(u.url().to_string())).is_ok());
     let mut b = block();
     b.line("issuer", &words(&["https://ci.example"])).unwrap();
     b.set_keys(KeySource::File(KeySet::load(RSA_PUB).unwrap()));
-    assert!(b.finish(|u| Ok(u.to_string())).is_ok());
+    assert!(b.finish(|u| Ok(u.url().to_string())).is_ok());
+}
+
+#[test]
+fn firebase_preset_fills_issuer_audience_keys() {
+    let mut b = block();
+    b.line("preset", &words(&["firebase", "shop-prod-1"]))
+        .unwrap();
+    let built = b.finish(|u| Ok(u.url().to_string())).unwrap();
+    assert_eq!(
+        built.url.as_deref(),
+        Some("https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com")
+    );
+    assert_eq!(
+        built.provider.issuers,
+        vec!["https://securetoken.google.com/shop-prod-1".to_string()]
+    );
+    assert_eq!(built.provider.audiences, vec!["shop-prod-1".to_string()]);
+    assert_eq!(built.provider.algorithms, vec![Algorithm::RS256]);
+    assert_eq!(built.provider.principal, "sub");
+    assert!(!built.provider.email_first);
+    // lines written win: the audience and the keys
+    let mut b = block();
+    b.line("preset", &words(&["firebase", "shop-prod-1"]))
+        .unwrap();
+    b.line("audience", &words(&["other"])).unwrap();
+    b.set_keys(KeySource::Url("https://127.0.0.1:9/x509".to_string()));
+    let built = b.finish(|_| panic!("keys were given")).unwrap();
+    assert_eq!(built.provider.audiences, vec!["other".to_string()]);
+    assert_eq!(built.url.as_deref(), Some("https://127.0.0.1:9/x509"));
+}
+
+#[test]
+fn service_account_preset_fills_issuer_subject_keys() {
+    let email = "deployer@shop-prod-1.iam.gserviceaccount.com";
+    let mut b = block();
+    b.line("preset", &words(&["service_account", email]))
+        .unwrap();
+    b.line("audience", &words(&["https://orders.example"]))
+        .unwrap();
+    let built = b.finish(|u| Ok(u.url().to_string())).unwrap();
+    assert_eq!(
+        built.url,
+        Some(format!(
+            "https://www.googleapis.com/service_accounts/v1/jwk/{email}"
+        ))
+    );
+    assert_eq!(built.provider.issuers, vec![email.to_string()]);
+    assert_eq!(built.provider.require.len(), 1);
+    assert_eq!(built.provider.require[0].path_text(), "sub");
+    assert_eq!(built.provider.require[0].value, email);
+    // no audience is required: only the account's own keys can sign
+    let mut b = block();
+    b.line("preset", &words(&["service_account", email]))
+        .unwrap();
+    assert!(b.finish(|u| Ok(u.url().to_string())).is_ok());
+}
+
+#[test]
+fn preset_arguments_are_checked() {
+    for (w, want) in [
+        (&["firebase"][..], "the project ID is missing"),
+        (&["firebase", "a/b"], "invalid project ID"),
+        (&["firebase", "p", "q"], "too many arguments"),
+        (&["google", "x"], "too many arguments"),
+        (&["service_account"], "the email is missing"),
+        (
+            &["service_account", "no-at-sign"],
+            "invalid service account email",
+        ),
+        (
+            &["service_account", "a@b/../c"],
+            "invalid service account email",
+        ),
+        (
+            &["service_account", "a@b@c"],
+            "invalid service account email",
+        ),
+        (&["okta"], "unknown preset \"okta\""),
+    ] {
+        let e = block().line("preset", &words(w)).unwrap_err();
+        assert!(e.contains(want), "{w:?}: {e}");
+    }
+}
+
+#[test]
+fn discovery_fetches_below_the_one_issuer() {
+    let mut b = block();
+    b.line(
+        "issuer",
+        &words(&["https://token.actions.githubusercontent.com"]),
+    )
+    .unwrap();
+    b.set_discovery(Some("/etc/ca.pem".into()));
+    let mut asked = None;
+    let built = b
+        .finish(|u| {
+            asked = Some(format!("{u:?}"));
+            Ok(u.url().to_string())
+        })
+        .unwrap();
+    assert_eq!(
+        built.url.as_deref(),
+        Some("https://token.actions.githubusercontent.com/.well-known/openid-configuration")
+    );
+    assert_eq!(
+        asked.unwrap(),
+        format!(
+            "{:?}",
+            UrlFor::Discovery {
+                document:
+                    "https://token.actions.githubusercontent.com/.well-known/openid-configuration",
+                issuer: "https://token.actions.githubusercontent.com",
+                ca: Some("/etc/ca.pem"),
+            }
+        )
+    );
+    assert!(built.provider.keys.is_empty(), "keys arrive later");
+    // with a preset: the preset's issuer, discovery's keys
+    let mut b = block();
+    b.line("preset", &words(&["firebase", "p1"])).unwrap();
+    b.set_discovery(None);
+    let built = b.finish(|u| Ok(u.url().to_string())).unwrap();
+    assert_eq!(
+        built.url.as_deref(),
+        Some("https://securetoken.google.com/p1/.well-known/openid-configuration")
+    );
+}
+
+#[test]
+fn discovery_errors_blame_its_line() {
+    type Setup = fn(&mut ProviderBlock<String>);
+    let cases: [(Setup, &str); 4] = [
+        (
+            |b| b.set_keys(KeySource::File(KeySet::load(JWKS).unwrap())),
+            "cannot be combined",
+        ),
+        (
+            |b| b.set_secret(KeySet::from_secret(SECRET)),
+            "cannot be combined",
+        ),
+        (
+            |b| {
+                b.line(
+                    "issuer",
+                    &words(&["https://a.example", "https://b.example"]),
+                )
+                .unwrap()
+            },
+            "exactly one issuer",
+        ),
+        (
+            |b| b.line("issuer", &words(&["a.example"])).unwrap(),
+            "https:// URL",
+        ),
+    ];
+    for (setup, want) in cases {
+        let mut b = block();
+        setup(&mut b);
+        // (a duplicate, and ignored, where the setup wrote the issuer)
+        let _ = b.line("issuer", &words(&["https://p.example"]));
+        b.set_discovery(None);
+        let e = err(b.finish(|u| Ok(u.url().to_string())));
+        assert_eq!(e.line, Line::Discovery, "{want}");
+        assert!(e.message.contains(want), "{}", e.message);
+    }
 }

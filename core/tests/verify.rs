@@ -697,6 +697,39 @@ fn audiences() {
         Err(AuthStatus::WrongAudience)
     );
     assert_eq!(check(None, &accepted), Err(AuthStatus::WrongAudience));
+    // An https:// URL also matches itself with one trailing slash added or removed.
+    let url = vec!["https://orders-abc-uc.a.run.app".to_string()];
+    let slashed = vec!["https://orders-abc-uc.a.run.app/".to_string()];
+    for (aud, accepted) in [
+        ("https://orders-abc-uc.a.run.app/", &url),
+        ("https://orders-abc-uc.a.run.app", &slashed),
+        ("https://orders-abc-uc.a.run.app/", &slashed),
+    ] {
+        assert_eq!(check(Some(json!(aud)), accepted), Ok(()), "{aud}");
+    }
+    for (aud, accepted) in [
+        ("https://orders-abc-uc.a.run.app//", &url),
+        ("https://orders-abc-uc.a.run.app//", &slashed),
+        ("https://orders-abc-uc.a.run.app/x", &url),
+        ("https://ORDERS-abc-uc.a.run.app/", &url),
+        ("http://orders-abc-uc.a.run.app/", &url),
+        ("https://orders-abc-uc.a.run.ap", &url),
+    ] {
+        assert_eq!(
+            check(Some(json!(aud)), accepted),
+            Err(AuthStatus::WrongAudience),
+            "{aud}"
+        );
+    }
+    // Anything but an https:// URL stays exact.
+    let plain = vec!["orders".to_string(), "http://orders.internal".to_string()];
+    for aud in ["orders/", "http://orders.internal/"] {
+        assert_eq!(
+            check(Some(json!(aud)), &plain),
+            Err(AuthStatus::WrongAudience),
+            "{aud}"
+        );
+    }
     // Nothing configured: not checked.
     assert_eq!(check(None, &[]), Ok(()));
     assert_eq!(check(Some(json!("anything")), &[]), Ok(()));
@@ -941,4 +974,102 @@ fn verified_remembers_the_key_that_verified_it() {
     // ... another RSA key, or no key, is not.
     assert!(!v.key_still_held(&KeySet::load(RSA2_PUB).unwrap()));
     assert!(!v.key_still_held(&KeySet::default()));
+}
+
+// ------------------------------------------------------------ preset google's caller
+
+#[test]
+fn email_first_names_a_verified_email_else_sub() {
+    let p = Provider {
+        email_first: true,
+        ..jwks_provider()
+    };
+    let caller = |extra: Value| {
+        let mut c = claims(JWKS_ISS);
+        c["sub"] = json!("118044773098211223344");
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        run(&jwks_token(&c), &p).map(|v| v.principal)
+    };
+    let email = "job@shop.iam.gserviceaccount.com";
+    assert_eq!(
+        caller(json!({"email": email, "email_verified": true})).unwrap(),
+        email
+    );
+    assert_eq!(
+        caller(json!({"email": email, "email_verified": "true"})).unwrap(),
+        email
+    );
+    for unverified in [
+        json!({"email": email, "email_verified": false}),
+        json!({"email": email}),
+        json!({"email": "", "email_verified": true}),
+        json!({"email": 7, "email_verified": true}),
+        json!({}),
+    ] {
+        assert_eq!(
+            caller(unverified.clone()).unwrap(),
+            "118044773098211223344",
+            "{unverified}"
+        );
+    }
+    // a verified email holding a control character is refused, not replaced by sub
+    assert_eq!(
+        caller(json!({"email": "a\nb@x", "email_verified": true}))
+            .unwrap_err()
+            .status,
+        AuthStatus::ClaimMismatch
+    );
+    // without email_first, the principal claim alone
+    let c = json!({"email": email, "email_verified": true});
+    let mut claims_ = claims(JWKS_ISS);
+    claims_["email"] = c["email"].clone();
+    assert_eq!(
+        run(&jwks_token(&claims_), &jwks_provider())
+            .unwrap()
+            .principal,
+        "svc@example.com"
+    );
+}
+
+// ------------------------------------------------------------ ES512 (P-521)
+
+#[test]
+fn es512_is_verified_with_a_p521_key_from_jwks_and_pem() {
+    let key = p521();
+    let pem = provider("pem521", PEM_ISS, KeySet::from_pem(P521_PUB).unwrap());
+    assert_eq!(pem.algorithms, vec![Algorithm::ES512]);
+    for (kid, p) in [
+        (Some("p521"), jwks_provider()),
+        (None, jwks_provider()),
+        (None, pem),
+    ] {
+        let iss = p.issuers[0].clone();
+        let t = sign(&header("ES512", kid), &claims(&iss), &key, Algorithm::ES512);
+        let v = run(&t, &p).unwrap_or_else(|e| panic!("{kid:?} {}: {e}", p.name));
+        assert_eq!(v.principal, "svc@example.com");
+        // one bit off: refused
+        let mut bad = t.into_bytes();
+        let n = bad.len();
+        bad[n - 2] = if bad[n - 2] == b'A' { b'B' } else { b'A' };
+        let bad = String::from_utf8(bad).unwrap();
+        assert_eq!(status(&bad, &p), AuthStatus::BadSignature);
+    }
+    // a P-521 key verifies ES512 only, and ES512 needs a P-521 key
+    let jwks = jwks_provider();
+    let t = sign(
+        &header("ES512", Some("ec384")),
+        &claims(JWKS_ISS),
+        &key,
+        Algorithm::ES512,
+    );
+    assert_eq!(status(&t, &jwks), AuthStatus::BadSignature);
+    let t = sign(
+        &header("ES384", Some("p521")),
+        &claims(JWKS_ISS),
+        &ec384(),
+        Algorithm::ES384,
+    );
+    assert_eq!(status(&t, &jwks), AuthStatus::BadSignature);
 }

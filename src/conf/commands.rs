@@ -10,7 +10,7 @@ use std::ptr;
 
 use ngx::ffi::{
     ngx_command_t, ngx_conf_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_2MORE,
-    NGX_CONF_BLOCK, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE2,
+    NGX_CONF_BLOCK, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_CONF_TAKE3,
     NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET,
     NGX_HTTP_SRV_CONF,
 };
@@ -87,6 +87,7 @@ impl Level for LocConf {
 }
 
 const T1: u32 = NGX_CONF_TAKE1;
+const T23: u32 = NGX_CONF_TAKE2 | NGX_CONF_TAKE3;
 const FLAG: u32 = NGX_CONF_FLAG;
 
 /// Entries of the table, the terminating empty one included.
@@ -124,7 +125,7 @@ pub const fn table<H: ContentHandlers>() -> [ngx_command_t; COUNT] { [
     once!("mesh_trace_service",     M | T1,                  MainConf, trace_service,    trace::service),
     // identity forwarding, outbound identity, operations
     once!("mesh_forward_identity",  MSL | FLAG,              LocConf,  forward_identity, flag),
-    each!("mesh_outbound_token",    M | NGX_CONF_TAKE2,      MainConf, outbound,         outbound::token),
+    each!("mesh_outbound_token",    M | T23,                 MainConf, outbound,         outbound::token),
     once!("mesh_outbound_auth",     MSL | T1,                LocConf,  outbound_auth,    outbound::auth),
     once!("mesh_metadata_server",   M | T1,                  MainConf, metadata_server,  outbound::metadata_server),
     once!("mesh_log_level",         MSL | T1,                LocConf,  log_level,        log::level),

@@ -1,6 +1,6 @@
-//! Outbound identity: `mesh_outbound_token $VAR AUDIENCE;` (which defines `$VAR`),
-//! `mesh_outbound_auth $VAR | off;` (a location's requests go upstream with that token) and
-//! `mesh_metadata_server URL;`.
+//! Outbound identity: `mesh_outbound_token $VAR AUDIENCE [format=full];` (which defines
+//! `$VAR`), `mesh_outbound_auth $VAR | off;` (a location's requests go upstream with that
+//! token) and `mesh_metadata_server URL;`.
 
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use crate::nginx::no_panic;
 use crate::nginx::variable::set_var_copy;
 use crate::state::outbound::OutboundToken;
 
-/// `mesh_outbound_token $VAR AUDIENCE;`
+/// `mesh_outbound_token $VAR AUDIENCE [format=full];`
 pub fn token(outbound: &mut Vec<Arc<OutboundToken>>, d: &Directive) -> Result<(), ConfError> {
     let var = d.word(1)?;
     let audience = d.word(2)?;
@@ -33,7 +33,17 @@ pub fn token(outbound: &mut Vec<Arc<OutboundToken>>, d: &Directive) -> Result<()
     if outbound.iter().any(|t| t.var == name) {
         return Err(invalid(format!("variable \"{var}\" is already defined")));
     }
-    let token = Arc::new(OutboundToken::new(name.to_string(), audience.to_string()));
+    // format=full: the metadata server adds the Compute claims (google.compute_engine.*).
+    let full = match d.values()?.get(2).map(String::as_str) {
+        None => false,
+        Some("format=full") => true,
+        Some(other) => {
+            return Err(invalid(format!(
+                "invalid parameter \"{other}\" (format=full)"
+            )))
+        }
+    };
+    let token = Arc::new(OutboundToken::new(name.to_string(), audience.to_string(), full));
     define_variable(d.cf, name, &token)
         .map_err(|_| invalid(format!("cannot define variable \"{var}\"")))?;
     outbound.push(token);

@@ -1,14 +1,15 @@
 //! `mesh_provider NAME { ... }`: a trusted token issuer. The block's lines are read by the
 //! same directive wrapper as every other directive; what they mean, the Google preset and the
 //! algorithm/key rules are `mesh_core::provider`'s. This file only reads what needs nginx:
-//! key and secret files (paths relative to the configuration prefix) and CA bundles.
+//! key and secret files (paths relative to the configuration prefix), CA bundles, and the
+//! `keys` and `discovery` lines that name them.
 
 use std::ffi::{c_char, c_void};
 use std::ptr;
 use std::sync::Arc;
 
 use mesh_core::keys::KeySet;
-use mesh_core::provider::{is_key_url, KeySource, Line, ProviderBlock};
+use mesh_core::provider::{is_key_url, KeySource, Line, ProviderBlock, UrlFor};
 use ngx::core::NGX_CONF_OK;
 use ngx::ffi::{ngx_command_t, ngx_conf_parse, ngx_conf_t, NGX_LOG_WARN};
 
@@ -22,6 +23,7 @@ struct Block {
     pos: ConfPos,
     secret_pos: Option<ConfPos>,
     algorithms_pos: Option<ConfPos>,
+    discovery_pos: Option<ConfPos>,
 }
 
 /// `mesh_provider NAME { ... }`
@@ -49,6 +51,7 @@ pub fn block(providers: &mut Vec<Arc<MeshProvider>>, d: &Directive) -> Result<()
         pos: d.pos.clone(),
         secret_pos: None,
         algorithms_pos: None,
+        discovery_pos: None,
     };
     // SAFETY: the block is parsed with a copy of `cf` whose handler reads each line into
     // `block`, which outlives the call (the same technique as nginx's `map` and `types`).
@@ -67,17 +70,60 @@ pub fn block(providers: &mut Vec<Arc<MeshProvider>>, d: &Directive) -> Result<()
         pos,
         secret_pos,
         algorithms_pos,
+        discovery_pos,
     } = block;
-    let built = core.finish(|url| KeyUrl::new(url, None)).map_err(|e| {
-        let at = match e.line {
-            Line::Block => None,
-            Line::Secret => secret_pos,
-            Line::Algorithms => algorithms_pos,
-        };
-        ConfError::At(at.unwrap_or(pos), e.message)
-    })?;
+    let name = core.name.clone();
+    let built = core
+        .finish(|u| match u {
+            UrlFor::Preset(url) => KeyUrl::new(url, None),
+            UrlFor::Discovery {
+                document,
+                issuer,
+                ca,
+            } => {
+                if document.starts_with("http://") {
+                    if let Some(at) = &discovery_pos {
+                        warn_plain_http(d, &name, "discovery", document, at);
+                    }
+                }
+                KeyUrl::discovery(document, issuer, ca)
+            }
+        })
+        .map_err(|e| {
+            let at = match e.line {
+                Line::Block => None,
+                Line::Secret => secret_pos,
+                Line::Algorithms => algorithms_pos,
+                Line::Discovery => discovery_pos.clone(),
+            };
+            ConfError::At(at.unwrap_or(pos), e.message)
+        })?;
     providers.push(Arc::new(MeshProvider::new(built)));
     Ok(())
+}
+
+/// The `[warn]` for keys fetched over plain `http://` (anyone on the path can replace them).
+fn warn_plain_http(d: &Directive, provider: &str, line: &str, url: &str, at: &ConfPos) {
+    // SAFETY: `cf->log` is valid for the whole configuration pass.
+    let log = unsafe { (*d.cf).log };
+    ngx::ngx_log_error!(
+        NGX_LOG_WARN,
+        log,
+        "mesh_provider \"{}\": {} \"{}\" is fetched over plain http://: anyone on the path can replace the keys; use https:// in {}:{}",
+        provider,
+        line,
+        url,
+        at.file,
+        at.line
+    );
+}
+
+/// `ca=FILE` as the optional last word of `keys` and `discovery`: the resolved path.
+fn ca_param(d: &Directive, word: &str) -> Result<String, ConfError> {
+    match word.strip_prefix("ca=") {
+        Some(ca) if !ca.is_empty() => Ok(full_path(d.cf, ca)),
+        _ => Err(invalid(format!("invalid parameter \"{word}\""))),
+    }
 }
 
 /// One line inside the block (nginx's `cf->handler`).
@@ -101,25 +147,12 @@ impl Block {
                 }
                 let (src, ca) = match w.as_slice() {
                     [src] => (src.as_str(), None),
-                    [src, ca] => match ca.strip_prefix("ca=") {
-                        Some(ca) if !ca.is_empty() => (src.as_str(), Some(full_path(d.cf, ca))),
-                        _ => return Err(invalid(format!("invalid parameter \"{ca}\""))),
-                    },
+                    [src, ca] => (src.as_str(), Some(ca_param(d, ca)?)),
                     _ => return Err(self.core.arity(dir).into()),
                 };
                 let source = if is_key_url(src) {
                     if src.starts_with("http://") {
-                        // SAFETY: `cf->log` is valid for the whole configuration pass.
-                        let log = unsafe { (*d.cf).log };
-                        ngx::ngx_log_error!(
-                            NGX_LOG_WARN,
-                            log,
-                            "mesh_provider \"{}\": keys \"{}\" is fetched over plain http://: anyone on the path can replace the keys; use https:// in {}:{}",
-                            self.core.name,
-                            src,
-                            d.pos.file,
-                            d.pos.line
-                        );
+                        warn_plain_http(d, &self.core.name, "keys", src, &d.pos);
                     }
                     KeySource::Url(KeyUrl::new(src, ca.as_deref())?)
                 } else {
@@ -137,6 +170,27 @@ impl Block {
                     )
                 };
                 self.core.set_keys(source);
+            }
+            "discovery" => {
+                if self.core.has_discovery() || self.discovery_pos.is_some() {
+                    return Err(self.core.duplicate(dir).into());
+                }
+                let (on, ca) = match w.as_slice() {
+                    [on] => (on.as_str(), None),
+                    [on, ca] => (on.as_str(), Some(ca_param(d, ca)?)),
+                    _ => return Err(self.core.arity(dir).into()),
+                };
+                match on {
+                    "on" => self.core.set_discovery(ca),
+                    "off" if ca.is_none() => {}
+                    "off" => return Err(invalid("\"ca=\" with \"discovery off\"")),
+                    other => {
+                        return Err(invalid(format!(
+                            "discovery: invalid value \"{other}\", it must be \"on\" or \"off\""
+                        )))
+                    }
+                }
+                self.discovery_pos = Some(d.pos.clone());
             }
             "secret" => {
                 if self.core.has_secret() {

@@ -5,7 +5,6 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use mesh_core::otlp::{span_name, Attr, Span, SpanKind};
-use ngx::ffi::NGX_LOG_WARN;
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule, Request};
 
 use super::ctx::RequestCtx;
@@ -17,14 +16,6 @@ use mesh_core::decision::Decision;
 pub fn export(r: &Request, ctx: &RequestCtx) {
     if !span_export::active() {
         return;
-    }
-    if let Some((up, msg)) = span_export::take_notice() {
-        let level = if up {
-            ngx::ffi::NGX_LOG_NOTICE
-        } else {
-            NGX_LOG_WARN
-        };
-        ngx::ngx_log_error!(level as usize, r.log(), "mesh: {}", msg);
     }
     let Some(t) = ctx.started_trace() else { return };
     if !t.ctx.sampled {

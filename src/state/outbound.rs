@@ -6,11 +6,13 @@ use std::sync::{Arc, RwLock};
 
 use super::unix_now;
 
-/// `mesh_outbound_token $VAR AUDIENCE;`: a Google ID token for AUDIENCE.
+/// `mesh_outbound_token $VAR AUDIENCE [format=full];`: a Google ID token for AUDIENCE.
 pub struct OutboundToken {
     /// The variable's name, without `$`.
     pub var: String,
     pub audience: String,
+    /// `format=full`: asked with the metadata server's `format=full` (the Compute claims).
+    pub full: bool,
     token: RwLock<Option<(Arc<str>, u64)>>,
     last_warn: AtomicU64,
     /// The shared store's schedule as this worker last saw it: when the token is next due
@@ -25,10 +27,11 @@ pub struct OutboundToken {
 const NUDGE_INTERVAL_MS: u64 = 50;
 
 impl OutboundToken {
-    pub fn new(var: String, audience: String) -> OutboundToken {
+    pub fn new(var: String, audience: String, full: bool) -> OutboundToken {
         OutboundToken {
             var,
             audience,
+            full,
             token: RwLock::new(None),
             last_warn: AtomicU64::new(0),
             next_due_ms: AtomicU64::new(0),

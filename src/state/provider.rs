@@ -1,8 +1,10 @@
 //! Live key sets: a provider whose keys may be replaced (from the shared key store) while
 //! workers verify tokens against a snapshot.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
+use mesh_core::discovery::DOCUMENT_MAX_AGE_SECS;
 use mesh_core::keys::{Algorithm, KeySet};
 use mesh_core::provider::{check_key_url, Built};
 use mesh_core::token::Provider;
@@ -63,9 +65,36 @@ impl MeshProvider {
 
 /// Where a provider's keys come from when they are a URL.
 pub struct KeyUrl {
+    /// The key URL, or with `discovery on` the issuer's discovery document.
     pub url: String,
     /// Trusted roots for an https URL (from `ca=`, else the system store).
     pub roots: Option<Arc<Vec<ureq::tls::Certificate<'static>>>>,
+    /// `discovery on`: the keys are at the document's `jwks_uri`.
+    pub discovery: Option<Discovery>,
+}
+
+/// `discovery on`: the issuer the document must name, and the `jwks_uri` it gave this process
+/// (with when it was read).
+pub struct Discovery {
+    pub issuer: String,
+    jwks_uri: Mutex<Option<(String, Instant)>>,
+}
+
+impl Discovery {
+    /// The `jwks_uri` read within [`DOCUMENT_MAX_AGE_SECS`], if any.
+    pub fn cached(&self) -> Option<String> {
+        let slot = self.jwks_uri.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref()
+            .filter(|(_, at)| at.elapsed() < Duration::from_secs(DOCUMENT_MAX_AGE_SECS))
+            .map(|(uri, _)| uri.clone())
+    }
+
+    /// Remembers the `jwks_uri` just read, or (`None`) forgets it so that the next fetch reads
+    /// the document again.
+    pub fn remember(&self, uri: Option<String>) {
+        let mut slot = self.jwks_uri.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = uri.map(|u| (u, Instant::now()));
+    }
 }
 
 impl KeyUrl {
@@ -81,7 +110,19 @@ impl KeyUrl {
         Ok(KeyUrl {
             url: url.to_string(),
             roots,
+            discovery: None,
         })
+    }
+
+    /// `discovery on`: the issuer's discovery document (`document`), which must name `issuer`;
+    /// `ca` is trusted for the document and the keys.
+    pub fn discovery(document: &str, issuer: &str, ca: Option<&str>) -> Result<KeyUrl, String> {
+        let mut url = KeyUrl::new(document, ca)?;
+        url.discovery = Some(Discovery {
+            issuer: issuer.to_string(),
+            jwks_uri: Mutex::new(None),
+        });
+        Ok(url)
     }
 }
 

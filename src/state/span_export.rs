@@ -5,13 +5,15 @@
 //! full queue drops the span and counts it. The thread sends a batch when it is full or when
 //! its oldest span has waited `interval`, and at worker exit sends what is left within a
 //! second. Nothing it does can delay or fail a request: a receiver that is down costs the
-//! spans, counted, and one `[warn]` (written by nginx's thread, at the next span).
+//! spans, counted, and one `[warn]` (written by the worker's timer, on nginx's thread).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use ngx::ffi::{ngx_log_t, NGX_LOG_NOTICE, NGX_LOG_WARN};
 
 use mesh_core::otlp::{encode_export, parse_access_token, Attr, ExportSettings, Resource, Span};
 
@@ -55,12 +57,17 @@ fn notice(up: bool, msg: String) {
     }
 }
 
-/// A change of the receiver's state since the last call: (reachable again, the line).
-pub fn take_notice() -> Option<(bool, String)> {
+/// Writes the receiver's change of state, if any, to nginx's log: `[warn]` when exports start
+/// failing, `[notice]` when they work again. On the worker's event loop (its timer), where
+/// nginx's logger may be used.
+pub fn log_notice(log: *mut ngx_log_t) {
     if !HAS_NOTICE.swap(false, Ordering::Acquire) {
-        return None;
+        return;
     }
-    NOTICE.lock().ok().and_then(|mut n| n.take())
+    if let Some((up, msg)) = NOTICE.lock().ok().and_then(|mut n| n.take()) {
+        let level = if up { NGX_LOG_NOTICE } else { NGX_LOG_WARN };
+        ngx::ngx_log_error!(level as usize, log, "mesh: {}", msg);
+    }
 }
 
 /// Starts this worker's exporter thread (`init_process`).

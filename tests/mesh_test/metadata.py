@@ -1,10 +1,12 @@
 """A fake GCE/Cloud Run metadata server on loopback (plain HTTP) that hands out ID tokens.
 
 Like the real one it answers `GET /computeMetadata/v1/instance/service-accounts/default/identity
-?audience=AUD` only with the header `Metadata-Flavor: Google` (403 otherwise). The token is a
-JWT-shaped string whose `exp` is now + `lifetime`, not really signed unless `signer=(key, kid)`
-is given (then RS256 with that key, for a second nginx to verify); each token is different
-(`seq`). `delay` holds each answer back that long (a slow metadata server). Every request is recorded: when, the raw query, the audience, the flavor header, and
+?audience=AUD[&format=full]` only with the header `Metadata-Flavor: Google` (403 otherwise). The
+token is a JWT-shaped string whose `exp` is now + `lifetime`, not really signed unless
+`signer=(key, kid)` is given (then RS256 with that key, for a second nginx to verify); each
+token is different (`seq`); with `format=full` it carries the Compute claims
+(`google.compute_engine`). `delay` holds each answer back that long (a slow metadata server).
+Every request is recorded: when, the raw query, the audience, the format, the flavor header, and
 the nginx process that sent it. `down()`/`up()` as the key server's.
 """
 
@@ -24,6 +26,9 @@ from .tokens import b64url, b64url_decode, json_bytes, sign
 
 IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/default/identity"
 SERVICE_ACCOUNT = "orders-caller@shop-prod.iam.gserviceaccount.com"
+# what `format=full` adds, as a Cloud Run instance's metadata server fills it
+COMPUTE_ENGINE = {"project_id": "shop-prod", "project_number": 104011001100, "zone": "us-central1-1",
+                  "instance_id": "004bf6b8c9d2e1f0", "instance_name": "orders-caller-00042-abc"}
 
 
 @dataclass
@@ -32,15 +37,17 @@ class MetaRequest:
     path: str
     raw_query: str
     audience: str | None
+    format: str | None  # the `format` query value (None: not sent)
     flavor: str | None
     pid: int | None
     status: int
     token: str | None  # the token handed out, if any
 
 
-def make_id_token(audience: str, lifetime: float, seq: int, signer=None) -> tuple[str, int]:
-    """A Google-shaped ID token and its exp: signed RS256 by `signer` (key, kid), else with
-    random bytes for a signature."""
+def make_id_token(audience: str, lifetime: float, seq: int, full: bool = False,
+                  signer=None) -> tuple[str, int]:
+    """A Google-shaped ID token and its exp; `full`: format=full's; signed RS256 by `signer`
+    (key, kid), else with random bytes for a signature."""
     now = int(time.time())
     exp = int(now + lifetime)
     header = {"alg": "RS256", "kid": signer[1] if signer else "meta-test-kid", "typ": "JWT"}
@@ -55,6 +62,8 @@ def make_id_token(audience: str, lifetime: float, seq: int, signer=None) -> tupl
         "sub": "104011001100110011001",
         "seq": seq,
     }
+    if full:
+        payload["google"] = {"compute_engine": COMPUTE_ENGINE}
     signing_input = f"{b64url(json_bytes(header))}.{b64url(json_bytes(payload))}"
     if signer:
         sig = sign("RS256", signer[0], signing_input.encode("ascii"))
@@ -74,8 +83,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         owner = self.server.owner
         path, _, query = self.path.partition("?")
-        values = urllib.parse.parse_qs(query, keep_blank_values=True).get("audience")
-        audience = values[0] if values else None
+        params = urllib.parse.parse_qs(query, keep_blank_values=True)
+        audience = params["audience"][0] if params.get("audience") else None
+        fmt = params["format"][0] if params.get("format") else None
         flavor = self.headers.get("Metadata-Flavor")
         pid = peer_pid(self.client_address[1], self.server.server_address[1])
         token = None
@@ -84,8 +94,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path != IDENTITY_PATH or not audience:
             status, body = (404, b"not found\n") if path != IDENTITY_PATH else (400, b"no audience\n")
         else:
-            status, body, token = owner._answer(audience)
-        owner._record(MetaRequest(time.monotonic(), path, query, audience, flavor, pid, status, token))
+            status, body, token = owner._answer(audience, fmt == "full")
+        owner._record(MetaRequest(time.monotonic(), path, query, audience, fmt, flavor, pid, status, token))
         try:
             self.send_response(status)
             self.send_header("Content-Type", "text/html")
@@ -133,7 +143,7 @@ class MetadataServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _answer(self, audience: str) -> tuple[int, bytes, str | None]:
+    def _answer(self, audience: str, full: bool = False) -> tuple[int, bytes, str | None]:
         with self._lock:
             if self.status != 200:
                 return self.status, b"metadata server says no\n", None
@@ -143,7 +153,7 @@ class MetadataServer:
             seq, lifetime, signer, delay = self._seq, self.lifetime, self.signer, self.delay
         if delay:
             time.sleep(delay)
-        token, _exp = make_id_token(audience, lifetime, seq, signer)
+        token, _exp = make_id_token(audience, lifetime, seq, full, signer)
         return 200, token.encode("ascii"), token
 
     def _record(self, req: MetaRequest) -> None:

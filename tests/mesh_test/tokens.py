@@ -92,7 +92,7 @@ def _rsa_jwk(key: rsa.RSAPrivateKey, kid: str) -> dict:
 def _ec_jwk(key: ec.EllipticCurvePrivateKey, kid: str) -> dict:
     nums = key.public_key().public_numbers()
     size = (key.curve.key_size + 7) // 8
-    crv = {"secp256r1": "P-256", "secp384r1": "P-384"}[key.curve.name]
+    crv = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}[key.curve.name]
     return {
         "kty": "EC",
         "kid": kid,

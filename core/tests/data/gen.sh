@@ -11,10 +11,11 @@ openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:1024 | openssl pkey -pub
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ec256.key
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-384 -out ec384.key
 openssl genpkey -algorithm ED25519 -out ed25519.key
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-521 -out p521.key
 # Public keys of types we do not support (must be skipped).
-openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-521 | openssl pkey -pubout -out p521.pub.pem
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:secp256k1 | openssl pkey -pubout -out k256.pub.pem
 openssl genpkey -algorithm X25519 | openssl pkey -pubout -out x25519.pub.pem
-for k in rsa rsa2 ec256 ec384 ed25519; do
+for k in rsa rsa2 ec256 ec384 p521 ed25519; do
     openssl pkey -in "$k.key" -pubout -out "$k.pub.pem"
 done
 # PKCS#1 "RSA PUBLIC KEY" (not supported: only SPKI "PUBLIC KEY").
@@ -22,8 +23,8 @@ openssl rsa -in rsa.key -RSAPublicKey_out -out rsa.pkcs1.pem
 openssl req -new -x509 -key rsa.key -subj "/CN=ngx-mesh test RSA" -days 36500 -out rsa.crt
 openssl req -new -x509 -key ec256.key -subj "/CN=ngx-mesh test P-256" -days 36500 -out ec256.crt
 
-# jwks.json: the public keys above (kids rsa1 ec256 ec384 ed1) plus keys that
-# must be skipped (use=enc, kty=oct, crv=P-521, crv=X25519).
+# jwks.json: the public keys above (kids rsa1 ec256 ec384 ed1 p521) plus keys that
+# must be skipped (use=enc, kty=oct, crv=secp256k1, crv=X25519).
 python3 - <<'PY'
 import base64, json, subprocess
 
@@ -52,7 +53,8 @@ keys = [
     {"kty": "OKP", "crv": "Ed25519", "x": b64(der("ed25519.pub.pem")[-32:]), "kid": "ed1"},
     dict(rsa("rsa2.pub.pem"), kid="enc1", use="enc"),
     {"kty": "oct", "k": b64(b"0123456789abcdef0123456789abcdef"), "kid": "oct1"},
-    {"kty": "EC", "crv": "P-521", "x": b64(bytes(66)), "y": b64(bytes(66)), "kid": "p521"},
+    dict(ec("p521.pub.pem", "P-521", 66), kid="p521"),
+    {"kty": "EC", "crv": "secp256k1", "x": b64(bytes(32)), "y": b64(bytes(32)), "kid": "k256"},
     {"kty": "OKP", "crv": "X25519", "x": b64(bytes(32)), "kid": "x1"},
 ]
 with open("jwks.json", "w") as f:

@@ -297,9 +297,17 @@ impl Source {
                     }
                     roots = format!("{:016x}", h.finish());
                 }
-                format!("keys {url} {roots}")
+                // A discovery document is another source than keys at the same URL.
+                let kind = match p.url.as_ref().and_then(|u| u.discovery.as_ref()) {
+                    Some(_) => "discovery",
+                    None => "keys",
+                };
+                format!("{kind} {url} {roots}")
             }
-            Source::Token(t) => format!("token {metadata_server} {}", t.audience),
+            Source::Token(t) => {
+                let format = if t.full { " format=full" } else { "" };
+                format!("token {metadata_server} {}{format}", t.audience)
+            }
         }
     }
 

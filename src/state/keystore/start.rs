@@ -65,6 +65,7 @@ fn cold_fetch(todo: &[Source], metadata_server: &str, deadline: Instant) -> Vec<
                             &refresher::agent(None, left, true),
                             metadata_server,
                             &t.audience,
+                            t.full,
                         )
                     })),
                 };

@@ -1,5 +1,6 @@
 //! The worker's timer: every quarter of a second it publishes what its refresher fetched,
-//! takes what other workers published and claims what is due (`keystore::tick`), on the
+//! takes what other workers published and claims what is due (`keystore::tick`), and logs
+//! the span exporter's change of state (`span_export::log_notice`), on the
 //! worker's own event loop, where nginx's (not thread-safe) logger and shared memory may be
 //! used.
 
@@ -27,7 +28,9 @@ pub fn start(log: *mut ngx_log_t) {
 unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
     no_panic((), || {
         // SAFETY: `ev` is EVENT, armed in `start` with the cycle's log.
-        keystore::tick(unsafe { (*ev).log });
+        let log = unsafe { (*ev).log };
+        keystore::tick(log);
+        crate::state::span_export::log_notice(log);
     });
     // SAFETY: re-arming EVENT from its own handler.
     unsafe { timer::rearm(ev, INTERVAL_MS) };

@@ -20,6 +20,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread;
 
+use mesh_core::discovery::jwks_uri;
 use mesh_core::keys::KeySet;
 use mesh_core::refresh::unverified_exp;
 
@@ -137,6 +138,7 @@ fn run(r: &Refresher) {
                     &agent(None, FETCH_TIMEOUT, false),
                     &r.metadata_server,
                     &t.audience,
+                    t.full,
                 );
                 Done::Token(t, result)
             }
@@ -145,10 +147,34 @@ fn run(r: &Refresher) {
     }
 }
 
-/// Fetches a key set, checked as the verifier will load it.
+/// Fetches a key set, checked as the verifier will load it. With `discovery on`, from the
+/// `jwks_uri` of the issuer's discovery document: the document is read when this process has
+/// no `jwks_uri` from the last 24 hours, or the last key fetch failed.
 pub fn fetch_keys(agent: &ureq::Agent, src: &KeyUrl) -> Result<FetchedKeys, String> {
-    let (body, cache_control) = get(agent, &src.url, None)?;
-    let keys = KeySet::load(&body).map_err(|e| format!("bad key set: {e}"))?;
+    let keys_url = match &src.discovery {
+        None => src.url.clone(),
+        Some(d) => match d.cached() {
+            Some(uri) => uri,
+            None => {
+                let (doc, _) = get(agent, &src.url, None)?;
+                let uri = jwks_uri(&doc, &d.issuer, &src.url)?;
+                d.remember(Some(uri.clone()));
+                uri
+            }
+        },
+    };
+    let fetched = get(agent, &keys_url, None).and_then(|(body, cache_control)| {
+        let keys = KeySet::load(&body).map_err(|e| format!("bad key set: {e}"))?;
+        Ok((body, cache_control, keys))
+    });
+    let (body, cache_control, keys) = match (fetched, &src.discovery) {
+        (Ok(f), _) => f,
+        (Err(e), Some(d)) => {
+            d.remember(None);
+            return Err(format!("{e} (from the jwks_uri {keys_url})"));
+        }
+        (Err(e), None) => return Err(e),
+    };
     Ok(FetchedKeys {
         count: keys.keys.len(),
         body,
@@ -156,17 +182,19 @@ pub fn fetch_keys(agent: &ureq::Agent, src: &KeyUrl) -> Result<FetchedKeys, Stri
     })
 }
 
-/// The metadata server's ID token for `audience`, and its `exp` (a token already expired is
-/// an error).
+/// The metadata server's ID token for `audience` (with `full`, in `format=full`: the Compute
+/// claims), and its `exp` (a token already expired is an error).
 pub fn fetch_token(
     agent: &ureq::Agent,
     metadata_server: &str,
     audience: &str,
+    full: bool,
 ) -> Result<(String, u64), String> {
     let url = format!(
-        "{}/computeMetadata/v1/instance/service-accounts/default/identity?audience={}",
+        "{}/computeMetadata/v1/instance/service-accounts/default/identity?audience={}{}",
         metadata_server.trim_end_matches('/'),
-        percent_encode(audience)
+        percent_encode(audience),
+        if full { "&format=full" } else { "" }
     );
     let (body, _) = get(agent, &url, Some(("Metadata-Flavor", "Google")))?;
     let token = String::from_utf8(body).map_err(|_| "token is not text".to_string())?;
