@@ -43,7 +43,11 @@ pub fn token(outbound: &mut Vec<Arc<OutboundToken>>, d: &Directive) -> Result<()
             )))
         }
     };
-    let token = Arc::new(OutboundToken::new(name.to_string(), audience.to_string(), full));
+    let token = Arc::new(OutboundToken::new(
+        name.to_string(),
+        audience.to_string(),
+        full,
+    ));
     define_variable(d.cf, name, &token)
         .map_err(|_| invalid(format!("cannot define variable \"{var}\"")))?;
     outbound.push(token);
