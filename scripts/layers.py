@@ -10,7 +10,11 @@ Prints the folder graph of the shell and fails (exit 1) on
   - an upward edge: a folder naming a folder at or above its own layer in LAYERS
     (lib.rs's module handle excepted, for the folders HANDLE lists);
   - a circle between files, in either crate (a file naming its own folder's mod.rs, the
-    folder's shared types, does not count towards a circle).
+    folder's shared types, does not count towards a circle);
+  - a shared zone's mutex taken or released by hand (`ngx_shmtx_lock`/`_unlock`): zones are
+    locked through `ngx::core::SlabPool::lock`, whose guard unlocks when dropped, so a panic
+    (caught before it reaches nginx) never leaves a zone locked;
+  - README.md's layout section not showing the graph as printed.
 
     python3 scripts/layers.py            check, print the folder graph
     python3 scripts/layers.py --files    also print every file's edges
@@ -79,10 +83,10 @@ def strip(text):
 
 
 def expand(tree):
-    """`a::{b, c::{d, e}}` -> ['a::b', 'a::c::d', 'a::c::e']."""
-    tree = re.sub(r"\s+", "", tree)
+    """`a::{b, c::{d as x, e}}` -> ['a::b', 'a::c::d', 'a::c::e']."""
+    tree = re.sub(r"\s+", "", re.sub(r"\s+as\s+\w+", "", tree))
     if "{" not in tree:
-        return [re.sub(r"as\w+$", "", tree) if "as" not in tree else tree.split("as")[0]]
+        return [tree]
     prefix, inner = tree.split("{", 1)
     inner = inner.rsplit("}", 1)[0]
     items, depth, cur = [], 0, ""
@@ -237,7 +241,8 @@ def main():
                 for h in names:
                     handle_users.setdefault(h, set()).add(a)
                     if a not in HANDLE[h]:
-                        problems.append(f"{c.name(m)} names {h}: only {', '.join(f + '/' for f in sorted(HANDLE[h]))} may")
+                        may = ", ".join(f + "/" for f in sorted(HANDLE[h]))
+                        problems.append(f"{c.name(m)} names {h}: only {may} may")
                 del ts[(tc, t)]
                 continue
             if a != b:
@@ -253,13 +258,23 @@ def main():
                     problems.append(f"upward edge {a} -> {b}: {x} -> {y}")
     for c in circles(edges):
         problems.append("circle: " + " -> ".join(k.name(m) for k, m in c))
+    for m, f in shell.mods.items():
+        for n, line in enumerate(strip(f.read_text()).splitlines(), 1):
+            if re.search(r"\bngx_shmtx_(try)?(lock|unlock)\b", line):
+                problems.append(f"{f.relative_to(ROOT)}:{n}: a zone locked by hand: use SlabPool::lock")
 
-    print("folder graph (each folder names only folders below it):")
+    graph = []
     for a in LAYERS[:-1]:
         below = sorted(folders.get(a, {}), key=rank)
-        print(f"  {a + '/' if a != 'lib' else 'lib.rs':9} -> {', '.join(below) or '(nothing)'}")
+        graph.append(f"{a + '/' if a != 'lib' else 'lib.rs':9} -> {', '.join(below) or '(nothing)'}")
     for h, users in sorted(handle_users.items()):
-        print(f"  the module handle {h} (lib.rs) is named by: {', '.join(f + '/' for f in sorted(users, key=rank))}")
+        named_by = ", ".join(f + "/" for f in sorted(users, key=rank))
+        graph.append(f"the module handle {h} (lib.rs) is named by: {named_by}")
+    print("folder graph (each folder names only folders below it):")
+    for line in graph:
+        print("  " + line)
+    if "```\n" + "\n".join(graph) + "\n```" not in (ROOT / "README.md").read_text():
+        problems.append("README.md's layout section does not show this graph (a ``` block)")
     if "--files" in sys.argv:
         for (c, m), ts in sorted(edges.items(), key=lambda x: (str(x[0][0].src), x[0][1])):
             print(f"  {c.name(m)}: {', '.join(sorted(k.name(t) for k, t in ts))}")

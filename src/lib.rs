@@ -8,7 +8,11 @@
 //! - `request/`: what happens to one request (context, pipeline, variables, headers);
 //! - `state/`: what outlives a request (rate zones, live keys, outbound tokens, the shared key
 //!   store, refresher);
-//! - `nginx/`: the unsafe helpers that touch nginx structures.
+//! - `nginx/`: the helpers several folders use to touch nginx structures (`unsafe` also
+//!   stands where nginx hands a folder raw pointers; README's layout section says where).
+
+// Every `unsafe` block and impl says why it is sound (`make check` denies warnings).
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::ptr;
 
@@ -72,7 +76,7 @@ static mut NGX_HTTP_MESH_COMMANDS: [ngx_command_t; conf::commands::COUNT] =
 
 impl conf::ContentHandlers for MeshModule {
     const READY: ngx_http_handler_pt = Some(request::ready::handler);
-    const METRICS: ngx_http_handler_pt = Some(request::status::status_handler);
+    const METRICS: ngx_http_handler_pt = Some(request::metrics::handler);
 }
 
 /// In the master before the workers fork, at start and at each reload: the shared key
@@ -127,10 +131,12 @@ unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
     nginx::no_panic((), state::span_export::stop_worker);
 }
 
+// SAFETY: the http main configuration of this module is a `MainConf` (create_main_conf).
 unsafe impl HttpModuleMainConf for MeshModule {
     type MainConf = MainConf;
 }
 
+// SAFETY: its location configurations are `LocConf`s (create_loc_conf).
 unsafe impl HttpModuleLocationConf for MeshModule {
     type LocationConf = LocConf;
 }
@@ -174,7 +180,7 @@ impl HttpModule for MeshModule {
             if h.is_null() {
                 return Status::NGX_ERROR.into();
             }
-            *h = Some(request::status::log_handler);
+            *h = Some(request::count::log_handler);
 
             let h = ngx_array_push(
                 &mut cmcf.phases[ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE as usize].handlers,

@@ -1,5 +1,5 @@
 //! `mesh_status;`: a location that answers with the module's metrics (the handler is
-//! `request::status`).
+//! `request::metrics`).
 
 use std::ffi::{c_char, c_void};
 

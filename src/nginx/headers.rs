@@ -24,7 +24,6 @@ pub fn headers_in_all<'a>(r: &'a ngx::http::Request, name: &str) -> Vec<&'a [u8]
 
 /// Adds a response header named at run time (name and value copied into the request pool).
 /// The request path uses [`push_header_out`] with a [`HeaderName`].
-#[allow(dead_code)]
 pub fn add_header_out(r: &mut ngx::http::Request, key: &str, value: &str) -> bool {
     !add_header_out_elt(r, key, value).is_null()
 }
@@ -168,29 +167,6 @@ pub fn any_header_in(r: &ngx_http_request_t, matches: impl Fn(&ngx_table_elt_t) 
         }
     }
     false
-}
-
-/// Adds a request header (for the upstream) named at run time, copied into the request
-/// pool. The request path uses [`push_header_in`] with a [`HeaderName`].
-#[allow(dead_code)]
-pub fn add_header_in(r: &mut ngx_http_request_t, key: &str, value: &[u8]) -> bool {
-    // SAFETY: as `add_header_out`, on the request's `headers_in` list.
-    unsafe {
-        let h = ngx_list_push(&mut r.headers_in.headers) as *mut ngx_table_elt_t;
-        if h.is_null() {
-            return false;
-        }
-        #[cfg(ngx_table_elt_next)]
-        {
-            (*h).next = ptr::null_mut();
-        }
-        if add_to_ngx_table(h, r.pool, key, value).is_none() {
-            // The slot just pushed is the last one of the last part: give it back.
-            (*r.headers_in.headers.last).nelts -= 1;
-            return false;
-        }
-    }
-    true
 }
 
 /// A header name known when the module is built: its lower-case form and nginx's hash of it

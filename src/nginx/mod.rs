@@ -14,7 +14,6 @@ pub mod conf;
 pub mod headers;
 pub mod location;
 pub mod request;
-pub mod shm;
 pub mod timer;
 pub mod variable;
 

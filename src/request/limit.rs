@@ -42,8 +42,8 @@ pub fn limit(
     };
     let salt = zone.name.as_bytes();
     let key = match rl.key {
-        // SAFETY: compiled at configuration time into the configuration pool.
         Some(cv) => {
+            // SAFETY: compiled at configuration time into the configuration pool.
             let v = r.get_complex_value(unsafe { cv.as_ref() });
             key_hash_parts(salt, &[v.map_or(&[][..], |v| v.as_bytes())])
         }

@@ -12,19 +12,21 @@
 //! - `upstream`: the headers the upstream receives;
 //! - `response`: the header filter (`traceresponse`);
 //! - `ready`: the `mesh_ready` content handler;
+//! - `metrics`: the `mesh_status` content handler; `count`: the log-phase handler that counts;
 //! - `variables`: the `$mesh_*` variables.
 
 pub mod access;
+pub mod count;
 pub mod ctx;
 mod identify;
 mod limit;
 mod log;
+pub mod metrics;
 pub mod outbound;
 pub mod precontent;
 pub mod ready;
 pub mod response;
 mod span;
-pub mod status;
 pub mod trace;
 mod upstream;
 pub mod variables;

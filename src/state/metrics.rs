@@ -19,10 +19,10 @@ use mesh_core::metrics::{
     auth_index, code_class, duration_bucket, name_hash, CODE_CLASSES, DURATION_BUCKETS_MS,
 };
 use mesh_core::status::AuthStatus;
-use ngx::core::Status;
+use ngx::core::{SlabPool, Status};
 use ngx::ffi::{
-    ngx_conf_t, ngx_int_t, ngx_module_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock,
-    ngx_slab_alloc_locked, ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG,
+    ngx_conf_t, ngx_int_t, ngx_module_t, ngx_shm_zone_t, ngx_slab_alloc_locked, ngx_slab_pool_t,
+    ngx_str_t, NGX_LOG_EMERG,
 };
 
 use super::rate_zone::RateZone;
@@ -55,9 +55,8 @@ const KIND_ZONE: u64 = 2;
 const KIND_ROUTE: u64 = 3;
 
 /// A provider slot's counters: `0..11` the verification outcomes (`AUTH_STATUSES` order),
-/// then these.
-const P_REFRESH_OK: usize = 11;
-const P_REFRESH_FAILED: usize = 12;
+/// then when its key file was read (11 and 12 are unused: fetches are the key store's record,
+/// and the index stays where zones kept across a reload expect it).
 const P_LAST_REFRESH: usize = 13;
 /// A zone slot's counters.
 const Z_RATE_LIMITED: usize = 0;
@@ -159,7 +158,7 @@ pub struct Metrics {
     /// `mesh_metrics_callers`: callers with series of their own; 0: no caller label.
     pub callers: usize,
     /// The zone's pool, for binding a new caller to a slot under its mutex.
-    pool: *mut ngx_slab_pool_t,
+    pool: Option<SlabPool>,
 }
 
 // SAFETY: after `zone_init` (in the master, before workers fork) a `Metrics` is only read;
@@ -179,7 +178,7 @@ impl Default for Metrics {
             file_providers: Vec::new(),
             rate_zones: Vec::new(),
             callers: DEFAULT_CALLERS,
-            pool: ptr::null_mut(),
+            pool: None,
         }
     }
 }
@@ -287,10 +286,10 @@ fn caller_slot(m: &Metrics, s: &Shared, caller: Option<&str>) -> usize {
 /// # Safety
 /// `m.pool` is the live slab pool of the zone whose table is `s`.
 unsafe fn bind_caller(m: &Metrics, s: &Shared, caller: &str) -> usize {
-    let Some(pool) = (unsafe { m.pool.as_mut() }) else {
+    let Some(pool) = m.pool.as_ref() else {
         return CALLER_OTHER;
     };
-    let _lock = crate::nginx::shm::Locked::new(pool);
+    let _lock = pool.lock();
     let bound = (s.callers_bound.load(Ordering::Relaxed) as usize).min(MAX_CALLERS);
     let first = CALLER_OTHER + 1;
     if let Some(i) = (first..first + bound).find(|&i| s.callers[i].is(caller)) {
@@ -450,8 +449,6 @@ fn caller_counts(m: &Metrics, s: &Shared) -> Vec<CallerCounts> {
 pub struct ProviderCounts {
     pub name: String,
     pub auth: [u64; mesh_core::metrics::AUTH_STATUSES.len()],
-    pub refresh_ok: u64,
-    pub refresh_failed: u64,
     /// Seconds since the epoch; 0: never.
     pub last_refresh: u64,
 }
@@ -484,8 +481,6 @@ pub fn snapshot() -> Option<Snapshot> {
             Some(ProviderCounts {
                 name: name.clone(),
                 auth,
-                refresh_ok: load(&slot.counters[P_REFRESH_OK]),
-                refresh_failed: load(&slot.counters[P_REFRESH_FAILED]),
                 last_refresh: load(&slot.counters[P_LAST_REFRESH]),
             })
         })
@@ -499,7 +494,7 @@ pub fn snapshot() -> Option<Snapshot> {
             // SAFETY: the rate zones live in the configuration pool of this cycle.
             let rz = unsafe { rz.as_ref() };
             let stats = rz.and_then(RateZone::stats).unwrap_or_default();
-            let sync = rz.and_then(|z| z.sync.as_ref()).and_then(|s| s.status());
+            let sync = rz.and_then(|z| z.sync.as_ref()).and_then(|s| s.health());
             Some(ZoneCounts {
                 name: name.clone(),
                 rate_limited: load(&slot.counters[Z_RATE_LIMITED]),
@@ -596,13 +591,16 @@ unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void)
     // written under the pool's mutex, apart from the atomic counters.
     unsafe {
         let m = &mut *((*shm_zone).data as *mut Metrics);
+        let Some(pool) = SlabPool::from_shm_zone(&*shm_zone) else {
+            return Status::NGX_ERROR.into();
+        };
         let shpool = (*shm_zone).shm.addr as *mut ngx_slab_pool_t;
-        ngx_shmtx_lock(&mut (*shpool).mutex);
+        let locked = pool.lock();
         let mut table = (*shpool).data as *mut Shared;
         if table.is_null() || (*table).magic != MAGIC {
             table = ngx_slab_alloc_locked(shpool, size_of::<Shared>()) as *mut Shared;
             if table.is_null() {
-                ngx_shmtx_unlock(&mut (*shpool).mutex);
+                drop(locked);
                 ngx::ngx_log_error!(
                     NGX_LOG_EMERG,
                     (*shm_zone).shm.log,
@@ -632,9 +630,9 @@ unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void)
                 slot.counters[P_LAST_REFRESH].store(now, Ordering::Relaxed);
             }
         }
-        ngx_shmtx_unlock(&mut (*shpool).mutex);
+        drop(locked);
         m.shared = table;
-        m.pool = shpool;
+        m.pool = Some(pool);
         Status::NGX_OK.into()
     }
 }

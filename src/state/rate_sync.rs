@@ -13,11 +13,8 @@ use std::ptr;
 
 use mesh_core::ratesync::{self, Pending, MAX_PENDING};
 use mesh_core::ratetable::{self, Slot};
-use ngx::core::Status;
-use ngx::ffi::{
-    ngx_int_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc_locked,
-    ngx_slab_pool_t, NGX_LOG_EMERG,
-};
+use ngx::core::{SlabPool, Status};
+use ngx::ffi::{ngx_int_t, ngx_shm_zone_t, ngx_slab_alloc_locked, ngx_slab_pool_t, NGX_LOG_EMERG};
 
 use crate::nginx::request::now_us;
 
@@ -36,8 +33,8 @@ pub struct SyncConf {
     pub shm_name: String,
     /// The sync state, once its zone is initialised.
     table: *mut SyncTable,
-    /// The rate zone's pool (its mutex guards the sync state too).
-    pool: *mut ngx_slab_pool_t,
+    /// The rate zone's pool (its mutex guards the sync state too), once initialised.
+    pool: Option<SlabPool>,
 }
 
 /// The start of the sync state in shared memory; the index and the pending list follow.
@@ -107,7 +104,7 @@ impl SyncConf {
             prefix,
             shm_name: format!("{zone}:mesh_redis"),
             table: ptr::null_mut(),
-            pool: ptr::null_mut(),
+            pool: None,
         }
     }
 
@@ -152,23 +149,19 @@ impl SyncConf {
 
     /// Sync state for `mesh_status`: (up, ms since the last sync that reached Redis, charges
     /// dropped because the pending list was full).
-    pub fn status(&self) -> Option<(bool, Option<u64>, u64)> {
-        if self.pool.is_null() {
-            return None;
-        }
-        // SAFETY: the pool is the rate zone's; its mutex guards the table.
-        unsafe {
-            ngx_shmtx_lock(&mut (*self.pool).mutex);
-            let r = self.locked().map(|l| (l.t.up, l.t.last_ok_ms, l.t.dropped));
-            ngx_shmtx_unlock(&mut (*self.pool).mutex);
-            let (up, last, dropped) = r?;
-            let now = now_us() / 1000;
-            Some((
-                up == 1,
-                (last != 0).then(|| now.saturating_sub(last)),
-                dropped,
-            ))
-        }
+    pub fn health(&self) -> Option<(bool, Option<u64>, u64)> {
+        let r = {
+            let _locked = self.pool.as_ref()?.lock();
+            // SAFETY: the pool is the rate zone's; its mutex, held, guards the table.
+            unsafe { self.locked() }.map(|l| (l.t.up, l.t.last_ok_ms, l.t.dropped))
+        };
+        let (up, last, dropped) = r?;
+        let now = now_us() / 1000;
+        Some((
+            up == 1,
+            (last != 0).then(|| now.saturating_sub(last)),
+            dropped,
+        ))
     }
 
     /// Runs `f` on the locked state and the rate slots.
@@ -177,19 +170,15 @@ impl SyncConf {
         slots: &RateSlots,
         f: impl FnOnce(Locked<'_>, &mut [Slot]) -> T,
     ) -> Option<T> {
-        if self.pool.is_null() {
-            return None;
-        }
-        // SAFETY: the mutex is taken around every use of the views; `slots` describes the
-        // rate zone's slot array, guarded by the same mutex.
+        let _locked = self.pool.as_ref()?.lock();
+        // SAFETY: the mutex is held (until the guard drops, a panic in `f` included) around
+        // every use of the views; `slots` describes the rate zone's slot array, guarded by the
+        // same mutex.
         unsafe {
-            ngx_shmtx_lock(&mut (*self.pool).mutex);
-            let r = self.locked().map(|l| {
+            self.locked().map(|l| {
                 let s = std::slice::from_raw_parts_mut(slots.0, slots.1);
                 f(l, s)
-            });
-            ngx_shmtx_unlock(&mut (*self.pool).mutex);
-            r
+            })
         }
     }
 }
@@ -207,16 +196,19 @@ impl SyncConf {
     pub unsafe fn init(
         &mut self,
         shm_zone: *mut ngx_shm_zone_t,
-        pool: *mut ngx_slab_pool_t,
+        pool: SlabPool,
         size: usize,
         name: &str,
     ) -> ngx_int_t {
         // SAFETY: see the contract; `shm.addr` starts with the zone's slab pool, which nginx
         // initialised (or kept) before calling us. The master is alone at this point.
         unsafe {
+            let Some(own) = SlabPool::from_shm_zone(&*shm_zone) else {
+                return Status::NGX_ERROR.into();
+            };
             let shpool = (*shm_zone).shm.addr as *mut ngx_slab_pool_t;
             let nindex = size / size_of::<Slot>() + 1;
-            ngx_shmtx_lock(&mut (*shpool).mutex);
+            let locked = own.lock();
             let mut table = (*shpool).data as *mut SyncTable;
             let fits = !table.is_null()
                 && (*table).magic == MAGIC
@@ -225,7 +217,7 @@ impl SyncConf {
             if !fits {
                 table = ngx_slab_alloc_locked(shpool, table_bytes(nindex)) as *mut SyncTable;
                 if table.is_null() {
-                    ngx_shmtx_unlock(&mut (*shpool).mutex);
+                    drop(locked);
                     ngx::ngx_log_error!(
                         NGX_LOG_EMERG,
                         (*shm_zone).shm.log,
@@ -243,9 +235,9 @@ impl SyncConf {
             // A new cycle: its workers take the lease afresh.
             (*table).owner = 0;
             (*table).lease_until_ms = 0;
-            ngx_shmtx_unlock(&mut (*shpool).mutex);
+            drop(locked);
             self.table = table;
-            self.pool = pool;
+            self.pool = Some(pool);
             Status::NGX_OK.into()
         }
     }

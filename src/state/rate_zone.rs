@@ -13,10 +13,9 @@ use std::ptr;
 use mesh_core::gcra::{Gcra, Outcome};
 use mesh_core::ratesync::MAX_DEBT_US;
 use mesh_core::ratetable::{self, Slot, Stats};
-use ngx::core::Status;
+use ngx::core::{SlabPool, Status};
 use ngx::ffi::{
-    ngx_int_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t,
-    NGX_LOG_EMERG, NGX_LOG_INFO,
+    ngx_int_t, ngx_shm_zone_t, ngx_slab_alloc, ngx_slab_pool_t, NGX_LOG_EMERG, NGX_LOG_INFO,
 };
 
 /// What `shm_zone->data` points at: this cycle's view of the zone (in the configuration pool).
@@ -36,7 +35,8 @@ pub struct RateZone {
 enum ZoneState {
     Configured,
     Ready {
-        shpool: *mut ngx_slab_pool_t,
+        /// The zone's slab pool: its mutex guards the table (and a global zone's sync state).
+        pool: SlabPool,
         table: *mut Table,
     },
 }
@@ -69,17 +69,18 @@ impl RateZone {
     }
 
     /// The slab pool (whose mutex guards the zone) and the slot array; `None` if not ready.
-    pub fn parts(&self) -> Option<(*mut ngx_slab_pool_t, super::rate_sync::RateSlots)> {
-        let ZoneState::Ready { shpool, table } = self.state else {
+    pub fn parts(&self) -> Option<(SlabPool, super::rate_sync::RateSlots)> {
+        let ZoneState::Ready { pool, table } = &self.state else {
             return None;
         };
+        let (pool, table) = (pool.clone(), *table);
         // SAFETY: `table` points at the header in the shared zone (see `check`); `nslots` is
         // written once by `zone_init`, before any worker exists, so reading it unlocked is
         // sound. Only the pointer is formed here: slots are touched under the mutex.
         unsafe {
             let slots = (table as *mut u8).add(size_of::<Table>()) as *mut Slot;
             Some((
-                shpool,
+                pool,
                 super::rate_sync::RateSlots(slots, (*table).nslots as usize),
             ))
         }
@@ -88,14 +89,16 @@ impl RateZone {
     /// Applies one request to `key`'s state. `None` if the zone is not ready (cannot happen
     /// after a successful start; treated as "not limited" by the caller).
     pub fn check(&self, key: [u64; 2], gcra: &Gcra, now: u64, dry_run: bool) -> Option<Outcome> {
-        let ZoneState::Ready { shpool, table } = self.state else {
+        let ZoneState::Ready { pool, table } = &self.state else {
             return None;
         };
+        let table = *table;
         // SAFETY: `table` points at a `Table` header followed by `nslots` zero-initialised
         // slots inside the shared zone, which lives as long as the cycle. Every worker takes
-        // the zone's shared mutex around any access, so this is the only live reference.
+        // the zone's shared mutex around any access, so this is the only live reference. The
+        // guard unlocks when it goes out of scope, a panic's unwinding included.
         unsafe {
-            ngx_shmtx_lock(&mut (*shpool).mutex);
+            let _locked = pool.lock();
             let t = &mut *table;
             let slots = std::slice::from_raw_parts_mut(
                 (table as *mut u8).add(size_of::<Table>()) as *mut Slot,
@@ -130,25 +133,22 @@ impl RateZone {
             };
             t.evictions = stats.evictions;
             t.keys = u32::try_from(stats.keys).unwrap_or(u32::MAX);
-            ngx_shmtx_unlock(&mut (*shpool).mutex);
             Some(outcome)
         }
     }
 
     /// Keys in use and evictions so far (for `mesh_status`); `None` if not ready.
     pub fn stats(&self) -> Option<Stats> {
-        let ZoneState::Ready { shpool, table } = self.state else {
+        let ZoneState::Ready { pool, table } = &self.state else {
             return None;
         };
+        let _locked = pool.lock();
         // SAFETY: as in `check`: the header is read under the zone's shared mutex.
         unsafe {
-            ngx_shmtx_lock(&mut (*shpool).mutex);
-            let stats = Stats {
-                evictions: (*table).evictions,
-                keys: u64::from((*table).keys),
-            };
-            ngx_shmtx_unlock(&mut (*shpool).mutex);
-            Some(stats)
+            Some(Stats {
+                evictions: (**table).evictions,
+                keys: u64::from((**table).keys),
+            })
         }
     }
 }
@@ -163,12 +163,15 @@ pub unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
     // nginx initialised before calling us.
     unsafe {
         let zone = &mut *((*shm_zone).data as *mut RateZone);
+        let Some(pool) = SlabPool::from_shm_zone(&*shm_zone) else {
+            return Status::NGX_ERROR.into();
+        };
         let shpool = (*shm_zone).shm.addr as *mut ngx_slab_pool_t;
         if !data.is_null() || (*shm_zone).shm.exists != 0 {
             // Reload with the same size (or a new master on existing memory): the memory,
             // and the state in it, is kept; the table is where the slab pool's `data` says.
             zone.state = ZoneState::Ready {
-                shpool,
+                pool,
                 table: (*shpool).data as *mut Table,
             };
             return Status::NGX_OK.into();
@@ -206,7 +209,7 @@ pub unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
         );
         (*table).nslots = nslots as u32;
         (*shpool).data = table.cast();
-        zone.state = ZoneState::Ready { shpool, table };
+        zone.state = ZoneState::Ready { pool, table };
         ngx::ngx_log_error!(
             NGX_LOG_INFO,
             (*shm_zone).shm.log,

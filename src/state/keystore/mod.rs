@@ -32,11 +32,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use mesh_core::keys::KeySet;
 use mesh_core::keystore::{slot_for_new, Schedule, SlotUse, KEYS_MAX_BACKOFF, TOKEN_MAX_BACKOFF};
 use mesh_core::refresh::{refresh_after, renew_at};
-use ngx::core::Status;
+use ngx::core::slab::LockedSlabPool;
+use ngx::core::{SlabPool, Status};
 use ngx::ffi::{
-    ngx_conf_t, ngx_int_t, ngx_log_t, ngx_module_t, ngx_shm_zone_t, ngx_shmtx_lock,
-    ngx_shmtx_unlock, ngx_slab_alloc_locked, ngx_slab_calloc, ngx_slab_free_locked,
-    ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
+    ngx_conf_t, ngx_int_t, ngx_log_t, ngx_module_t, ngx_shm_zone_t, ngx_slab_alloc_locked,
+    ngx_slab_calloc, ngx_slab_free_locked, ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG, NGX_LOG_INFO,
+    NGX_LOG_WARN,
 };
 
 use crate::state::outbound::OutboundToken;
@@ -91,6 +92,8 @@ impl StoreConf {
 
 /// What `shm_zone->data` points at: this cycle's view of the zone.
 struct KeyZone {
+    /// The zone's slab pool, for its mutex (`lock`) and, under it, its allocator (`shpool`).
+    pool: Option<SlabPool>,
     shpool: *mut ngx_slab_pool_t,
     table: *mut Table,
 }
@@ -130,27 +133,25 @@ impl Slot {
     }
 }
 
-/// The zone, locked: every access to the table goes through this guard.
+/// The zone, locked: every access to the table goes through this guard, which holds the
+/// slab pool's mutex until it drops.
 struct Locked<'a> {
     zone: &'a KeyZone,
+    _locked: LockedSlabPool,
 }
 
 impl KeyZone {
     fn lock(&self) -> Option<Locked<'_>> {
-        if self.shpool.is_null() || self.table.is_null() {
+        if self.table.is_null() {
             return None;
         }
-        // SAFETY: the slab pool heads the zone, which lives as long as the cycle; its mutex
-        // is nginx's shared mutex, taken only from event-loop code (here).
-        unsafe { ngx_shmtx_lock(&mut (*self.shpool).mutex) };
-        Some(Locked { zone: self })
-    }
-}
-
-impl Drop for Locked<'_> {
-    fn drop(&mut self) {
-        // SAFETY: this guard took the lock (see `KeyZone::lock`).
-        unsafe { ngx_shmtx_unlock(&mut (*self.zone.shpool).mutex) };
+        // The slab pool heads the zone, which lives as long as the cycle; its mutex is
+        // nginx's shared mutex, taken only from event-loop code (here).
+        let locked = self.pool.as_ref()?.lock();
+        Some(Locked {
+            zone: self,
+            _locked: locked,
+        })
     }
 }
 
@@ -495,6 +496,7 @@ pub unsafe fn add_zone(
             ));
         }
         let view = ngx::core::Pool::from_ngx_pool((*cf).pool).allocate(KeyZone {
+            pool: None,
             shpool: ptr::null_mut(),
             table: ptr::null_mut(),
         });
@@ -520,6 +522,7 @@ unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, data: *mut c_void)
         let zone = &mut *((*shm_zone).data as *mut KeyZone);
         let shpool = (*shm_zone).shm.addr as *mut ngx_slab_pool_t;
         zone.shpool = shpool;
+        zone.pool = SlabPool::from_shm_zone(&*shm_zone);
         if !data.is_null() {
             // A reload: same memory, same contents.
             zone.table = (*(data as *const KeyZone)).table;

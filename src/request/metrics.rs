@@ -1,5 +1,5 @@
-//! `mesh_status`: the Prometheus content handler, and the log-phase handler that counts each
-//! request once, with its final decision and verification outcome.
+//! `mesh_status`: the content handler that answers with the counters, in the Prometheus text
+//! format (the log phase counts each request: `count`).
 
 use std::ptr;
 
@@ -7,16 +7,13 @@ use mesh_core::decision::Decision;
 use mesh_core::metrics::{
     Exposition, Kind, AUTH_STATUSES, CODE_CLASSES, CONTENT_TYPE, REFRESH_RESULTS,
 };
-use mesh_core::status::AuthStatus;
-use mesh_core::token::unverified_issuer;
 use ngx::core::{Buffer, Status};
 use ngx::ffi::{
     ngx_chain_t, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_HTTP_GET, NGX_HTTP_HEAD,
     NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED,
 };
-use ngx::http::{HTTPStatus, HttpModuleLocationConf, HttpModuleMainConf, Request};
+use ngx::http::{HTTPStatus, HttpModuleMainConf, Request};
 
-use super::ctx::RequestCtx;
 use crate::conf::MainConf;
 use crate::nginx::no_panic;
 use crate::state::metrics::{self, CallerCounts, Snapshot, SPAN_DROPS};
@@ -25,7 +22,7 @@ use crate::MeshModule;
 
 /// The content handler: GET and HEAD only; never blocks (relaxed loads of shared counters,
 /// and each rate zone's mutex for two words).
-pub unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+pub unsafe extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
         // SAFETY: nginx calls content handlers with a live request.
         let r = unsafe { Request::from_ngx_http_request(r) };
@@ -264,13 +261,14 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
         "When a provider's keys were last loaded (read at configuration time, or fetched), seconds since the epoch; 0: never.",
     );
     // A key URL provider: the shared key store's record (one fetch serves every worker, the
-    // master's at start included, kept across reloads); a key file: when it was read.
+    // master's at start included, kept across reloads); a key file: when it was read, and no
+    // fetches.
     let refresh = |p: &crate::state::metrics::ProviderCounts| -> (u64, u64, u64) {
         mcf.providers
             .iter()
             .find(|q| q.name == p.name)
             .and_then(|q| crate::state::keystore::refresh_record(q))
-            .unwrap_or((p.last_refresh, p.refresh_ok, p.refresh_failed))
+            .unwrap_or((p.last_refresh, 0, 0))
     };
     for p in named() {
         e.sample(
@@ -453,99 +451,4 @@ fn render_requests(e: &mut Exposition, callers: &[CallerCounts]) {
 /// The version of the nginx headers the module was built against (it loads only into that nginx).
 fn nginx_version() -> &'static str {
     ngx::ffi::NGINX_VERSION.to_str().unwrap_or("")
-}
-
-/// The log-phase handler: counts a request the access phase decided, once.
-pub unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    no_panic(Status::NGX_OK.into(), || {
-        // SAFETY: nginx calls phase handlers with a live request.
-        let r = unsafe { Request::from_ngx_http_request(r) };
-        if let Some(ctx) = RequestCtx::existing(r) {
-            count(r, ctx);
-            if ctx.outbound_used() {
-                count_upstream(r);
-            }
-            super::span::export(r, ctx);
-        }
-        Status::NGX_OK.into()
-    })
-}
-
-/// An outbound call (it reached `mesh_outbound_auth`): its status class and duration under
-/// the location's route, the duration from the request's start (as `$request_time`: retries and
-/// a wait for the token included).
-fn count_upstream(r: &Request) {
-    let Some(lcf) = MeshModule::location_conf(r) else {
-        return;
-    };
-    let raw = r.as_ref();
-    let status = if raw.err_status != 0 {
-        raw.err_status
-    } else {
-        raw.headers_out.status
-    };
-    metrics::count_upstream(&lcf.route, status as u16, request_time_ms(raw));
-}
-
-/// The request's time so far, in milliseconds, as nginx's `$request_time` measures it.
-fn request_time_ms(r: &ngx_http_request_t) -> u64 {
-    let start = (r.start_sec.max(0) as u64)
-        .saturating_mul(1000)
-        .saturating_add(r.start_msec as u64);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    now.saturating_sub(start)
-}
-
-fn count(r: &Request, ctx: &RequestCtx) {
-    if !ctx.decided() {
-        return;
-    }
-    let id = ctx.identity();
-    if let Some(d) = ctx.decision() {
-        // A caller gets series of its own only when admitted: a refused one could be anyone
-        // with a token of the issuer, and would use up the bounded caller labels.
-        let admitted = matches!(
-            d,
-            Decision::Allow | Decision::WouldDeny | Decision::WouldRateLimit
-        );
-        let raw = r.as_ref();
-        metrics::count_request(
-            id.principal().filter(|_| admitted),
-            d,
-            raw.headers_out.status as u16,
-            request_time_ms(raw),
-        );
-    }
-    if id.status == AuthStatus::Off {
-        return;
-    }
-    if id.status == AuthStatus::Verified {
-        metrics::count_auth(id.provider(), id.status);
-        return;
-    }
-    // Refused (or anonymous): the provider the token's `iss` names, else the only one the
-    // location accepts, else none.
-    // SAFETY: configurations live for the whole cycle.
-    let Some(lcf) = (unsafe { id.conf.as_ref() }) else {
-        metrics::count_auth("", id.status);
-        return;
-    };
-    let providers = lcf.auth.as_deref().map_or(&[][..], |a| &a.providers[..]);
-    let by_issuer = super::identify::token_of(r, lcf)
-        .ok()
-        .flatten()
-        .and_then(unverified_issuer)
-        .and_then(|iss| {
-            providers
-                .iter()
-                .find(|p| p.snapshot().issuers.contains(&iss))
-        });
-    let name = match (by_issuer, providers) {
-        (Some(p), _) => p.name.as_str(),
-        (None, [only]) => only.name.as_str(),
-        _ => "",
-    };
-    metrics::count_auth(name, id.status);
 }
