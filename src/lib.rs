@@ -217,7 +217,10 @@ impl HttpModule for MeshModule {
                 .map(|p| (p.name.clone(), p.url.is_none()))
                 .collect();
             let zones = mcf.zones.clone();
-            if let Err(e) = state::metrics::configure(cf, &mut mcf.metrics, &providers, &zones) {
+            let routes = mcf.routes.clone();
+            if let Err(e) =
+                state::metrics::configure(cf, &mut mcf.metrics, &providers, &zones, &routes)
+            {
                 ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
                 return Status::NGX_ERROR.into();
             }

@@ -82,6 +82,17 @@ impl LevelFacts {
         self.merged = true;
     }
 
+    /// The `route` label of a location's outbound metrics: its name as written (empty for
+    /// other levels; an `if` block takes its location's).
+    pub fn route_name(&self) -> String {
+        self.name.clone()
+    }
+
+    /// A location block (also a nested or named one).
+    pub fn is_location(&self) -> bool {
+        self.block == Block::Location
+    }
+
     /// `location /` (or `^~ /`) directly in a server: no request falls through to the
     /// server's own configuration.
     fn catches_all(&self) -> bool {

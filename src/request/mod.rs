@@ -6,6 +6,7 @@
 //! - `limit`: charging the rate-limit zone;
 //! - `log`: the one log line per refusal;
 //! - `server_rewrite`: the client's `X-Mesh-*` headers dropped before any access module runs;
+//! - `outbound`: `mesh_outbound_auth`, the service's own token toward the upstream;
 //! - `precontent`: what another access module admitted after our refusal (`satisfy any`);
 //! - `trace`: this hop's trace, started in one place;
 //! - `span`: the span of this hop that `mesh_trace_export` sends;
@@ -22,6 +23,7 @@ mod identify;
 mod limit;
 mod log;
 pub mod metrics;
+pub mod outbound;
 pub mod precontent;
 pub mod ready;
 pub mod response;

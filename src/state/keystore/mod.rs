@@ -49,7 +49,8 @@ mod worker;
 
 pub use start::init_module;
 pub use worker::{
-    catch_up, missing, refresh_record, request_refetch, start_worker, stop_worker, tick,
+    catch_up, current_token, missing, nudge, refresh_record, request_refetch, start_worker,
+    stop_worker, tick, token_record,
 };
 
 /// The zone's name and size: one page table plus room for every key set and token.
@@ -75,7 +76,7 @@ pub struct StoreConf {
 }
 
 impl StoreConf {
-    fn wait(&self) -> Duration {
+    pub(crate) fn wait(&self) -> Duration {
         Duration::from_millis(self.wait_ms.unwrap_or(DEFAULT_WAIT_MS))
     }
 
