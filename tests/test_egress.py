@@ -151,6 +151,25 @@ def test_the_callee_sees_the_callers_identity_and_trace(module_path, metadata, l
     assert tp and tp.split("-")[1] == TRACE_ID, tp
 
 
+def test_an_outbound_call_is_exported_as_a_client_span(module_path, metadata, launcher_fn):
+    from mesh_test.otlp import OtlpReceiver, attrs
+
+    receiver = OtlpReceiver()
+    try:
+        md = metadata()
+        a, _b = start_pair(launcher_fn, md, more_http=f"mesh_trace_export {receiver.url} interval=50ms;")
+        resp = a.get("/callee/orders", [("traceparent", TRACEPARENT)])
+        assert resp.status == 200, resp
+        _, _, span = receiver.span_of(TRACE_ID)
+        assert span.kind == 3  # SPAN_KIND_CLIENT: the app's call, leaving through nginx
+        # the app's own span is its parent (B starts its hop under this span, with an id of its own)
+        assert span.parent_span_id.hex() == TRACEPARENT.split("-")[2]
+        assert attrs(span.attributes)["mesh.route"] == "/callee/"
+        assert span.name == "GET /callee/"
+    finally:
+        receiver.close()
+
+
 def test_the_apps_own_authorization_is_kept_and_the_token_travels_in_x_serverless_authorization(
         module_path, metadata, launcher_fn):
     md = metadata()
