@@ -20,8 +20,8 @@ use ngx::core::Status;
 use ngx::ffi::{
     ngx_array_push, ngx_command_t, ngx_conf_t, ngx_cycle_t, ngx_http_handler_pt, ngx_http_module_t,
     ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_http_phases_NGX_HTTP_LOG_PHASE,
-    ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE, ngx_int_t, ngx_module_t, ngx_uint_t,
-    NGX_HTTP_MODULE, NGX_LOG_EMERG,
+    ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE, ngx_http_phases_NGX_HTTP_SERVER_REWRITE_PHASE,
+    ngx_int_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE, NGX_LOG_EMERG,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
@@ -179,6 +179,13 @@ impl HttpModule for MeshModule {
             }
             *h = Some(request::access::access_handler);
             let h = ngx_array_push(
+                &mut cmcf.phases[ngx_http_phases_NGX_HTTP_SERVER_REWRITE_PHASE as usize].handlers,
+            ) as *mut ngx_http_handler_pt;
+            if h.is_null() {
+                return Status::NGX_ERROR.into();
+            }
+            *h = Some(request::server_rewrite::server_rewrite_handler);
+            let h = ngx_array_push(
                 &mut cmcf.phases[ngx_http_phases_NGX_HTTP_LOG_PHASE as usize].handlers,
             ) as *mut ngx_http_handler_pt;
             if h.is_null() {
@@ -204,7 +211,7 @@ impl HttpModule for MeshModule {
                 outbound: &mcf.outbound,
                 metadata_server: &mcf.metadata_server,
             };
-            if let Err(e) = keystore::add_zone(cf, &mut mcf.keystore, &sources, Self::module()) {
+            if let Err(e) = keystore::add_zone(cf, &mut mcf.keystore, &sources) {
                 ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
                 return Status::NGX_ERROR.into();
             }
@@ -214,8 +221,9 @@ impl HttpModule for MeshModule {
                 .map(|p| (p.name.clone(), p.url.is_none()))
                 .collect();
             let zones = mcf.zones.clone();
+            let routes = mcf.routes.clone();
             if let Err(e) =
-                state::metrics::configure(cf, &mut mcf.metrics, &providers, &zones, Self::module())
+                state::metrics::configure(cf, &mut mcf.metrics, &providers, &zones, &routes)
             {
                 ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
                 return Status::NGX_ERROR.into();

@@ -160,8 +160,9 @@ def expected(text: str, tmp, keyring) -> dict:
                        no_match="deny 403"),
                  route("location", "= /healthz", at("HEALTHZ"), "open",
                        "mesh_auth off written in the location", [], "location"),
-                 route("location", "@fallback", at("FALLBACK"), "exempt",
-                       "internal: only nginx sends requests here", [], "location"),
+                 # judged on its own: nginx sends requests there (error_page, try_files)
+                 route("location", "@fallback", at("FALLBACK"), "open",
+                       "mesh_auth off written in the location", [], "location"),
              ]},
             {"names": ["admin.test", "*.admin.test", "~^(?<tenant>[a-z]+)\\.admin\\.test$"], "listen": ["127.0.0.1:8"], "file": CONF,
              "line": at("S2"),

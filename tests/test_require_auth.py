@@ -35,7 +35,8 @@ mesh_provider ci {
 SUMMARY = re.compile(
     r"\[notice\].*mesh_require_auth: (?P<total>\d+) locations?: (?P<protected>\d+) protected"
     r"(?: \((?P<optional>\d+) optional\))?, (?P<open>\d+) explicitly open"
-    r"(?: \((?P<by_server>\d+) by (?:its|their) server\))?, (?P<exempt>\d+) exempt \(return-only or internal\); "
+    r"(?: \((?P<by_server>\d+) by (?:its|their) server\))?(?: \((?P<by_satisfy>\d+) by satisfy any\))?, "
+    r"(?P<exempt>\d+) exempt \(return-only\); "
     r"providers: (?P<providers>.*)$"
 )
 
@@ -328,23 +329,29 @@ server {
     assert 'location "/outer/"' in emergs[0] and 'location "/outer/bare/"' in emergs[1], emergs
 
 
-def test_named_internal_and_return_only_locations_are_exempt(module_path, conf_dir, keyring):
+def test_named_and_internal_locations_are_judged_on_their_own_settings(module_path, conf_dir, keyring):
+    # nginx hands requests to them (try_files, error_page, rewrite ... last, X-Accel-Redirect)
+    # and runs their own access settings: `internal` or `@` exempts nothing
     body = """
 mesh_require_auth on;
 server {
     listen 127.0.0.1:@PORT@;
     location / { mesh_auth jwks; try_files /nonexistent @app; }
-    location @app { proxy_pass http://@UPSTREAM@; }
+    location @app { proxy_pass http://@UPSTREAM@; }  # BAD
     location @opened { mesh_auth off; proxy_pass http://@UPSTREAM@; }
-    location /errors/ { internal; root @TMP@; }
+    location /errors/ { internal; root @TMP@; }  # BAD
     location = /healthz { return 200 "ok\\n"; }
     location = /redirect { mesh_auth jwks; return 301 /; }
 }
 """
-    s = summary(passes(body, conf_dir, keyring))
+    emergs = emergs_at_marked_lines(conf(body, conf_dir, keyring), conf_dir)
+    assert 'location "@app"' in emergs[0] and 'location "/errors/"' in emergs[1], emergs
+    fixed = body.replace("location @app {", "location @app { mesh_auth jwks;").replace(
+        "location /errors/ { internal;", "location /errors/ { internal; mesh_auth off;").replace("  # BAD", "")
+    s = summary(passes(fixed, conf_dir, keyring))
     # /redirect: its mesh_auth never runs (return answers first), so it is not "protected"
-    assert (s["total"], s["protected"], s["open"], s["exempt"]) == (6, 1, 0, 5), s
-    assert s["providers"] == "jwks 1", s
+    assert (s["total"], s["protected"], s["open"], s["exempt"]) == (6, 2, 2, 2), s
+    assert s["providers"] == "jwks 2", s
 
 
 def test_a_server_that_only_returns_is_exempt_with_its_locations(module_path, conf_dir, keyring):
@@ -380,8 +387,8 @@ server {
 }
 """
     s = summary(passes(body, conf_dir, keyring))
-    assert s == {"total": 6, "protected": 3, "optional": 1, "open": 2, "by_server": 1, "exempt": 1,
-                 "providers": "ci 2, jwks 2"}, s
+    assert s == {"total": 6, "protected": 3, "optional": 1, "open": 2, "by_server": 1, "by_satisfy": 0,
+                 "exempt": 1, "providers": "ci 2, jwks 2"}, s
 
 
 def test_bad_mesh_require_auth_lines(module_path, conf_dir, keyring):
@@ -431,3 +438,97 @@ def test_the_accepted_configuration_protects_what_it_says(launcher_fn, module_pa
     assert site.allowed("/public/x", None, auth_status="off").status == 200
     resp = site.get("/healthz")
     assert resp.status == 200 and resp.body == b"ok\n", resp
+
+
+# ---- what a request can be handed to is judged on its own (the review's walk-arounds)
+
+@pytest.mark.parametrize("entry,target", [
+    ('location /a { return 404; error_page 404 = @backend; }', "location @backend { proxy_pass http://@UPSTREAM@; }"),
+    ('location /b { return 418; error_page 418 /private/; }',
+     "location /private/ { internal; proxy_pass http://@UPSTREAM@; }"),
+    ('location /c { mesh_auth jwks; try_files /nonexistent @files; }', "location @files { proxy_pass http://@UPSTREAM@; }"),
+    ('location /d { mesh_auth jwks; rewrite ^ /inner/ last; }',
+     "location /inner/ { internal; proxy_pass http://@UPSTREAM@; }"),
+    ('location /e { mesh_auth jwks; proxy_pass http://@UPSTREAM@; }',
+     "location /accel/ { internal; root @TMP@; }"),  # X-Accel-Redirect: /accel/...
+], ids=["error_page-named", "error_page-internal", "try_files", "rewrite-last", "x-accel-redirect"])
+def test_a_location_nginx_hands_requests_to_is_judged_on_its_own(module_path, conf_dir, keyring, entry, target):
+    body = f"""
+mesh_require_auth on;
+server {{
+    listen 127.0.0.1:@PORT@;
+    mesh_auth off;
+    {entry}
+}}
+server {{
+    listen 127.0.0.1:@PORT@;
+    server_name second.test;
+    location / {{ mesh_auth jwks; proxy_pass http://@UPSTREAM@; }}
+    {entry}
+    {target}  # BAD
+}}
+"""
+    line = emerg_at_marked_line(conf(body, conf_dir, keyring), conf_dir)
+    assert "serves requests without mesh_auth" in line, line
+    protected = body.replace(target, target.replace("{ ", "{ mesh_auth jwks; ", 1))
+    s = summary(passes(protected.replace("  # BAD", ""), conf_dir, keyring))
+    assert s["protected"] >= 2, s
+
+
+def test_a_server_that_returns_and_hands_to_a_named_location_is_judged_by_it(module_path, conf_dir, keyring):
+    body = """
+mesh_require_auth on;
+server {
+    listen 127.0.0.1:@PORT@;
+    return 404;
+    error_page 404 = @app;
+    location @app { proxy_pass http://@UPSTREAM@; }  # BAD
+}
+"""
+    emerg_at_marked_line(conf(body, conf_dir, keyring), conf_dir)
+
+
+SATISFY_CASES = [
+    ("allow all;", "allow"),
+    ("allow 10.0.0.0/8; deny all;", "allow"),
+    ('auth_basic "staff"; auth_basic_user_file @TMP@/htpasswd;', "auth_basic"),
+    ("auth_request /auth;", "auth_request"),
+]
+
+
+@pytest.mark.parametrize("access,module", SATISFY_CASES, ids=["allow-all", "allow-range", "auth_basic", "auth_request"])
+def test_satisfy_any_beside_another_access_module_is_reported_open_with_its_reason(
+        module_path, conf_dir, keyring, access, module):
+    (conf_dir / "htpasswd").write_text("u:{PLAIN}p\n")
+    body = f"""
+mesh_require_auth on;
+server {{
+    listen 127.0.0.1:@PORT@;
+    mesh_auth jwks;
+    location /p/ {{ satisfy any; {access} proxy_pass http://@UPSTREAM@; }}
+    location /all/ {{ satisfy all; {access} proxy_pass http://@UPSTREAM@; }}
+    location /any-deny/ {{ satisfy any; deny all; proxy_pass http://@UPSTREAM@; }}
+    location = /auth {{ internal; mesh_auth off; return 204; }}
+}}
+"""
+    out = passes(body, conf_dir, keyring)
+    s = summary(out)
+    # /p/ open by satisfy any; /all/ and /any-deny/ protected; /auth exempt (return-only),
+    # and the server's own root protected
+    assert (s["protected"], s["open"], s["by_satisfy"], s["exempt"]) == (3, 1, 1, 1), s
+    reason = [l for l in out.splitlines() if '[notice]' in l and 'location "/p/"' in l]
+    assert len(reason) == 1 and f"satisfy any: {module} admits requests without a token" in reason[0], out
+    assert re.search(r"nginx\.conf:\d+", reason[0]), reason
+
+
+def test_satisfy_any_with_allow_all_really_admits_without_a_token(launcher_fn, module_path, keyring):
+    # what the audit reports open is open: the request with no token reaches the upstream
+    site = launcher_fn.start(PROVIDERS + """
+mesh_require_auth on;
+server {
+    listen 127.0.0.1:@PORT@;
+    mesh_auth jwks;
+    location /p/ { satisfy any; allow all; proxy_pass http://@UPSTREAM@; }
+}
+""")
+    assert site.get("/p/x").status == 200

@@ -46,8 +46,34 @@ pub struct Route {
     /// Every request is answered by `return` before the access phase (the first rewrite
     /// directive of the route, or of its server, is `return`).
     pub return_only: bool,
-    /// Clients cannot ask for it: `internal;`, or a named location (`@name`).
+    /// Clients cannot ask for it: `internal;`, or a named location (`@name`). Said for what
+    /// it is worth: nginx sends requests there itself (`error_page`, `try_files`,
+    /// `rewrite ... last`, `X-Accel-Redirect`), so such a route is judged like any other.
     pub internal: bool,
+    /// `satisfy any` is in force and another access module can admit a request without a
+    /// token: then `mesh_auth` protects nothing there.
+    pub bypass: Option<Bypass>,
+}
+
+/// An access module that, under `satisfy any`, admits requests the module did not verify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bypass {
+    /// `allow` (any address or range: `allow all`, `allow 10.0.0.0/8`).
+    Allow,
+    /// `auth_basic`: a user and password, no token.
+    AuthBasic,
+    /// `auth_request`: whatever its subrequest says.
+    AuthRequest,
+}
+
+impl Bypass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bypass::Allow => "allow",
+            Bypass::AuthBasic => "auth_basic",
+            Bypass::AuthRequest => "auth_request",
+        }
+    }
 }
 
 /// Why a route needs no `mesh_auth`.
@@ -55,38 +81,68 @@ pub struct Route {
 pub enum Exemption {
     /// `return` answers before any check could run.
     ReturnOnly,
-    /// Only nginx itself sends requests there.
-    Internal,
 }
 
-/// What `mesh_require_auth` makes of a route.
+/// Why a route serves requests without a verified token, and that is accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// A `mesh_auth` that is not off is in force.
-    Protected,
+pub enum OpenReason {
     /// `mesh_auth off` written on purpose: in the location (or one it is nested in) or in
     /// its server.
-    Open,
+    MeshAuthOff,
+    /// `mesh_auth` is in force, but `satisfy any` lets this access module admit requests
+    /// without a token.
+    SatisfyAny(Bypass),
+}
+
+/// What `mesh_require_auth` makes of a route: the one answer the check, its summary and the
+/// access report give.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// A `mesh_auth` that is not off is in force, and nothing else can admit a request.
+    Protected,
+    /// Requests pass without a verified token, and the configuration says so.
+    Open(OpenReason),
     Exempt(Exemption),
     /// Serves content to callers nobody identified: `nginx -t` fails.
     Unprotected,
 }
 
+impl Verdict {
+    /// What the verdict says, in a few words (for logs and reports).
+    pub fn describe(&self) -> String {
+        match self {
+            Verdict::Protected => "protected".into(),
+            Verdict::Open(OpenReason::MeshAuthOff) => "open (mesh_auth off)".into(),
+            Verdict::Open(OpenReason::SatisfyAny(b)) => format!(
+                "open (satisfy any: {} admits requests without a token)",
+                b.as_str()
+            ),
+            Verdict::Exempt(Exemption::ReturnOnly) => "exempt (return-only)".into(),
+            Verdict::Unprotected => "unprotected".into(),
+        }
+    }
+}
+
 impl Route {
     /// The rule, in order: a route answered by `return` is exempt whatever its `mesh_auth`
     /// (the access phase never runs there); one with a `mesh_auth` that is not off is
-    /// protected; an internal or named one is exempt; one whose `mesh_auth off` was written in
-    /// the location or its server is open; anything else is unprotected. An `off` written only
-    /// at the `http` level opens nothing: it is the default, said once for every server.
+    /// protected, unless `satisfy any` lets another access module admit without a token
+    /// (then it is open, for that reason); one whose `mesh_auth off` was written in the
+    /// location or its server is open; anything else is unprotected. An `off` written only at
+    /// the `http` level opens nothing: it is the default, said once for every server.
+    /// Internal and named locations follow the same rule: nginx hands requests to them
+    /// (`error_page`, `try_files`, `rewrite ... last`, `X-Accel-Redirect`) and runs their own
+    /// access settings, not the ones of the location the request came from.
     pub fn verdict(&self) -> Verdict {
         if self.return_only {
             Verdict::Exempt(Exemption::ReturnOnly)
         } else if !self.providers.is_empty() {
-            Verdict::Protected
-        } else if self.internal {
-            Verdict::Exempt(Exemption::Internal)
+            match self.bypass {
+                Some(b) => Verdict::Open(OpenReason::SatisfyAny(b)),
+                None => Verdict::Protected,
+            }
         } else if matches!(self.written, Written::Server | Written::Location) {
-            Verdict::Open
+            Verdict::Open(OpenReason::MeshAuthOff)
         } else {
             Verdict::Unprotected
         }
@@ -123,6 +179,8 @@ pub struct Summary {
     pub open: usize,
     /// Of the open: by their server's `mesh_auth off`, not their own.
     pub open_by_server: usize,
+    /// Of the open: by `satisfy any` beside another access module.
+    pub open_by_satisfy: usize,
     pub exempt: usize,
     pub unprotected: usize,
     /// How many protected routes each provider guards.
@@ -141,9 +199,13 @@ impl Summary {
                         *s.providers.entry(p.clone()).or_default() += 1;
                     }
                 }
-                Verdict::Open => {
+                Verdict::Open(OpenReason::MeshAuthOff) => {
                     s.open += 1;
                     s.open_by_server += usize::from(r.written == Written::Server);
+                }
+                Verdict::Open(OpenReason::SatisfyAny(_)) => {
+                    s.open += 1;
+                    s.open_by_satisfy += 1;
                 }
                 Verdict::Exempt(_) => s.exempt += 1,
                 Verdict::Unprotected => s.unprotected += 1,
@@ -158,7 +220,7 @@ impl Summary {
 }
 
 /// `mesh_require_auth: 5 locations: 3 protected (1 optional), 1 explicitly open (1 by its
-/// server), 1 exempt (return-only or internal); providers: ci 1, google 3`
+/// server), 1 exempt (return-only); providers: ci 1, google 3`
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.total();
@@ -184,7 +246,10 @@ impl fmt::Display for Summary {
                 }
             )?;
         }
-        write!(f, ", {} exempt (return-only or internal)", self.exempt)?;
+        if self.open_by_satisfy > 0 {
+            write!(f, " ({} by satisfy any)", self.open_by_satisfy)?;
+        }
+        write!(f, ", {} exempt (return-only)", self.exempt)?;
         if self.unprotected > 0 {
             write!(f, ", {} unprotected", self.unprotected)?;
         }
@@ -213,6 +278,7 @@ mod tests {
             written,
             return_only: false,
             internal: false,
+            bypass: None,
         }
     }
 
@@ -225,8 +291,9 @@ mod tests {
 
     #[test]
     fn off_opens_only_when_written_in_the_location_or_its_server() {
-        assert_eq!(route(&[], Written::Location).verdict(), Verdict::Open);
-        assert_eq!(route(&[], Written::Server).verdict(), Verdict::Open);
+        let off = Verdict::Open(OpenReason::MeshAuthOff);
+        assert_eq!(route(&[], Written::Location).verdict(), off);
+        assert_eq!(route(&[], Written::Server).verdict(), off);
         assert_eq!(route(&[], Written::Http).verdict(), Verdict::Unprotected);
         assert_eq!(route(&[], Written::Nowhere).verdict(), Verdict::Unprotected);
     }
@@ -242,14 +309,32 @@ mod tests {
     }
 
     #[test]
-    fn internal_is_exempt_unless_protected() {
+    fn internal_and_named_routes_are_judged_like_any_other() {
         let mut r = route(&[], Written::Nowhere);
         r.internal = true;
-        assert_eq!(r.verdict(), Verdict::Exempt(Exemption::Internal));
+        assert_eq!(r.verdict(), Verdict::Unprotected);
         r.written = Written::Location;
-        assert_eq!(r.verdict(), Verdict::Exempt(Exemption::Internal));
+        assert_eq!(r.verdict(), Verdict::Open(OpenReason::MeshAuthOff));
         r.providers = vec!["ci".into()];
         assert_eq!(r.verdict(), Verdict::Protected);
+        r.return_only = true;
+        assert_eq!(r.verdict(), Verdict::Exempt(Exemption::ReturnOnly));
+    }
+
+    #[test]
+    fn satisfy_any_beside_another_access_module_is_open_for_that_reason() {
+        for b in [Bypass::Allow, Bypass::AuthBasic, Bypass::AuthRequest] {
+            let mut r = route(&["google"], Written::Location);
+            r.bypass = Some(b);
+            let v = r.verdict();
+            assert_eq!(v, Verdict::Open(OpenReason::SatisfyAny(b)));
+            assert!(v.describe().contains(b.as_str()), "{}", v.describe());
+            // without mesh_auth it was never protected: the rule for that stands
+            r.providers.clear();
+            assert_eq!(r.verdict(), Verdict::Open(OpenReason::MeshAuthOff));
+            r.written = Written::Http;
+            assert_eq!(r.verdict(), Verdict::Unprotected);
+        }
     }
 
     #[test]
@@ -288,7 +373,7 @@ mod tests {
         assert_eq!(
             s.to_string(),
             "mesh_require_auth: 5 locations: 2 protected (1 optional), 2 explicitly open \
-             (1 by its server), 1 exempt (return-only or internal); providers: ci 1, google 2"
+             (1 by its server), 1 exempt (return-only); providers: ci 1, google 2"
         );
     }
 
@@ -297,7 +382,7 @@ mod tests {
         assert_eq!(
             Summary::of(&[]).to_string(),
             "mesh_require_auth: 0 locations: 0 protected, 0 explicitly open, \
-             0 exempt (return-only or internal); providers: none"
+             0 exempt (return-only); providers: none"
         );
     }
 }

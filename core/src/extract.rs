@@ -62,6 +62,38 @@ pub fn strip_bearer(value: &[u8]) -> &[u8] {
     value
 }
 
+/// The request headers that carry credentials: HTTP's own and the one Cloud Run uses when
+/// `Authorization` holds the app's credentials.
+pub const CREDENTIAL_HEADERS: [&str; 2] = ["Authorization", "X-Serverless-Authorization"];
+
+/// Whether a header name is `wanted`, as an upstream may read it: any case, `_` for `-`
+/// (CGI-style gateways fold both to the same variable).
+fn same_header(name: &[u8], wanted: &str) -> bool {
+    name.len() == wanted.len()
+        && name.iter().zip(wanted.bytes()).all(|(&a, b)| {
+            let a = if a == b'_' { b'-' } else { a };
+            a.eq_ignore_ascii_case(&b)
+        })
+}
+
+/// The first credential header (of [`CREDENTIAL_HEADERS`]) that `names` holds more than once.
+/// Two credentials are refused, never resolved: which one an upstream reads is not ours to
+/// guess.
+pub fn repeated_credential<'a>(names: impl IntoIterator<Item = &'a [u8]>) -> Option<&'static str> {
+    let mut seen = [false; CREDENTIAL_HEADERS.len()];
+    for name in names {
+        for (i, wanted) in CREDENTIAL_HEADERS.iter().enumerate() {
+            if same_header(name, wanted) {
+                if seen[i] {
+                    return Some(wanted);
+                }
+                seen[i] = true;
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +110,34 @@ mod tests {
         assert_eq!(bearer(b"Bearerabc"), Bearer::OtherScheme);
         assert_eq!(bearer(b""), Bearer::OtherScheme);
         assert_eq!(bearer(b"   "), Bearer::OtherScheme);
+    }
+
+    #[test]
+    fn repeated_credentials() {
+        let names = |v: &[&'static str]| v.iter().map(|n| n.as_bytes()).collect::<Vec<_>>();
+        let found = |v: &[&'static str]| repeated_credential(names(v));
+        assert_eq!(
+            found(&["Authorization", "X-Serverless-Authorization"]),
+            None
+        );
+        assert_eq!(found(&["Host", "Authorization", "Accept"]), None);
+        assert_eq!(
+            found(&["Authorization", "authorization"]),
+            Some("Authorization")
+        );
+        assert_eq!(
+            found(&[
+                "x-serverless-authorization",
+                "Host",
+                "X_SERVERLESS_AUTHORIZATION"
+            ]),
+            Some("X-Serverless-Authorization")
+        );
+        assert_eq!(
+            found(&["X-Serverless-Authorizatio", "X-Serverless-Authorization"]),
+            None
+        );
+        assert_eq!(found(&["Authorization_", "Authorization"]), None);
     }
 
     #[test]

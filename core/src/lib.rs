@@ -37,6 +37,7 @@ pub mod ratesync;
 pub mod ratetable;
 pub mod refresh;
 pub mod report;
+pub mod resp;
 pub mod status;
 pub mod token;
 pub mod trace;

@@ -510,7 +510,8 @@ pub fn allowed_algorithms(
 pub fn check_key_url(url: &str, has_ca: bool) -> Result<(), String> {
     if !url.starts_with("https://") && has_ca {
         return Err(format!(
-            "keys \"{url}\": \"ca=\" applies to https:// URLs only"
+            "keys \"{}\": \"ca=\" applies to https:// URLs only",
+            shown_url(url)
         ));
     }
     let rest = url.split_once("://").map_or("", |(_, r)| r);
@@ -520,9 +521,95 @@ pub fn check_key_url(url: &str, has_ca: bool) -> Result<(), String> {
             .bytes()
             .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
     {
-        return Err(format!("keys: invalid URL \"{url}\""));
+        return Err(format!("keys: invalid URL \"{}\"", shown_url(url)));
     }
     Ok(())
+}
+
+/// The secrets a URL may carry: its userinfo (`user:password`) and the value of each query
+/// parameter (a parameter without `=` is a value whole: `?SECRET`). Empty ones are left out.
+fn url_secrets(url: &str) -> (Option<&str>, Vec<&str>) {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.split_once('#').map_or(rest, |(r, _)| r);
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let userinfo = rest[..authority_end]
+        .rsplit_once('@')
+        .map(|(u, _)| u)
+        .filter(|u| !u.is_empty());
+    let values = rest[authority_end..]
+        .split_once('?')
+        .map_or(Vec::new(), |(_, q)| {
+            q.split('&')
+                .map(|kv| kv.split_once('=').map_or(kv, |(_, v)| v))
+                .filter(|v| !v.is_empty())
+                .collect()
+        });
+    (userinfo, values)
+}
+
+/// A URL as logs and `nginx -t` show it: the userinfo and every query value replaced by
+/// `***` (`https://***@host/jwks?token=***`); scheme, host, path and parameter names kept.
+pub fn shown_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
+    let (rest, fragment) = match rest.split_once('#') {
+        Some((r, f)) => (r, Some(f)),
+        None => (rest, None),
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let mut out = String::with_capacity(url.len());
+    if !scheme.is_empty() {
+        out.push_str(scheme);
+        out.push_str("://");
+    }
+    match authority.rsplit_once('@') {
+        Some((_, host)) => {
+            out.push_str("***@");
+            out.push_str(host);
+        }
+        None => out.push_str(authority),
+    }
+    match tail.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            for (i, kv) in query.split('&').enumerate() {
+                if i > 0 {
+                    out.push('&');
+                }
+                match kv.split_once('=') {
+                    Some((k, _)) => {
+                        out.push_str(k);
+                        out.push_str("=***");
+                    }
+                    None if kv.is_empty() => {}
+                    None => out.push_str("***"),
+                }
+            }
+        }
+        None => out.push_str(tail),
+    }
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
+/// `text` (an error message that may quote `url`, whole or in part) with the URL shown as
+/// [`shown_url`] and its secrets replaced by `***` wherever they still appear. Query values
+/// under 4 characters are left alone elsewhere in the text (they would match common words
+/// and numbers; the URL itself is always shown redacted).
+pub fn scrub_url(text: &str, url: &str) -> String {
+    let mut out = text.replace(url, &shown_url(url));
+    let (userinfo, values) = url_secrets(url);
+    for secret in userinfo
+        .into_iter()
+        .chain(values.into_iter().filter(|v| v.len() >= 4))
+    {
+        out = out.replace(secret, "***");
+    }
+    out
 }
 
 /// Whether `iss` is one of Google's token issuers (also written with a trailing `/`).

@@ -163,10 +163,35 @@ pub fn check_prefix(p: &str) -> Result<(), String> {
 }
 
 /// The local TAT a sync reply asks for: `now + owed`, less the time since Redis answered
-/// (`elapsed_us`), owed bounded by [`MAX_DEBT_US`] plus a day of burst, so no reply can
-/// overflow or block a key for long.
-pub fn synced_tat(now: u64, owed_us: u64, elapsed_us: u64) -> u64 {
-    now.saturating_add(owed_us.saturating_sub(elapsed_us).min(MAX_DEBT_US * 2))
+/// (`elapsed_us`), owed bounded by `bound_us`, the zone's own bounds ([`owed_bound`]): what
+/// Redis says beyond them (a wrong or hostile reply) never blocks a key longer than the
+/// zone's largest burst takes to drain. While Redis keeps owing more, each sync raises the
+/// key again, so the limit still holds.
+pub fn synced_tat(now: u64, owed_us: u64, elapsed_us: u64, bound_us: u64) -> u64 {
+    now.saturating_add(
+        owed_us
+            .saturating_sub(elapsed_us)
+            .min(bound_us)
+            .min(MAX_DEBT_US * 2),
+    )
+}
+
+/// Instances whose simultaneous bursts a key's debt may hold: [`owed_bound`] is this many
+/// times the widest `(burst + 1) * T`.
+pub const OWED_INSTANCES: u64 = 16;
+
+/// The most a key of a zone may be owed: [`OWED_INSTANCES`] times `(burst + 1) * T` of the
+/// widest limit charging the zone (a TAT `(burst + 1) * T` ahead refuses every request until
+/// it drains; up to that many instances may each have admitted a burst before a sync told
+/// them of the others). More than that is a wrong or hostile reply, or so many instances that
+/// the limit then holds within `instances / OWED_INSTANCES` of itself.
+pub fn owed_bound(gcras: impl IntoIterator<Item = crate::gcra::Gcra>) -> u64 {
+    gcras
+        .into_iter()
+        .map(|g| g.tolerance_us.saturating_add(g.interval_us))
+        .max()
+        .unwrap_or(0)
+        .saturating_mul(OWED_INSTANCES)
 }
 
 #[cfg(test)]
@@ -237,9 +262,22 @@ mod tests {
         for bad in ["", "a b", "a\"", &"x".repeat(65)] {
             assert!(check_prefix(bad).is_err(), "{bad}");
         }
-        assert_eq!(synced_tat(1_000, 500, 200), 1_300);
-        assert_eq!(synced_tat(1_000, 100, 200), 1_000);
-        assert_eq!(synced_tat(u64::MAX, u64::MAX, 0), u64::MAX);
-        assert_eq!(synced_tat(0, u64::MAX, 0), MAX_DEBT_US * 2);
+        let wide = u64::MAX;
+        assert_eq!(synced_tat(1_000, 500, 200, wide), 1_300);
+        assert_eq!(synced_tat(1_000, 100, 200, wide), 1_000);
+        assert_eq!(synced_tat(u64::MAX, u64::MAX, 0, wide), u64::MAX);
+        assert_eq!(synced_tat(0, u64::MAX, 0, wide), MAX_DEBT_US * 2);
+        // An absurd reply is held to the zone's bound.
+        assert_eq!(synced_tat(1_000, 1 << 60, 0, 300_000), 301_000);
+        assert_eq!(synced_tat(1_000, 200_000, 0, 300_000), 201_000);
+        use crate::gcra::{parse_rate, Gcra};
+        let ten = parse_rate("10r/s").unwrap();
+        let one = parse_rate("1r/s").unwrap();
+        assert_eq!(owed_bound([Gcra::new(ten, 0)]), 100_000 * OWED_INSTANCES);
+        assert_eq!(
+            owed_bound([Gcra::new(ten, 4), Gcra::new(one, 0)]),
+            1_000_000 * OWED_INSTANCES
+        );
+        assert_eq!(owed_bound([]), 0);
     }
 }

@@ -74,6 +74,21 @@ pub fn key_hash_parts(zone_salt: &[u8], parts: &[&[u8]]) -> [u64; 2] {
     nonzero([u64::from_le_bytes(a), u64::from_le_bytes(b)])
 }
 
+/// Where a key lives in a zone's table: its identity ([`key_hash`], the same on every
+/// instance, so global zones agree on it in Redis) hashed again under the zone's secret
+/// (random, kept in the zone). Without the secret, nobody can tell which keys share a bucket,
+/// so a chosen caller cannot be evicted by sending colliding keys: the bucket of each key is
+/// a 1-in-`buckets` draw the attacker cannot see.
+pub fn placed(secret: [u64; 2], identity: [u64; 2]) -> [u64; 2] {
+    let mut s = [0u8; 16];
+    s[..8].copy_from_slice(&secret[0].to_le_bytes());
+    s[8..].copy_from_slice(&secret[1].to_le_bytes());
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&identity[0].to_le_bytes());
+    k[8..].copy_from_slice(&identity[1].to_le_bytes());
+    key_hash(&s, &k)
+}
+
 fn nonzero(key: [u64; 2]) -> [u64; 2] {
     if key == EMPTY {
         [0, 1]

@@ -11,7 +11,7 @@
 
 use std::fmt::Write as _;
 
-use crate::audit::{Exemption, Route, RouteKind, Verdict, Written};
+use crate::audit::{Exemption, OpenReason, Route, RouteKind, Verdict, Written};
 use crate::policy::{Effect, Pattern, RoleBinding, Rule};
 
 /// The report format's version: raised when a field changes meaning or goes away.
@@ -282,9 +282,17 @@ pub fn verdict_of(route: &Route, checked: bool) -> VerdictText {
                 route.providers.join(" ")
             ),
         },
-        Verdict::Open => VerdictText {
+        Verdict::Open(OpenReason::MeshAuthOff) => VerdictText {
             label: "open",
             why: format!("mesh_auth off written {written}"),
+        },
+        Verdict::Open(OpenReason::SatisfyAny(b)) => VerdictText {
+            label: "open",
+            why: format!(
+                "satisfy any: {} admits requests without a token (mesh_auth {} written {written})",
+                b.as_str(),
+                route.providers.join(" ")
+            ),
         },
         Verdict::Exempt(e) => VerdictText {
             label: "exempt",
@@ -307,7 +315,6 @@ pub fn verdict_of(route: &Route, checked: bool) -> VerdictText {
 fn exemption_text(e: Exemption) -> String {
     match e {
         Exemption::ReturnOnly => "answered by return before the access phase".into(),
-        Exemption::Internal => "internal: only nginx sends requests here".into(),
         // A reason added to the audit later still shows, by name.
         other => format!("{other:?}"),
     }
@@ -869,6 +876,7 @@ mod tests {
             written,
             return_only: false,
             internal: false,
+            bypass: None,
         }
     }
 
@@ -1010,11 +1018,21 @@ mod tests {
             ("open", "mesh_auth off written in its server")
         );
         let mut r = route(RouteKind::ServerDefault, &[], Written::Nowhere);
-        r.internal = true;
+        r.return_only = true;
         let v = verdict_of(&r, true);
         assert_eq!(
             (v.label, v.why.as_str()),
-            ("exempt", "internal: only nginx sends requests here")
+            ("exempt", "answered by return before the access phase")
+        );
+        let mut r = route(RouteKind::ServerDefault, &["g"], Written::Server);
+        r.bypass = Some(crate::audit::Bypass::AuthBasic);
+        let v = verdict_of(&r, true);
+        assert_eq!(
+            (v.label, v.why.as_str()),
+            (
+                "open",
+                "satisfy any: auth_basic admits requests without a token (mesh_auth g written in its server)"
+            )
         );
         let v = verdict_of(
             &route(RouteKind::ServerDefault, &[], Written::Nowhere),

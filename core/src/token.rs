@@ -128,6 +128,11 @@ pub struct Provider {
 }
 
 impl Provider {
+    /// Whether `iss` is one of this provider's issuers.
+    pub fn accepts_issuer(&self, iss: &str) -> bool {
+        self.issuers.iter().any(|i| i == iss)
+    }
+
     /// The claim that names the caller of a token with these claims.
     pub fn principal_claim(&self, claims: &Map<String, Value>) -> &str {
         if self.email_first && has_verified_email(claims) {
@@ -136,6 +141,14 @@ impl Provider {
             &self.principal
         }
     }
+}
+
+/// The provider that decides a token of issuer `iss`: the first of `providers` that accepts
+/// the issuer (RFC 8725 3.8: the issuer picks the keys). Only that one is tried; a later
+/// provider of the same issuer is never a second chance, and a cached answer must come from
+/// the same provider (see [`Verified::issuer`]).
+pub fn deciding_provider<'p>(providers: &[&'p Provider], iss: &str) -> Option<&'p Provider> {
+    providers.iter().copied().find(|p| p.accepts_issuer(iss))
 }
 
 /// Whether `email` is a non-empty string and `email_verified` is `true` (the boolean, or the
@@ -173,6 +186,11 @@ pub struct Verified {
 }
 
 impl Verified {
+    /// The token's `iss` (a verified token always has one).
+    pub fn issuer(&self) -> Option<&str> {
+        self.claims.get("iss").and_then(Value::as_str)
+    }
+
     /// Whether the key that verified this token is still in `keys` (the provider's current
     /// set): a key withdrawn from a JWKS stops its cached tokens at once.
     pub fn key_still_held(&self, keys: &KeySet) -> bool {
@@ -383,6 +401,13 @@ impl<'t> Hashed<'t> {
     /// The token.
     pub fn token(&self) -> &'t [u8] {
         self.token
+    }
+
+    /// Whether the signature segment is `SIGNATURE_REMOVED_BY_GOOGLE` (as
+    /// [`Jwt::is_signature_removed`], without decoding).
+    pub fn is_signature_removed(&self) -> bool {
+        self.sig_at
+            .is_some_and(|at| &self.token[at..] == SIGNATURE_REMOVED_BY_GOOGLE.as_bytes())
     }
 
     /// The cache key: a keyed 64-bit hash of [`cache_key_input`]; `None` when the token is too
@@ -616,11 +641,8 @@ impl<'t> Jwt<'t> {
             Some(Value::String(s)) => s.as_str(),
             _ => return fail(AuthStatus::WrongIssuer, "missing iss claim"),
         };
-        let provider = match providers
-            .iter()
-            .find(|p| p.issuers.iter().any(|i| i == iss))
-        {
-            Some(p) => *p,
+        let provider = match deciding_provider(providers, iss) {
+            Some(p) => p,
             None => {
                 // The issuer is a claim: the description never repeats it (SPEC: no claims).
                 return fail(AuthStatus::WrongIssuer, "issuer not accepted");

@@ -438,3 +438,38 @@ fn discovery_errors_blame_its_line() {
         assert!(e.message.contains(want), "{}", e.message);
     }
 }
+
+#[test]
+fn key_urls_are_shown_without_secrets() {
+    use mesh_core::provider::{scrub_url, shown_url};
+    let cases = [
+        ("https://keys.example/jwks", "https://keys.example/jwks"),
+        (
+            "https://user:pa%40ss@keys.example:8443/jwks?token=s3cr3t&v=1",
+            "https://***@keys.example:8443/jwks?token=***&v=***",
+        ),
+        ("https://k.example?SECRET", "https://k.example?***"),
+        ("https://k.example/a?x=&y", "https://k.example/a?x=***&***"),
+        ("https://@k.example/", "https://***@k.example/"),
+        ("http://k.example/p#frag", "http://k.example/p#frag"),
+        ("https://k.example/p@x/q", "https://k.example/p@x/q"),
+        ("https://a@b@k.example/", "https://***@k.example/"),
+        ("https://k.example/?a=1?b=2", "https://k.example/?a=***"),
+    ];
+    for (url, shown) in cases {
+        assert_eq!(shown_url(url), shown, "{url}");
+    }
+    let url = "https://user:hunter22@keys.example/jwks?token=s3cr3tvalue&v=1";
+    let msg = format!(
+        "https://keys.example/jwks?token=s3cr3tvalue: connect failed for {url} (user:hunter22)"
+    );
+    let scrubbed = scrub_url(&msg, url);
+    assert!(
+        !scrubbed.contains("hunter22") && !scrubbed.contains("s3cr3tvalue"),
+        "{scrubbed}"
+    );
+    assert!(
+        scrubbed.contains("https://***@keys.example/jwks?token=***&v=***"),
+        "{scrubbed}"
+    );
+}

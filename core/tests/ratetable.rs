@@ -276,3 +276,28 @@ fn a_busy_key_survives_churn_while_the_clock_stands_still() {
     }
     assert_eq!(leaked, 0, "the busy key was evicted and its budget reset");
 }
+
+#[test]
+fn placement_depends_on_the_secret() {
+    use mesh_core::ratetable::placed;
+    let id = key_hash(b"zone", b"caller:victim");
+    let a = placed([1, 2], id);
+    assert_eq!(a, placed([1, 2], id));
+    assert_ne!(a, placed([1, 3], id));
+    assert_ne!(a, id);
+    // Keys that share a bucket under one secret are spread under another: of 64 keys
+    // colliding with the victim in a 512-bucket table under secret A, about 64/512 still do
+    // under secret B.
+    let buckets = 512u64;
+    let colliding: Vec<[u64; 2]> = (0u32..)
+        .map(|i| key_hash(b"zone", format!("caller:attacker-{i}").as_bytes()))
+        .filter(|k| placed([1, 2], *k)[0] % buckets == a[0] % buckets)
+        .take(64)
+        .collect();
+    let b = placed([7, 9], id);
+    let still = colliding
+        .iter()
+        .filter(|k| placed([7, 9], **k)[0] % buckets == b[0] % buckets)
+        .count();
+    assert!(still <= 4, "{still} of 64 still collide");
+}

@@ -10,7 +10,8 @@ use jsonwebtoken::EncodingKey;
 use mesh_core::keys::{Algorithm, KeySet};
 use mesh_core::status::{AuthError, AuthStatus};
 use mesh_core::token::{
-    check_audience, verify, verify_platform, Provider, Verified, MAX_TOKEN_LEN,
+    check_audience, deciding_provider, verify, verify_platform, Hashed, Provider, Verified,
+    MAX_TOKEN_LEN,
 };
 use serde_json::{json, Value};
 
@@ -153,10 +154,23 @@ fn provider_chosen_by_issuer() {
     let t = jwks_token(&claims(JWKS_ISS));
     let e = verify(t.as_bytes(), &[&b2, &a], NOW).unwrap_err();
     assert_eq!(e.status, AuthStatus::BadSignature);
-    assert_eq!(
-        verify(t.as_bytes(), &[&a, &b2], NOW).unwrap().provider,
-        "jwks"
-    );
+    let v = verify(t.as_bytes(), &[&a, &b2], NOW).unwrap();
+    assert_eq!(v.provider, "jwks");
+    // The same rule names the provider a cached answer must come from.
+    let iss = v.issuer().unwrap();
+    assert_eq!(deciding_provider(&[&b2, &a], iss).unwrap().name, "other");
+    assert_eq!(deciding_provider(&[&a, &b2], iss).unwrap().name, "jwks");
+    assert!(deciding_provider(&[&b], iss).is_none());
+}
+
+#[test]
+fn signature_removed_without_decoding() {
+    let removed = format!("{}.{}.SIGNATURE_REMOVED_BY_GOOGLE", b64(b"{}"), b64(b"{}"));
+    assert!(Hashed::new(removed.as_bytes()).is_signature_removed());
+    let t = jwks_token(&claims(JWKS_ISS));
+    assert!(!Hashed::new(t.as_bytes()).is_signature_removed());
+    assert!(!Hashed::new(b"SIGNATURE_REMOVED_BY_GOOGLE").is_signature_removed());
+    assert!(!Hashed::new(b"a.b.SIGNATURE_REMOVED_BY_GOOGLEX").is_signature_removed());
 }
 
 #[test]

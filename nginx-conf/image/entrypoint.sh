@@ -163,6 +163,109 @@ numbered() {
     done | sort -n
 }
 
+# MESH_ROUTE_<NAME>="URL [audience=AUD] [timeout=T] [retries=N] [rate=R]": the app's
+# http://127.0.0.1:$MESH_EGRESS_PORT/<name>/... goes to URL/... with this service's ID token for
+# AUD (default: URL's origin), TLS verified with SNI, keepalive, retries of idempotent requests.
+# Sets egress_http (http-level lines) and egress_server (the loopback server), empty without
+# routes.
+configure_routes() {
+    local name route url scheme hostport path audience timeout retries rate word i servers tls
+    egress_http=""
+    egress_server=""
+    local locations=""
+    for name in $(compgen -e); do
+        [[ $name =~ ^MESH_ROUTE_([A-Z0-9_]+)$ ]] || continue
+        route=${BASH_REMATCH[1],,}
+        read -r -a words <<<"${!name}"
+        url=${words[0]:-}
+        [[ $url =~ ^(https?)://([A-Za-z0-9._~-]+(:[0-9]{1,5})?)(/[A-Za-z0-9._~!*+,=:@%/-]*)?$ ]] \
+            || die "$name=$(q "${!name}") is not valid: expected an http:// or https:// URL (https://billing-abc123-uc.a.run.app), then optional audience=AUD timeout=T retries=N rate=R"
+        scheme=${BASH_REMATCH[1]} hostport=${BASH_REMATCH[2]} path=${BASH_REMATCH[4]}
+        path=${path%/}/
+        audience=$scheme://$hostport timeout=30s retries=1 rate=""
+        for word in "${words[@]:1}"; do
+            case "$word" in
+            audience=?*)
+                [[ $word =~ ^audience=[^[:space:]]+$ ]] || die "$name: '$word' is not valid: expected audience=AUD"
+                audience=${word#audience=} ;;
+            timeout=*)
+                [[ $word =~ ^timeout=[1-9][0-9]*(ms|s|m)?$ ]] || die "$name: '$word' is not valid: expected timeout=T such as 10s or 500ms"
+                timeout=${word#timeout=} ;;
+            retries=*)
+                [[ $word =~ ^retries=[0-5]$ ]] || die "$name: '$word' is not valid: expected retries=N, 0 to 5 (tries after the first)"
+                retries=${word#retries=} ;;
+            rate=*)
+                [[ $word =~ ^rate=[1-9][0-9]*r/[sm]$ ]] || die "$name: '$word' is not valid: expected rate=R such as 50r/s or 600r/m"
+                rate=${word#rate=} ;;
+            *) die "$name: '$word' is not valid: expected audience=AUD, timeout=T, retries=N or rate=R after the URL" ;;
+            esac
+        done
+        if [ "$scheme" = http ]; then
+            log warn "$name: $url is plain http://: the ID token travels unencrypted (for tests only)"
+        fi
+        # One server line per try: nginx retries on another peer only, and a name that resolves
+        # to one address would be one peer.
+        servers=""
+        for ((i = 0; i <= retries; i++)); do
+            servers+="        server $hostport max_fails=0;
+"
+        done
+        egress_http+="    mesh_outbound_token \$egress_$route $(q "$audience");
+    upstream egress_$route {
+$servers        keepalive 16;
+    }
+"
+        tls=""
+        if [ "$scheme" = https ]; then
+            tls="
+            proxy_ssl_server_name on;
+            proxy_ssl_name ${hostport%:*};
+            proxy_ssl_verify on;
+            proxy_ssl_verify_depth 3;
+            proxy_ssl_trusted_certificate /etc/ssl/certs/ca-certificates.crt;
+            proxy_ssl_session_reuse on;"
+        fi
+        local limit=""
+        if [ -n "$rate" ]; then
+            egress_http+="    mesh_rate_limit_zone egress_$route 1m;
+"
+            limit="
+            mesh_rate_limit zone=egress_$route rate=$rate;"
+        fi
+        locations+="        location /$route/ {
+            mesh_outbound_auth \$egress_$route;$limit
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Host $hostport;
+            proxy_next_upstream error timeout http_502 http_503 http_504;
+            proxy_next_upstream_tries $((retries + 1));
+            proxy_next_upstream_timeout $timeout;
+            proxy_connect_timeout $timeout;
+            proxy_send_timeout $timeout;
+            proxy_read_timeout $timeout;$tls
+            proxy_pass $scheme://egress_$route$path;
+        }
+"
+    done
+    if [ -n "${MESH_METADATA_SERVER:-}" ]; then
+        check MESH_METADATA_SERVER '^https?://[A-Za-z0-9._~-]+(:[0-9]{1,5})?/?$' "http://HOST[:PORT] (default: Google's metadata server)"
+        egress_http="    mesh_metadata_server $MESH_METADATA_SERVER;
+$egress_http"
+    fi
+    [ -n "$locations" ] || return 0
+    egress_server="    # The way out: the app's calls to other services (MESH_ROUTE_<NAME>), on loopback only.
+    server {
+        listen 127.0.0.1:$MESH_EGRESS_PORT;
+        mesh_auth off;
+        mesh_trace $MESH_TRACE;
+${locations}        location / {
+            default_type text/plain;
+            return 404 \"no such route (MESH_ROUTE_<NAME> defines /<name>/)\\n\";
+        }
+    }
+"
+}
+
 configure_image() {
     local name value word words pattern
     # Values are split into words (for word in $VALUE): never expand them as file globs
@@ -182,11 +285,12 @@ configure_image() {
         MESH_ALLOWED_CALLERS MESH_RATE MESH_BURST MESH_RATE_ZONE_SIZE MESH_TRACE MESH_TRACE_SAMPLE
         MESH_TRACE_RESPONSE MESH_FORWARD_IDENTITY MESH_HEALTH_PATH MESH_CONFIG_VERSION
         MESH_ENVSUBST_FILTER MESH_NGINX_CONF MESH_METRICS_PORT MESH_TRACE_EXPORT
-        MESH_TRACE_SERVICE MESH_ACCESS_REPORT "
+        MESH_TRACE_SERVICE MESH_EGRESS_PORT MESH_REDIS_URL MESH_REDIS_PASSWORD_FILE MESH_REDIS_CA
+        MESH_REAL_IP MESH_METADATA_SERVER MESH_ACCESS_REPORT "
     for name in $(compgen -e); do
         [[ $name == MESH_* ]] || continue
         [[ $known == *[[:space:]]$name[[:space:]]* ]] && continue
-        [[ $name =~ ^(MESH_RULE_[0-9]+|MESH_RATE_CALLER_[0-9]+|MESH_ROLE_[A-Z0-9_]+)$ ]] && continue
+        [[ $name =~ ^(MESH_RULE_[0-9]+|MESH_RATE_CALLER_[0-9]+|MESH_ROLE_[A-Z0-9_]+|MESH_ROUTE_[A-Z0-9_]+)$ ]] && continue
         log warn "$name is not a setting of the image: ignored here (templates may still use it)"
     done
 
@@ -208,6 +312,8 @@ configure_image() {
     : "${MESH_CONFIG_VERSION:=image}"
     : "${MESH_ISSUER_NAME:=issuer}"
     : "${MESH_METRICS_PORT:=9464}"
+    : "${MESH_EGRESS_PORT:=9090}"
+    : "${MESH_REAL_IP:=on}"
 
     check PORT '^[1-9][0-9]{0,4}$' "a port number (1-65535)"
     ((PORT <= 65535)) || die "PORT=$PORT is not valid: expected a port number (1-65535)"
@@ -226,6 +332,11 @@ configure_image() {
     on_off MESH_TRACE
     on_off MESH_TRACE_RESPONSE
     on_off MESH_FORWARD_IDENTITY
+    on_off MESH_REAL_IP
+    check MESH_EGRESS_PORT '^[1-9][0-9]{0,4}$' "a port number (1-65535)"
+    ((MESH_EGRESS_PORT <= 65535)) || die "MESH_EGRESS_PORT=$MESH_EGRESS_PORT is not valid: expected a port number (1-65535)"
+    [ "$MESH_EGRESS_PORT" != "$PORT" ] || die "MESH_EGRESS_PORT=$MESH_EGRESS_PORT is PORT: the egress routes listen on loopback only, never on the port Cloud Run sends requests to"
+    [ "$MESH_EGRESS_PORT" != "$MESH_METRICS_PORT" ] || die "MESH_EGRESS_PORT=$MESH_EGRESS_PORT is MESH_METRICS_PORT: give the egress routes a port of their own"
     check MESH_TRACE_SAMPLE '^(0|1|0?\.[0-9]+|0\.[0-9]+|1\.0*)$' "a ratio from 0 to 1, e.g. 0.1"
     check MESH_RATE '^(off|[1-9][0-9]*r/[sm])$' "off or a rate such as 100r/s or 600r/m"
     check MESH_BURST '^[0-9]+$' "a number of requests"
@@ -391,6 +502,42 @@ configure_image() {
         log warn "MESH_RATE=off: the MESH_RATE_CALLER_<N> settings are ignored"
     fi
 
+    # MESH_REDIS_URL: the per-caller zone is global across instances (the module's redis=).
+    if [ -n "${MESH_REDIS_URL:-}" ]; then
+        check MESH_REDIS_URL '^rediss?://[^[:space:]$]+$' "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or rediss://..."
+        if [ "$MESH_RATE" = off ]; then
+            log warn "MESH_RATE=off: MESH_REDIS_URL is not used"
+        else
+            zone="${zone%;} $(q "redis=$MESH_REDIS_URL")"
+            if [ -n "${MESH_REDIS_PASSWORD_FILE:-}" ]; then
+                check MESH_REDIS_PASSWORD_FILE '^/' "an absolute path to a file holding the Redis password"
+                [ -r "$MESH_REDIS_PASSWORD_FILE" ] || die "MESH_REDIS_PASSWORD_FILE=$MESH_REDIS_PASSWORD_FILE cannot be read (is it mounted into the container?)"
+                zone+=" $(q "password_file=$MESH_REDIS_PASSWORD_FILE")"
+            fi
+            if [ -n "${MESH_REDIS_CA:-}" ]; then
+                [[ $MESH_REDIS_URL == rediss://* ]] || die "MESH_REDIS_CA is set but MESH_REDIS_URL is not rediss:// (TLS)"
+                check MESH_REDIS_CA '^/' "an absolute path to a PEM CA bundle"
+                [ -r "$MESH_REDIS_CA" ] || die "MESH_REDIS_CA=$MESH_REDIS_CA cannot be read (is it mounted into the container?)"
+                zone+=" $(q "ca_file=$MESH_REDIS_CA")"
+            fi
+            zone+=";"
+        fi
+    elif [ -n "${MESH_REDIS_PASSWORD_FILE:-}${MESH_REDIS_CA:-}" ]; then
+        die "MESH_REDIS_PASSWORD_FILE or MESH_REDIS_CA is set but MESH_REDIS_URL is not"
+    fi
+
+    # The client address from Google's front end: the last X-Forwarded-For address, the one it
+    # appended (only Google's front end reaches a Cloud Run container).
+    local real_ip="# client address: the connection's (MESH_REAL_IP=off)"
+    if [ "$MESH_REAL_IP" = on ]; then
+        real_ip="set_real_ip_from 0.0.0.0/0;
+        set_real_ip_from ::/0;
+        real_ip_header X-Forwarded-For;
+        real_ip_recursive off;"
+    fi
+
+    configure_routes
+
     local trace="mesh_trace $MESH_TRACE;"
     if [ "$MESH_TRACE" = on ]; then
         trace+="
@@ -470,6 +617,9 @@ configure_image() {
         report+=$'\n'"    mesh_access_report $(q "$MESH_ACCESS_REPORT");"
     fi
     export _MESH_ACCESS_REPORT=$report
+    export _MESH_REAL_IP=$real_ip
+    export _MESH_EGRESS_HTTP=${egress_http%$'\n'}
+    export _MESH_EGRESS_SERVER=${egress_server%$'\n'}
 
     envsubst "$(envsubst_list '^_MESH_[A-Z0-9_]+$')" <"$SHARE/nginx.conf.template" >"$RUN_DIR/nginx.conf" \
         || die "cannot render the image's nginx.conf"

@@ -11,14 +11,14 @@
 use std::ffi::c_void;
 use std::ptr;
 
-use mesh_core::audit::{Route, RouteKind, Summary, Verdict, Written};
+use mesh_core::audit::{OpenReason, Route, RouteKind, Summary, Verdict, Written};
 use ngx::core::Pool;
 use ngx::ffi::{ngx_conf_t, NGX_LOG_NOTICE};
 use ngx::http::HttpModuleMainConf;
 
 use super::{LocConf, MainConf};
 use crate::nginx::conf::{args, ConfPos};
-use crate::nginx::location::{answers_with_return, is_internal};
+use crate::nginx::location::{answers_with_return, is_internal, satisfy_any_bypass, Bypass};
 use crate::nginx::no_panic;
 use crate::MeshModule;
 
@@ -80,6 +80,17 @@ impl LevelFacts {
         self.server = parent.server;
         self.server_returns = parent.server_returns;
         self.merged = true;
+    }
+
+    /// The `route` label of a location's outbound metrics: its name as written (empty for
+    /// other levels; an `if` block takes its location's).
+    pub fn route_name(&self) -> String {
+        self.name.clone()
+    }
+
+    /// A location block (also a nested or named one).
+    pub fn is_location(&self) -> bool {
+        self.block == Block::Location
     }
 
     /// `location /` (or `^~ /`) directly in a server: no request falls through to the
@@ -206,11 +217,24 @@ pub unsafe fn record(
         _ => return None,
     };
     // SAFETY: see the function's contract.
-    let (returns, internal) = unsafe { (answers_with_return(cf), is_internal(cf)) };
+    let (returns, internal, bypass) = unsafe {
+        (
+            answers_with_return(cf),
+            is_internal(cf),
+            satisfy_any_bypass(cf),
+        )
+    };
     let auth = conf.auth.as_deref();
     let route = Route {
         internal: internal || facts.name.starts_with('@'),
-        return_only: facts.server_returns || returns,
+        bypass: bypass.map(|b| match b {
+            Bypass::Allow => mesh_core::audit::Bypass::Allow,
+            Bypass::AuthBasic => mesh_core::audit::Bypass::AuthBasic,
+            Bypass::AuthRequest => mesh_core::audit::Bypass::AuthRequest,
+        }),
+        // A server's `return` runs in the server-rewrite phase, which a request handed to a
+        // named location (`error_page 404 = @app`, `try_files ... @app`) skips.
+        return_only: (facts.server_returns && !facts.name.starts_with('@')) || returns,
         providers: auth.map(|a| a.names.clone()).unwrap_or_default(),
         optional: auth.is_some_and(|a| a.optional),
         written: facts.written.unwrap_or(Written::Nowhere),
@@ -283,6 +307,24 @@ unsafe fn check(cf: *mut ngx_conf_t) -> Result<(), ()> {
     }
     if failed {
         return Err(());
+    }
+    // A route open although its mesh_auth is on says why, at its own line.
+    for r in &routes {
+        let v = r.verdict();
+        if let Verdict::Open(OpenReason::SatisfyAny(_)) = v {
+            let name = match &r.kind {
+                RouteKind::Location(n) => format!("location \"{n}\""),
+                RouteKind::ServerDefault => "this server".into(),
+            };
+            ngx::ngx_log_error!(
+                NGX_LOG_NOTICE,
+                log,
+                "mesh_require_auth: {name} is {} in {}:{}",
+                v.describe(),
+                r.file,
+                r.line
+            );
+        }
     }
     ngx::ngx_log_error!(
         NGX_LOG_NOTICE,

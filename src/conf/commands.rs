@@ -92,7 +92,7 @@ const T23: u32 = NGX_CONF_TAKE2 | NGX_CONF_TAKE3;
 const FLAG: u32 = NGX_CONF_FLAG;
 
 /// Entries of the table, the terminating empty one included.
-pub const COUNT: usize = 34;
+pub const COUNT: usize = 35;
 
 /// The table, with `H`'s content handlers.
 #[rustfmt::skip]
@@ -127,6 +127,7 @@ pub const fn table<H: ContentHandlers>() -> [ngx_command_t; COUNT] { [
     // identity forwarding, outbound identity, operations
     once!("mesh_forward_identity",  MSL | FLAG,              LocConf,  forward_identity, flag),
     each!("mesh_outbound_token",    M | T23,                 MainConf, outbound,         outbound::token),
+    once!("mesh_outbound_auth",     MSL | T1,                LocConf,  outbound_auth,    outbound::auth),
     once!("mesh_metadata_server",   M | T1,                  MainConf, metadata_server,  outbound::metadata_server),
     once!("mesh_log_level",         MSL | T1,                LocConf,  log_level,        log::level),
     once!("mesh_keys_wait",         M | T1,                  MainConf, keys_wait,        keys::wait),

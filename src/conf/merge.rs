@@ -190,7 +190,7 @@ fn index_rules(set: &mut super::LocSet) {
     }
 }
 
-fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), ConfError> {
+fn merge(mcf: &mut MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), ConfError> {
     // The http-level configuration is only ever `prev`, so resolve both sides.
     resolve_auth(mcf, &mut prev.set.auth)?;
     resolve_auth(mcf, &mut conf.set.auth)?;
@@ -198,6 +198,12 @@ fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), C
     conf.facts.inherit(&prev.facts, wrote, parent_wrote);
     index_rules(&mut prev.set);
     index_rules(&mut conf.set);
+    // Resolved where written (so an unknown variable is reported at its line), then inherited.
+    for set in [&mut prev.set, &mut conf.set] {
+        if let (Some(a), None) = (&set.outbound_auth, &set.outbound_token) {
+            set.outbound_token = Some(super::outbound::resolve_auth(&mcf.outbound, a)?);
+        }
+    }
     let (s, p) = (&mut conf.set, &prev.set);
     inherit(&mut s.auth, &p.auth);
     inherit(&mut s.token, &p.token);
@@ -218,6 +224,7 @@ fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), C
     inherit(&mut s.trace_response, &p.trace_response);
     inherit(&mut s.forward_identity, &p.forward_identity);
     inherit(&mut s.log_level, &p.log_level);
+    inherit(&mut s.outbound_token, &p.outbound_token);
     inherit(&mut s.require_auth, &p.require_auth);
     for rl in [&prev.set.rate_limit, &conf.set.rate_limit]
         .into_iter()
@@ -233,8 +240,29 @@ fn merge(mcf: &MainConf, prev: &mut LocConf, conf: &mut LocConf) -> Result<(), C
             ));
         }
     }
+    // A global zone holds what Redis says a key owes to the widest limit charging it here.
+    if let Some(rl) = &conf.set.rate_limit {
+        if let Some(zone) = rl.zone() {
+            let callers = conf
+                .set
+                .rate_callers
+                .iter()
+                .flat_map(|c| c.iter().map(|c| c.gcra));
+            zone.widen_owed_bound(mesh_core::ratesync::owed_bound(
+                std::iter::once(rl.gcra).chain(callers),
+            ));
+        }
+    }
     let env = mcf.trace_project_env.as_deref();
     prev.resolve(env);
     conf.resolve(env);
+    // An `if` block in a location counts under its location.
+    if conf.route.is_empty() {
+        conf.route.clone_from(&prev.route);
+    }
+    if conf.outbound_auth.is_some() && conf.facts.is_location() && !mcf.routes.contains(&conf.route)
+    {
+        mcf.routes.push(conf.route.clone());
+    }
     Ok(())
 }

@@ -40,6 +40,7 @@ use ngx::ffi::ngx_http_complex_value_t;
 
 pub use directive::ContentHandlers;
 pub use identity::{Auth, AuthSpec};
+pub use outbound::OutboundAuth;
 pub use rate_limit::{CallerRate, RateLimit};
 
 use crate::state::keystore::Sources;
@@ -68,6 +69,8 @@ pub struct MainConf {
     pub outbound: Vec<Arc<OutboundToken>>,
     /// `mesh_rate_limit_zone` names.
     pub zones: Vec<String>,
+    /// The `route` labels of the locations with `mesh_outbound_auth` (gathered while merging).
+    pub routes: Vec<String>,
     /// `mesh_metadata_server`.
     pub metadata_server: String,
     /// `mesh_token_cache`: 0 is `off`.
@@ -114,6 +117,7 @@ impl Default for MainConf {
             providers: Vec::new(),
             outbound: Vec::new(),
             zones: Vec::new(),
+            routes: Vec::new(),
             metadata_server: DEFAULT_METADATA_SERVER.into(),
             token_cache: DEFAULT_TOKEN_CACHE,
             config_version: String::new(),
@@ -162,6 +166,12 @@ pub struct LocConf {
     pub trace_project: String,
     pub trace_response: bool,
     pub forward_identity: bool,
+    /// `mesh_outbound_auth`: the token this location's requests go upstream with (its `var`
+    /// and `audience` say which line); `None`: off.
+    pub outbound_auth: Option<Arc<OutboundToken>>,
+    /// The `route` label of the outbound metrics: the location's name as written (`/billing/`,
+    /// `~ ^/api/`); empty above locations.
+    pub route: String,
     /// `mesh_log_level`: the level of the refusal lines (an `NGX_LOG_*`).
     pub log_level: ngx::ffi::ngx_uint_t,
     /// `mesh_require_auth` (http and server levels, inherited by their locations).
@@ -194,6 +204,9 @@ struct LocSet {
     trace_project: Option<String>,
     trace_response: Option<bool>,
     forward_identity: Option<bool>,
+    outbound_auth: Option<OutboundAuth>,
+    /// `outbound_auth` resolved (at merge time, against the `mesh_outbound_token` lines).
+    outbound_token: Option<Option<Arc<OutboundToken>>>,
     log_level: Option<ngx::ffi::ngx_uint_t>,
     require_auth: Option<bool>,
 }
@@ -221,6 +234,8 @@ impl Default for LocConf {
             trace_project: String::new(),
             trace_response: false,
             forward_identity: false,
+            outbound_auth: None,
+            route: String::new(),
             log_level: log::DEFAULT_LOG_LEVEL,
             require_auth: false,
             facts: audit::LevelFacts::default(),
@@ -289,6 +304,8 @@ impl LocConf {
             .to_string();
         self.trace_response = s.trace_response.unwrap_or(false);
         self.forward_identity = s.forward_identity.unwrap_or(false);
+        self.outbound_auth = s.outbound_token.clone().flatten();
+        self.route = self.facts.route_name();
         self.log_level = s.log_level.unwrap_or(log::DEFAULT_LOG_LEVEL);
         self.require_auth = s.require_auth.unwrap_or(false);
     }

@@ -1,5 +1,6 @@
 //! Outbound identity: `mesh_outbound_token $VAR AUDIENCE [format=full];` (which defines
-//! `$VAR`) and `mesh_metadata_server URL;`.
+//! `$VAR`), `mesh_outbound_auth $VAR | off;` (a location's requests go upstream with that
+//! token) and `mesh_metadata_server URL;`.
 
 use std::sync::Arc;
 
@@ -29,6 +30,9 @@ pub fn token(outbound: &mut Vec<Arc<OutboundToken>>, d: &Directive) -> Result<()
     {
         return Err(invalid(format!("invalid audience \"{audience}\"")));
     }
+    if outbound.iter().any(|t| t.var == name) {
+        return Err(invalid(format!("variable \"{var}\" is already defined")));
+    }
     // format=full: the metadata server adds the Compute claims (google.compute_engine.*).
     let full = match d.values()?.get(2).map(String::as_str) {
         None => false,
@@ -48,6 +52,51 @@ pub fn token(outbound: &mut Vec<Arc<OutboundToken>>, d: &Directive) -> Result<()
         .map_err(|_| invalid(format!("cannot define variable \"{var}\"")))?;
     outbound.push(token);
     Ok(())
+}
+
+/// `mesh_outbound_auth $VAR | off;` as written: the variable is looked up among the
+/// `mesh_outbound_token` lines when the location is merged (they may come later in the http
+/// block), and an unknown one is reported at this line.
+#[derive(Clone)]
+pub enum OutboundAuth {
+    Off,
+    Var(String, crate::nginx::conf::ConfPos),
+}
+
+/// `mesh_outbound_auth $VAR | off;`
+pub fn auth(d: &Directive) -> Result<OutboundAuth, ConfError> {
+    let v = d.word(1)?;
+    if v == "off" {
+        return Ok(OutboundAuth::Off);
+    }
+    let name = v
+        .strip_prefix('$')
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            invalid(format!(
+                "\"{v}\" is not a variable (\"$VAR\" of a mesh_outbound_token, or \"off\")"
+            ))
+        })?;
+    Ok(OutboundAuth::Var(name.to_string(), d.pos.clone()))
+}
+
+/// The token `mesh_outbound_auth` names, among the `mesh_outbound_token` lines.
+pub fn resolve_auth(
+    outbound: &[Arc<OutboundToken>],
+    auth: &OutboundAuth,
+) -> Result<Option<Arc<OutboundToken>>, ConfError> {
+    match auth {
+        OutboundAuth::Off => Ok(None),
+        OutboundAuth::Var(name, pos) => match outbound.iter().find(|t| &t.var == name) {
+            Some(t) => Ok(Some(t.clone())),
+            None => Err(ConfError::At(
+                pos.clone(),
+                format!(
+                    "mesh_outbound_auth: \"${name}\" is not defined by a mesh_outbound_token line"
+                ),
+            )),
+        },
+    }
 }
 
 /// `mesh_metadata_server URL;`
@@ -92,17 +141,13 @@ unsafe extern "C" fn get(
         // SAFETY: `data` is the OutboundToken set in `define_variable`, alive with the
         // configuration; nginx passes a live request and value slot.
         let (token, req, v) = unsafe { (&*(data as *const OutboundToken), &*r, &mut *v) };
-        let mut value = token.current();
-        if value.is_none() {
-            // A token another worker published since this worker's timer last looked.
-            crate::state::keystore::catch_up();
-            value = token.current();
-        }
+        // SAFETY: a live request has a live connection.
+        let log = unsafe { (*req.connection).log };
+        let value = crate::state::keystore::current_token(token);
         if value.is_none() && token.should_warn() {
             ngx::ngx_log_error!(
                 NGX_LOG_WARN,
-                // SAFETY: a live request has a live connection.
-                unsafe { (*req.connection).log },
+                log,
                 "mesh_outbound_token \"{}\": no token from the metadata server yet, the variable is empty",
                 token.audience
             );

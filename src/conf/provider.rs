@@ -118,7 +118,7 @@ fn warn_plain_http(d: &Directive, provider: &str, line: &str, url: &str, at: &Co
         "mesh_provider \"{}\": {} \"{}\" is fetched over plain http://: anyone on the path can replace the keys; use https:// in {}:{}",
         provider,
         line,
-        url,
+        mesh_core::provider::shown_url(url),
         at.file,
         at.line
     );

@@ -10,14 +10,12 @@ use mesh_core::policy::Pattern;
 use mesh_core::ratesync::{check_prefix, parse_sync};
 use mesh_core::units::parse_size;
 use ngx::ffi::{ngx_http_complex_value_t, ngx_shm_zone_t, ngx_str_t};
-use ngx::http::HttpModule;
 use redis::{ConnectionAddr, IntoConnectionInfo};
 
 use super::directive::{invalid, push, ConfError, Directive};
-use crate::nginx::conf::{compile_complex, full_path, shared_zone, value_part, ConfPos};
+use crate::nginx::conf::{compile_complex, full_path, shared_zone, value_part, ConfPos, ZoneKind};
 use crate::state::rate_sync::{shm_size, SyncConf};
 use crate::state::rate_zone::{sync_zone_init, zone_init, RateZone};
-use crate::MeshModule;
 
 /// The smallest zone: nginx's shared-memory modules refuse less than 8 pages.
 const MIN_ZONE_SIZE: usize = 8 * 4096;
@@ -54,6 +52,7 @@ pub struct CallerRate {
 /// [password_file=PATH] [ca_file=PATH];`
 pub fn zone(zones: &mut Vec<String>, d: &Directive) -> Result<(), ConfError> {
     let name = d.word(1)?.to_string();
+    reserved(&name)?;
     if zones.contains(&name) {
         return Err(format!("mesh_rate_limit_zone \"{name}\" is defined twice").into());
     }
@@ -67,7 +66,7 @@ pub fn zone(zones: &mut Vec<String>, d: &Directive) -> Result<(), ConfError> {
         .into());
     }
     let sync = sync_of(d, &name)?;
-    let zone = shared_zone(d.cf, d.args[1], size, MeshModule::module())?.as_ptr();
+    let zone = shared_zone(d.cf, d.args[1], size, ZoneKind::Rate)?.as_ptr();
     // SAFETY: `zone` is nginx's entry for this name; `data` is ours to set once, to a
     // RateZone in the configuration pool (which lives as long as the cycle).
     unsafe {
@@ -92,7 +91,7 @@ pub fn zone(zones: &mut Vec<String>, d: &Directive) -> Result<(), ConfError> {
                 len: sync.shm_name.len(),
                 data: sync.shm_name.as_ptr().cast_mut(),
             };
-            let sz = shared_zone(d.cf, shm_name, shm_size(size), MeshModule::module())?.as_ptr();
+            let sz = shared_zone(d.cf, shm_name, shm_size(size), ZoneKind::RateSync)?.as_ptr();
             if !(*sz).data.is_null() {
                 return Err(format!("mesh_rate_limit_zone \"{name}\" is defined twice").into());
             }
@@ -201,6 +200,7 @@ fn sync_of(d: &Directive, zone: &str) -> Result<Option<SyncConf>, ConfError> {
     }
     let db = info.redis_settings().db();
     let shown = format!("{}{host}:{port}/{db}", if tls { "rediss://" } else { "" });
+    let mut ca_pem = None;
     let client = match ca_file {
         None => redis::Client::open(info).map_err(|e| bad_url(&e.to_string()))?,
         Some(f) => {
@@ -212,18 +212,21 @@ fn sync_of(d: &Directive, zone: &str) -> Result<Option<SyncConf>, ConfError> {
                 .map_err(|e| invalid(format!("cannot read \"{path}\": {e}")))?;
             // The crate's TLS setup needs a process-wide crypto provider (aws-lc-rs).
             crate::state::refresher::install_crypto();
-            redis::Client::build_with_tls(
+            let client = redis::Client::build_with_tls(
                 info,
                 redis::TlsCertificates {
                     client_tls: None,
-                    root_cert: Some(pem),
+                    root_cert: Some(pem.clone()),
                 },
             )
-            .map_err(|e| invalid(format!("ca_file \"{path}\": {e}")))?
+            .map_err(|e| invalid(format!("ca_file \"{path}\": {e}")))?;
+            ca_pem = Some(pem);
+            client
         }
     };
     Ok(Some(SyncConf::new(
         client,
+        ca_pem,
         shown,
         interval_ms,
         prefix.to_string(),
@@ -245,6 +248,21 @@ fn gcra_of(rate: Option<&str>, burst: Option<&str>) -> Result<Gcra, String> {
     Ok(Gcra::new(rate, burst))
 }
 
+/// Refuses the names of the module's own shared zones (metrics, keys, a global zone's sync
+/// state): a rate zone of such a name would be another kind of zone under the same name.
+fn reserved(name: &str) -> Result<(), ConfError> {
+    if name == crate::state::metrics::ZONE_NAME
+        || name == crate::state::keystore::ZONE_NAME
+        || name.ends_with(crate::state::rate_sync::SHM_SUFFIX)
+    {
+        return Err(format!(
+            "the zone name \"{name}\" is reserved for the module's own shared memory"
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// `mesh_rate_limit zone=NAME rate=R [burst=B] [key=VALUE];`
 pub fn limit(d: &Directive) -> Result<Rc<RateLimit>, ConfError> {
     let (mut zone, mut rate, mut burst, mut key) = (None, None, None, None);
@@ -263,6 +281,7 @@ pub fn limit(d: &Directive) -> Result<Rc<RateLimit>, ConfError> {
         }
     }
     let (zone_name, zone_word) = zone.ok_or_else(|| invalid("\"zone=\" is required"))?;
+    reserved(zone_name)?;
     let gcra = gcra_of(rate.map(|r| r.0), burst.map(|b| b.0)).map_err(invalid)?;
     let key = match key {
         None => None,
@@ -271,12 +290,7 @@ pub fn limit(d: &Directive) -> Result<Rc<RateLimit>, ConfError> {
                 .map_err(|_| invalid(format!("invalid key \"{text}\"")))?,
         ),
     };
-    let zone = shared_zone(
-        d.cf,
-        value_part(&zone_word, zone_name),
-        0,
-        MeshModule::module(),
-    )?;
+    let zone = shared_zone(d.cf, value_part(&zone_word, zone_name), 0, ZoneKind::Rate)?;
     Ok(Rc::new(RateLimit {
         zone,
         zone_name: zone_name.to_string(),

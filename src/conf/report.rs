@@ -164,9 +164,7 @@ fn route_info(route: Route, conf: &LocConf) -> RouteInfo {
             .collect(),
         policy_dry_run: conf.policy_dry_run,
         rate_limit,
-        // The slot for `mesh_outbound_auth $VAR` (per location), not in this build yet: once
-        // it is, `conf.outbound_auth.as_ref().map(|t| format!("${}", t.var))`.
-        outbound_auth: None,
+        outbound_auth: conf.outbound_auth.as_ref().map(|t| format!("${}", t.var)),
     }
 }
 

@@ -6,8 +6,8 @@ use std::ptr::{self, NonNull};
 use ngx::core::NGX_CONF_ERROR;
 use ngx::ffi::{
     ngx_conf_full_name, ngx_conf_t, ngx_http_compile_complex_value,
-    ngx_http_compile_complex_value_t, ngx_http_complex_value_t, ngx_module_t,
-    ngx_shared_memory_add, ngx_shm_zone_t, ngx_str_t, NGX_LOG_EMERG,
+    ngx_http_compile_complex_value_t, ngx_http_complex_value_t, ngx_shared_memory_add,
+    ngx_shm_zone_t, ngx_str_t, NGX_LOG_EMERG,
 };
 use ngx::ngx_conf_log_error;
 
@@ -134,20 +134,37 @@ pub fn value_part(word: &ngx_str_t, value: &str) -> ngx_str_t {
     }
 }
 
-/// nginx's shared-memory entry for a zone name owned by `module` (`size` 0: a reference,
-/// sized by its definition). NULL-free: `Err` when nginx refuses.
+/// What a shared zone of this module holds. Each kind is its own nginx tag, and nginx refuses
+/// one name declared with two tags: a rate zone can never be handed the metrics zone, the key
+/// zone or a sync zone by name, whatever the configuration says and in whatever order.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ZoneKind {
+    Rate,
+    RateSync,
+    Metrics,
+    Keys,
+}
+
+/// One byte per kind: only their (distinct) addresses are used, as nginx's zone tags.
+static ZONE_TAGS: [u8; 4] = [0; 4];
+
+impl ZoneKind {
+    fn tag(self) -> *mut std::ffi::c_void {
+        ptr::addr_of!(ZONE_TAGS[self as usize]).cast_mut().cast()
+    }
+}
+
+/// nginx's shared-memory entry for a zone name owned by this module (`size` 0: a reference,
+/// sized by its definition). NULL-free: `Err` when nginx refuses (it said why, at the line).
 pub fn shared_zone(
     cf: *mut ngx_conf_t,
     name: ngx_str_t,
     size: usize,
-    module: &ngx_module_t,
+    kind: ZoneKind,
 ) -> Result<NonNull<ngx_shm_zone_t>, String> {
     let mut name = name;
-    // SAFETY: the tag is the module's static descriptor (only its address is taken, nginx
-    // never writes through it), so nginx refuses a zone of the same name declared by another
-    // module.
-    let zone = unsafe {
-        ngx_shared_memory_add(cf, &mut name, size, ptr::from_ref(module).cast_mut().cast())
-    };
-    NonNull::new(zone).ok_or_else(|| format!("mesh_rate_limit_zone \"{name}\" cannot be created"))
+    // SAFETY: the tag is a static's address (only the address is used), one per kind, so
+    // nginx refuses a zone of the same name declared by another module or for another kind.
+    let zone = unsafe { ngx_shared_memory_add(cf, &mut name, size, kind.tag()) };
+    NonNull::new(zone).ok_or_else(|| format!("the shared zone \"{name}\" cannot be created"))
 }

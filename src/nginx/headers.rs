@@ -77,6 +77,14 @@ pub unsafe fn hide_header_out(h: *mut ngx_table_elt_t) {
 /// have less room than `nalloc` says, so `nalloc` is lowered to what it holds: the next
 /// `ngx_list_push` starts a fresh part instead of writing past the array.
 pub fn remove_headers_in(r: &mut ngx_http_request_t, matches: impl Fn(&[u8]) -> bool) -> bool {
+    remove_headers_in_where(r, |h| matches(h.key.as_bytes()))
+}
+
+/// [`remove_headers_in`], deciding on the whole header (name and value).
+pub fn remove_headers_in_where(
+    r: &mut ngx_http_request_t,
+    matches: impl Fn(&ngx_table_elt_t) -> bool,
+) -> bool {
     let list: *mut ngx_list_t = &mut r.headers_in.headers;
     // SAFETY: `list` is the live request's header list, allocated from the request pool. We
     // only shrink parts (pointer arithmetic inside their own arrays), link or unlink parts,
@@ -90,7 +98,7 @@ pub fn remove_headers_in(r: &mut ngx_http_request_t, matches: impl Fn(&[u8]) -> 
             while !part.is_null() {
                 let elts = (*part).elts as *mut ngx_table_elt_t;
                 let n = (*part).nelts;
-                let Some(i) = (0..n).find(|&i| matches((*elts.add(i)).key.as_bytes())) else {
+                let Some(i) = (0..n).find(|&i| matches(&*elts.add(i))) else {
                     prev = part;
                     part = (*part).next;
                     continue;
@@ -142,6 +150,23 @@ pub fn remove_headers_in(r: &mut ngx_http_request_t, matches: impl Fn(&[u8]) -> 
         }
         true
     }
+}
+
+/// Whether any request header `matches`.
+pub fn any_header_in(r: &ngx_http_request_t, matches: impl Fn(&ngx_table_elt_t) -> bool) -> bool {
+    // SAFETY: the live request's header list: parts linked from `part`, each with `nelts`
+    // initialised elements.
+    unsafe {
+        let mut part: *const ngx_list_part_t = &r.headers_in.headers.part;
+        while !part.is_null() {
+            let elts = (*part).elts as *const ngx_table_elt_t;
+            if (0..(*part).nelts).any(|i| matches(&*elts.add(i))) {
+                return true;
+            }
+            part = (*part).next;
+        }
+    }
+    false
 }
 
 /// A header name known when the module is built: its lower-case form and nginx's hash of it
@@ -245,7 +270,16 @@ pub fn push_header_out_elt(
 
 /// Adds a request header (for the upstream): no copy of the name, the value copied or kept.
 pub fn push_header_in(r: &mut ngx_http_request_t, name: &HeaderName, value: HeaderValue) -> bool {
-    !push_header(&mut r.headers_in.headers, r.pool, name, value).is_null()
+    !push_header_in_elt(r, name, value).is_null()
+}
+
+/// [`push_header_in`], returning the header's element; NULL when it could not be added.
+pub fn push_header_in_elt(
+    r: &mut ngx_http_request_t,
+    name: &HeaderName,
+    value: HeaderValue,
+) -> *mut ngx_table_elt_t {
+    push_header(&mut r.headers_in.headers, r.pool, name, value)
 }
 
 /// Writes `value` (at most `max` bytes) into the request pool: a header value formatted

@@ -7,8 +7,9 @@
 use std::ffi::{c_char, CStr};
 
 use ngx::ffi::{
-    ngx_array_t, ngx_conf_t, ngx_flag_t, ngx_http_conf_ctx_t, ngx_http_script_return_code,
-    ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE,
+    ngx_array_t, ngx_conf_t, ngx_flag_t, ngx_http_complex_value_t, ngx_http_conf_ctx_t,
+    ngx_http_script_return_code, ngx_module_t, ngx_str_t, ngx_uint_t, NGX_HTTP_MODULE,
+    NGX_HTTP_SATISFY_ANY,
 };
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
 
@@ -23,6 +24,101 @@ struct RewriteLocConf {
     _stack_size: ngx_uint_t,
     _log: ngx_flag_t,
     _uninitialized_variable_warn: ngx_flag_t,
+}
+
+/// The access module's location configuration (`ngx_http_access_module.c`, private there):
+/// the `allow`/`deny` rules for IPv4, IPv6 and unix-domain clients, each an array whose
+/// elements end with the rule's `deny` flag (the same from 1.22 to 1.28, on builds with IPv6
+/// and unix-domain sockets, as Debian's and the vendored one are).
+#[repr(C)]
+struct AccessLocConf {
+    rules: *mut ngx_array_t,
+    rules6: *mut ngx_array_t,
+    rules_un: *mut ngx_array_t,
+}
+
+/// `auth_basic`'s location configuration (`ngx_http_auth_basic_module.c`): `realm` is set
+/// by `auth_basic` (to a value that may be `off`).
+#[repr(C)]
+struct AuthBasicLocConf {
+    realm: *mut ngx_http_complex_value_t,
+    _user_file: ngx_http_complex_value_t,
+}
+
+/// `auth_request`'s location configuration (`ngx_http_auth_request_module.c`): `uri` is
+/// empty when off.
+#[repr(C)]
+struct AuthRequestLocConf {
+    uri: ngx_str_t,
+    _vars: *mut ngx_array_t,
+}
+
+/// An access module of nginx that, under `satisfy any`, admits a request by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bypass {
+    /// An `allow` rule.
+    Allow,
+    /// `auth_basic`.
+    AuthBasic,
+    /// `auth_request`.
+    AuthRequest,
+}
+
+/// Under `satisfy any`, the first access module of the level being merged that can admit a
+/// request without a token: an `allow` rule, `auth_basic` (not `off`), `auth_request`.
+///
+/// # Safety
+/// `cf` must be nginx's configuration context during a `merge_loc_conf` call (those modules,
+/// listed before this one, have merged the level already).
+pub unsafe fn satisfy_any_bypass(cf: *mut ngx_conf_t) -> Option<Bypass> {
+    // SAFETY: as in `answers_with_return`: each module's slot of the merged level's
+    // `loc_conf` holds what its `create_loc_conf` made, declared above as those modules
+    // define it; the rule arrays hold whole elements of `size` bytes, each ending with its
+    // `deny` flag (an `ngx_uint_t`), read unaligned all the same.
+    unsafe {
+        let clcf = NgxHttpCoreModule::location_conf(&*cf)?;
+        if clcf.satisfy != NGX_HTTP_SATISFY_ANY as ngx_uint_t {
+            return None;
+        }
+        let ctx = (*cf).ctx as *const ngx_http_conf_ctx_t;
+        if ctx.is_null() || (*ctx).loc_conf.is_null() {
+            return None;
+        }
+        let conf_of = |name: &CStr| {
+            http_module_index(cf, name)
+                .map(|i| *(*ctx).loc_conf.add(i))
+                .filter(|c| !c.is_null())
+        };
+        if let Some(c) = conf_of(c"ngx_http_access_module") {
+            let c = &*(c as *const AccessLocConf);
+            let allows = |a: *mut ngx_array_t| {
+                if a.is_null() || (*a).elts.is_null() || (*a).size < size_of::<ngx_uint_t>() {
+                    return false;
+                }
+                let (elts, size) = ((*a).elts as *const u8, (*a).size);
+                (0..(*a).nelts).any(|i| {
+                    let deny = elts.add(i * size + size - size_of::<ngx_uint_t>());
+                    std::ptr::read_unaligned(deny as *const ngx_uint_t) == 0
+                })
+            };
+            if allows(c.rules) || allows(c.rules6) || allows(c.rules_un) {
+                return Some(Bypass::Allow);
+            }
+        }
+        if let Some(c) = conf_of(c"ngx_http_auth_basic_module") {
+            let realm = (*(c as *const AuthBasicLocConf)).realm;
+            // `auth_basic off` is a constant "off"; anything else may ask for a password.
+            if !realm.is_null() && (*realm).value.as_bytes() != b"off" {
+                return Some(Bypass::AuthBasic);
+            }
+        }
+        if let Some(c) = conf_of(c"ngx_http_auth_request_module") {
+            if (*(c as *const AuthRequestLocConf)).uri.len > 0 {
+                return Some(Bypass::AuthRequest);
+            }
+        }
+        None
+    }
 }
 
 /// Whether the level being merged says `internal;`.

@@ -52,11 +52,10 @@ pub unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         if !r.is_main() {
             return Status::NGX_DECLINED.into();
         }
-        // Before anything is decided, in every location (also where this module decides
-        // nothing): whatever admits the request in the end (this module, `allow`,
-        // `auth_basic`, `auth_request`, or nothing at all), the client's own X-Mesh-*
-        // headers never reach an upstream, which may trust them. Failing that, the request
-        // fails: never a pass. Nothing else is done where nothing is decided or forwarded.
+        // Dropped already in the server-rewrite phase; again here, before anything is
+        // decided, in every location, in case a module of that phase loaded after this one
+        // ended it early. Failing that, the request fails: never a pass. Nothing else is
+        // done where nothing is decided or forwarded.
         if !upstream::strip_client_identity(r) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
         }

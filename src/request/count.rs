@@ -7,11 +7,12 @@ use mesh_core::status::AuthStatus;
 use mesh_core::token::unverified_issuer;
 use ngx::core::Status;
 use ngx::ffi::{ngx_http_request_t, ngx_int_t};
-use ngx::http::Request;
+use ngx::http::{HttpModuleLocationConf, Request};
 
 use super::ctx::RequestCtx;
 use crate::nginx::no_panic;
 use crate::state::metrics;
+use crate::MeshModule;
 
 /// The log-phase handler: counts a request the access phase decided, once.
 pub unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
@@ -20,10 +21,29 @@ pub unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         let r = unsafe { Request::from_ngx_http_request(r) };
         if let Some(ctx) = RequestCtx::existing(r) {
             count(r, ctx);
+            if ctx.outbound_used() {
+                count_upstream(r);
+            }
             super::span::export(r, ctx);
         }
         Status::NGX_OK.into()
     })
+}
+
+/// An outbound call (it reached `mesh_outbound_auth`): its status class and duration under
+/// the location's route, the duration from the request's start (as `$request_time`: retries and
+/// a wait for the token included).
+fn count_upstream(r: &Request) {
+    let Some(lcf) = MeshModule::location_conf(r) else {
+        return;
+    };
+    let raw = r.as_ref();
+    let status = if raw.err_status != 0 {
+        raw.err_status
+    } else {
+        raw.headers_out.status
+    };
+    metrics::count_upstream(&lcf.route, status as u16, request_time_ms(raw));
 }
 
 /// The request's time so far, in milliseconds, as nginx's `$request_time` measures it.

@@ -56,6 +56,13 @@ pub struct RequestCtx {
     /// The pass of the phases (`r->uri_changes`, lowered by each internal redirect) in which
     /// the rate limit refused the request: in that pass, nothing may overrule it.
     rate_refused_pass: Cell<Option<u32>>,
+    /// `mesh_outbound_auth`: until when (ms) the request waits for a token (0: not waiting).
+    outbound_wait_until: Cell<u64>,
+    /// `mesh_outbound_auth`: whether the client sent its own `Authorization` (decided once, on
+    /// the first pass; later passes find the module's own header there).
+    outbound_client_auth: Cell<Option<bool>>,
+    /// The request reached `mesh_outbound_auth` (it is an outbound call, counted per route).
+    outbound_used: Cell<bool>,
 }
 
 /// Drops the context when the request pool is freed.
@@ -100,6 +107,34 @@ impl RequestCtx {
 
     pub fn set_upstream_rewritten(&self, done: bool) {
         self.upstream_rewritten.set(done);
+    }
+
+    /// Until when (ms) the request waits for an outbound token: set on first call to
+    /// `now + wait`, the same afterwards.
+    pub fn outbound_wait_until(&self, now: u64, wait: u64) -> u64 {
+        if self.outbound_wait_until.get() == 0 {
+            self.outbound_wait_until
+                .set(now.saturating_add(wait).max(1));
+        }
+        self.outbound_wait_until.get()
+    }
+
+    /// Whether the client sent its own `Authorization` (`None`: not decided yet).
+    pub fn outbound_client_auth(&self) -> Option<bool> {
+        self.outbound_client_auth.get()
+    }
+
+    pub fn set_outbound_client_auth(&self, own: bool) {
+        self.outbound_client_auth.set(Some(own));
+    }
+
+    pub fn set_outbound_used(&self) {
+        self.outbound_used.set(true);
+    }
+
+    /// Whether the request reached `mesh_outbound_auth`.
+    pub fn outbound_used(&self) -> bool {
+        self.outbound_used.get()
     }
 
     /// Whether the access handler rewrote the upstream headers in this pass; resets it.
@@ -183,6 +218,9 @@ impl RequestCtx {
                     upstream_rewritten: Cell::new(false),
                     challenge: Cell::new((ptr::null_mut(), 0)),
                     rate_refused_pass: Cell::new(None),
+                    outbound_wait_until: Cell::new(0),
+                    outbound_client_auth: Cell::new(None),
+                    outbound_used: Cell::new(false),
                 },
             );
             // The context does not move from here on: `current` may point into it.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use mesh_core::cache::TokenCache;
-use mesh_core::extract::{bearer, strip_bearer, Bearer};
+use mesh_core::extract::{bearer, repeated_credential, strip_bearer, Bearer};
 use mesh_core::status::{AuthError, AuthStatus};
 use mesh_core::token::{check_audience, Hashed, Jwt, Provider, Verified};
 use ngx::ffi::NGX_LOG_WARN;
@@ -92,6 +92,13 @@ pub fn identify(r: &Request, lcf: &LocConf) -> Identity {
         return Identity::new(lcf, AuthStatus::Off, false);
     };
     let id = Identity::new(lcf, AuthStatus::Missing, auth.optional);
+    // Whatever `mesh_token` names: the upstream would see both, and may read the other one.
+    if let Some(name) = repeated_credential(r.headers_in_iterator().map(|(k, _)| k.as_bytes())) {
+        return id.refused(AuthError {
+            status: AuthStatus::Malformed,
+            reason: format!("two {name} headers"),
+        });
+    }
     let token = match token_of(r, lcf) {
         Ok(Some(t)) => t,
         Ok(None) => return id,
@@ -120,8 +127,13 @@ pub fn identify(r: &Request, lcf: &LocConf) -> Identity {
                 .find(|m| m.name == v.provider)
                 .is_none_or(|m| v.key_still_held(&m.snapshot().keys))
         });
+        // A hit answers only for the provider an uncached check would pick here: the same
+        // token cached by another location's provider of that issuer is verified again.
         if let Some(v) = hit {
-            if let Some(i) = auth.providers.iter().position(|p| p.name == v.provider) {
+            let decides = v
+                .issuer()
+                .and_then(|iss| deciding_index(auth, iss, hashed.is_signature_removed()));
+            if let Some(i) = decides.filter(|&i| auth.providers[i].name == v.provider) {
                 crate::state::metrics::count_token_cache(true);
                 return Ok((v.clone(), i));
             }
@@ -148,6 +160,16 @@ pub fn identify(r: &Request, lcf: &LocConf) -> Identity {
         verified: Some(verified),
         ..id
     }
+}
+
+/// Which of the location's providers decides a token of issuer `iss`: the first that accepts
+/// the issuer, among those with `platform_verified on` when Cloud Run removed the signature.
+/// The rule `verify_any` follows (it hands `Jwt::check` those candidates, and the core's
+/// `deciding_provider` takes the first of the issuer).
+fn deciding_index(auth: &AuthSpec, iss: &str, signature_removed: bool) -> Option<usize> {
+    auth.providers.iter().position(|m| {
+        (!signature_removed || m.platform_verified) && m.snapshot().accepts_issuer(iss)
+    })
 }
 
 /// Verifies a token (decoded once) against the location's providers, on a snapshot of each
@@ -207,7 +229,7 @@ fn verify_any(
                     auth.providers
                         .iter()
                         .zip(&snapshots)
-                        .filter(|(_, p)| p.issuers.iter().any(|i| i == iss))
+                        .filter(|(_, p)| p.accepts_issuer(iss))
                         .for_each(|(m, _)| crate::state::keystore::request_refetch(m));
                 }
             }

@@ -322,6 +322,52 @@ fn render(mcf: &MainConf, s: Option<&Snapshot>) -> String {
         );
     }
 
+    if let Some(s) = s {
+        e.family(
+            "mesh_upstream_requests_total",
+            Kind::Counter,
+            "Outbound calls (requests through a location with mesh_outbound_auth), by route (the location) and status class.",
+        );
+        for r in &s.routes {
+            for (class, v) in CODE_CLASSES.iter().zip(r.by_class) {
+                e.sample(
+                    "mesh_upstream_requests_total",
+                    &[("route", &r.route), ("code", class)],
+                    v,
+                );
+            }
+        }
+        e.family(
+            "mesh_upstream_duration_seconds",
+            Kind::Histogram,
+            "Duration of outbound calls by route, from the request's start to its end (retries and a wait for the token included).",
+        );
+        for r in &s.routes {
+            e.histogram(
+                "mesh_upstream_duration_seconds",
+                &[("route", &r.route)],
+                &r.buckets,
+                r.sum_ms,
+            );
+        }
+    }
+
+    e.family(
+        "mesh_outbound_token_fetches_total",
+        Kind::Counter,
+        "Fetches of an outbound token from the metadata server, by audience and result (all processes, kept across reloads).",
+    );
+    for t in &mcf.outbound {
+        let (ok, failed) = crate::state::keystore::token_record(t).unwrap_or((0, 0));
+        for (result, v) in REFRESH_RESULTS.iter().zip([ok, failed]) {
+            e.sample(
+                "mesh_outbound_token_fetches_total",
+                &[("audience", &t.audience), ("result", result)],
+                v,
+            );
+        }
+    }
+
     e.family(
         "mesh_config_info",
         Kind::Gauge,

@@ -14,6 +14,7 @@ use ngx::http::{HttpModuleLocationConf, Request};
 
 use super::ctx::RequestCtx;
 use super::upstream;
+use crate::conf::LocConf;
 use crate::nginx::headers::hide_header_out;
 use crate::nginx::no_panic;
 use crate::MeshModule;
@@ -26,25 +27,31 @@ pub unsafe extern "C" fn precontent_handler(r: *mut ngx_http_request_t) -> ngx_i
         if !r.is_main() {
             return Status::NGX_DECLINED.into();
         }
-        let Some(ctx) = RequestCtx::existing(r) else {
-            return Status::NGX_DECLINED.into();
-        };
-        // SAFETY: the element was added to this request's `headers_out` by the access
-        // handler in this pass; the response has not been sent (the content phase has not
-        // run). A 401 answered through `error_page` is a later pass: its challenge stays.
-        unsafe { hide_header_out(ctx.take_challenge(r)) };
         let Some(lcf) = MeshModule::location_conf(r) else {
             return Status::NGX_DECLINED.into();
         };
-        // A rate-limit refusal is final, whatever its status: with
-        // `mesh_rate_limit_status 403` (or 401) `satisfy any` would let `allow` overrule it.
-        if ctx.take_rate_refused(r) {
-            return lcf.rate_status as ngx_int_t;
+        if let Some(rc) = admitted(r, lcf) {
+            return rc;
         }
-        if ctx.take_upstream_rewritten() {
-            return Status::NGX_DECLINED.into();
-        }
-        upstream::rewrite_trace(r, lcf, ctx);
-        Status::NGX_DECLINED.into()
+        super::outbound::precontent(r, lcf)
     })
+}
+
+/// What a refusal of ours that another access module overruled leaves to do; `Some`: the
+/// status to answer at once.
+fn admitted(r: &mut Request, lcf: &LocConf) -> Option<ngx_int_t> {
+    let ctx = RequestCtx::existing(r)?;
+    // SAFETY: the element was added to this request's `headers_out` by the access
+    // handler in this pass; the response has not been sent (the content phase has not
+    // run). A 401 answered through `error_page` is a later pass: its challenge stays.
+    unsafe { hide_header_out(ctx.take_challenge(r)) };
+    // A rate-limit refusal is final, whatever its status: with
+    // `mesh_rate_limit_status 403` (or 401) `satisfy any` would let `allow` overrule it.
+    if ctx.take_rate_refused(r) {
+        return Some(lcf.rate_status as ngx_int_t);
+    }
+    if !ctx.take_upstream_rewritten() {
+        upstream::rewrite_trace(r, lcf, ctx);
+    }
+    None
 }

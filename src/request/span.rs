@@ -66,13 +66,20 @@ pub fn export(r: &Request, ctx: &RequestCtx) {
     if !ctx.rule().is_empty() {
         attributes.push(Attr::str("mesh.rule", ctx.rule()));
     }
+    // A call this service makes through `mesh_outbound_auth` is the client side of the hop.
+    let kind = if ctx.outbound_used() {
+        attributes.push(Attr::str("mesh.route", route));
+        SpanKind::Client
+    } else {
+        SpanKind::Server
+    };
     span_export::submit(Span {
         trace_id: t.ctx.trace_id,
         span_id: t.ctx.span_id,
         parent_span_id: t.ctx.parent_span_id,
         trace_state: t.tracestate.clone().unwrap_or_default(),
         name: span_name(method, route),
-        kind: SpanKind::Server,
+        kind,
         start_unix_nanos: start,
         end_unix_nanos: end,
         attributes,

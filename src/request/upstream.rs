@@ -41,11 +41,12 @@ pub fn is_mesh_header(name: &[u8]) -> bool {
             })
 }
 
-/// Drops every client-sent `X-Mesh-*` header of the main request: called first thing in the
-/// access phase of every main request, whatever is decided next, so that no
-/// access module that admits the request (`satisfy any`: `allow`, `auth_basic`,
-/// `auth_request`, whose subrequest copies these headers) lets the client's own identity
-/// through. `false` if the list could not be rewritten: the caller answers 500.
+/// Drops every client-sent `X-Mesh-*` header of the main request: called in the
+/// server-rewrite phase of every pass (and again first thing in the access phase), whatever
+/// is decided next, so that no access module that admits the request (`satisfy any`:
+/// `allow`, `auth_basic`, `auth_request`, whose subrequest copies these headers) lets the
+/// client's own identity through. `false` if the list could not be rewritten: the caller
+/// answers 500.
 pub fn strip_client_identity(r: &mut Request) -> bool {
     let r: &mut ngx_http_request_t = r.as_mut();
     remove_headers_in(r, is_mesh_header)

@@ -21,8 +21,8 @@ use mesh_core::metrics::{
 use mesh_core::status::AuthStatus;
 use ngx::core::{SlabPool, Status};
 use ngx::ffi::{
-    ngx_conf_t, ngx_int_t, ngx_module_t, ngx_shm_zone_t, ngx_slab_alloc_locked, ngx_slab_pool_t,
-    ngx_str_t, NGX_LOG_EMERG,
+    ngx_conf_t, ngx_int_t, ngx_shm_zone_t, ngx_slab_alloc_locked, ngx_slab_pool_t, ngx_str_t,
+    NGX_LOG_EMERG,
 };
 
 use super::rate_zone::RateZone;
@@ -36,9 +36,9 @@ const NSLOTS: usize = 256;
 /// Bytes of a name kept to tell names apart (with the name's length and hash).
 const NAME_LEN: usize = 96;
 /// Counters per name slot.
-const NCOUNTERS: usize = 16;
+const NCOUNTERS: usize = 24;
 /// Marks a table written by this layout.
-const MAGIC: u64 = 0x6d65_7368_6d65_7403;
+const MAGIC: u64 = 0x6d65_7368_6d65_7404;
 
 /// `mesh_metrics_callers` at most.
 pub const MAX_CALLERS: usize = 1000;
@@ -52,6 +52,7 @@ const NBUCKETS: usize = DURATION_BUCKETS_MS.len() + 1;
 const KIND_EMPTY: u64 = 0;
 const KIND_PROVIDER: u64 = 1;
 const KIND_ZONE: u64 = 2;
+const KIND_ROUTE: u64 = 3;
 
 /// A provider slot's counters: `0..11` the verification outcomes (`AUTH_STATUSES` order),
 /// then when its key file was read (11 and 12 are unused: fetches are the key store's record,
@@ -59,6 +60,11 @@ const KIND_ZONE: u64 = 2;
 const P_LAST_REFRESH: usize = 13;
 /// A zone slot's counters.
 const Z_RATE_LIMITED: usize = 0;
+/// A route slot's counters: one per status class (`CODE_CLASSES`), then the duration
+/// histogram's buckets (`+Inf` last), then its sum (milliseconds).
+const R_BUCKETS: usize = CODE_CLASSES.len();
+const R_SUM: usize = R_BUCKETS + NBUCKETS;
+const _: () = assert!(R_SUM < NCOUNTERS);
 
 #[repr(C)]
 struct Shared {
@@ -143,6 +149,8 @@ pub struct Metrics {
     /// be named for (a missing token where several providers are accepted).
     providers: Vec<(String, usize)>,
     zones: Vec<(String, usize)>,
+    /// Locations with `mesh_outbound_auth`, by their `route` label.
+    routes: Vec<(String, usize)>,
     /// Providers whose keys were read at configuration time: their last refresh is then.
     file_providers: Vec<String>,
     /// The rate zones' own state (keys in use, evictions), in the configuration pool.
@@ -166,6 +174,7 @@ impl Default for Metrics {
             shared: ptr::null_mut(),
             providers: Vec::new(),
             zones: Vec::new(),
+            routes: Vec::new(),
             file_providers: Vec::new(),
             rate_zones: Vec::new(),
             callers: DEFAULT_CALLERS,
@@ -338,6 +347,17 @@ pub fn count_token_cache(hit: bool) {
 }
 
 /// A request refused by a rate-limit zone.
+/// A request through a location with `mesh_outbound_auth`: its status and how long it took.
+pub fn count_upstream(route: &str, status: u16, duration_ms: u64) {
+    let Some((m, s)) = active() else { return };
+    let Some(slot) = slot_of(s, &m.routes, route) else {
+        return;
+    };
+    add(&slot.counters[code_class(status)]);
+    add(&slot.counters[R_BUCKETS + duration_bucket(duration_ms)]);
+    slot.counters[R_SUM].fetch_add(duration_ms, Ordering::Relaxed);
+}
+
 pub fn count_rate_limited(zone: &str) {
     if let Some((m, s)) = active() {
         if let Some(slot) = slot_of(s, &m.zones, zone) {
@@ -357,6 +377,15 @@ pub struct Snapshot {
     pub spans_dropped: [u64; SPAN_DROPS.len()],
     pub providers: Vec<ProviderCounts>,
     pub zones: Vec<ZoneCounts>,
+    pub routes: Vec<RouteCounts>,
+}
+
+/// One route's outbound calls: by status class, and their duration histogram.
+pub struct RouteCounts {
+    pub route: String,
+    pub by_class: [u64; CODE_CLASSES.len()],
+    pub buckets: [u64; NBUCKETS],
+    pub sum_ms: u64,
 }
 
 #[derive(Default)]
@@ -475,6 +504,19 @@ pub fn snapshot() -> Option<Snapshot> {
             })
         })
         .collect();
+    let routes = m
+        .routes
+        .iter()
+        .filter_map(|(route, i)| {
+            let slot = s.slots.get(*i)?;
+            Some(RouteCounts {
+                route: route.clone(),
+                by_class: std::array::from_fn(|c| load(&slot.counters[c])),
+                buckets: std::array::from_fn(|b| load(&slot.counters[R_BUCKETS + b])),
+                sum_ms: load(&slot.counters[R_SUM]),
+            })
+        })
+        .collect();
     Some(Snapshot {
         callers: caller_counts(m, s),
         cache_hits: load(&s.cache_hits),
@@ -483,12 +525,12 @@ pub fn snapshot() -> Option<Snapshot> {
         spans_dropped: s.spans_dropped.each_ref().map(load),
         providers,
         zones,
+        routes,
     })
 }
 
 /// At the end of the http block (`postconfiguration`): asks nginx for the zone, with the
 /// names this configuration counts under: `providers` as (name, keys read from a file now).
-/// The zones are `module`'s.
 ///
 /// # Safety
 /// `cf` is nginx's configuration context; `m` lives in the main configuration (the
@@ -498,8 +540,9 @@ pub unsafe fn configure(
     m: &mut Metrics,
     providers: &[(String, bool)],
     zones: &[String],
-    module: &ngx_module_t,
+    routes: &[String],
 ) -> Result<(), String> {
+    m.routes = routes.iter().map(|n| (n.clone(), usize::MAX)).collect();
     m.providers = std::iter::once(String::new())
         .chain(providers.iter().map(|(n, _)| n.clone()))
         .map(|n| (n, usize::MAX))
@@ -517,7 +560,8 @@ pub unsafe fn configure(
             len: name.len(),
             data: name.as_ptr().cast_mut(),
         };
-        let zone = crate::nginx::conf::shared_zone(cf, name, 0, module)?;
+        let zone =
+            crate::nginx::conf::shared_zone(cf, name, 0, crate::nginx::conf::ZoneKind::Rate)?;
         // SAFETY: `data` of a mesh zone is its `RateZone` (set when it was declared).
         m.rate_zones
             .push(unsafe { (*zone.as_ptr()).data as *const RateZone });
@@ -526,7 +570,13 @@ pub unsafe fn configure(
         len: ZONE_NAME.len(),
         data: ZONE_NAME.as_ptr().cast_mut(),
     };
-    let zone = crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE, module)?.as_ptr();
+    let zone = crate::nginx::conf::shared_zone(
+        cf,
+        name,
+        ZONE_SIZE,
+        crate::nginx::conf::ZoneKind::Metrics,
+    )?
+    .as_ptr();
     // SAFETY: nginx's entry for our zone; `data` is set to this cycle's `Metrics`.
     unsafe {
         (*zone).data = ptr::from_mut(m).cast();
@@ -571,7 +621,11 @@ unsafe extern "C" fn zone_init(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void)
         t.epoch += 1;
         let epoch = t.epoch;
         let now = super::unix_now();
-        for (kind, names) in [(KIND_PROVIDER, &mut m.providers), (KIND_ZONE, &mut m.zones)] {
+        for (kind, names) in [
+            (KIND_PROVIDER, &mut m.providers),
+            (KIND_ZONE, &mut m.zones),
+            (KIND_ROUTE, &mut m.routes),
+        ] {
             for (name, index) in names.iter_mut() {
                 *index = bind(t, kind, name, epoch);
             }

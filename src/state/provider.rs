@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use mesh_core::discovery::DOCUMENT_MAX_AGE_SECS;
 use mesh_core::keys::{Algorithm, KeySet};
-use mesh_core::provider::{check_key_url, Built};
+use mesh_core::provider::{check_key_url, shown_url, Built};
 use mesh_core::token::Provider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -77,6 +77,8 @@ pub struct KeyUrl {
     pub url: String,
     /// Trusted roots for an https URL (from `ca=`, else the system store).
     pub roots: Option<Arc<Vec<ureq::tls::Certificate<'static>>>>,
+    /// The URL as logs show it: userinfo and query values replaced by `***`.
+    pub shown: String,
     /// `discovery on`: the keys are at the document's `jwks_uri`.
     pub discovery: Option<Discovery>,
 }
@@ -111,13 +113,14 @@ impl KeyUrl {
     pub fn new(url: &str, ca: Option<&str>) -> Result<KeyUrl, String> {
         check_key_url(url, ca.is_some())?;
         let roots = if url.starts_with("https://") {
-            Some(load_roots(ca).map_err(|e| format!("keys \"{url}\": {e}"))?)
+            Some(load_roots(ca).map_err(|e| format!("keys \"{}\": {e}", shown_url(url)))?)
         } else {
             None
         };
         Ok(KeyUrl {
             url: url.to_string(),
             roots,
+            shown: shown_url(url),
             discovery: None,
         })
     }

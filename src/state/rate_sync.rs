@@ -23,8 +23,10 @@ const MAGIC: u64 = 0x6d65_7368_7273_7901;
 
 /// A global zone's configuration: where Redis is, how often to sync, the key prefix.
 pub struct SyncConf {
-    /// The connection (with its password, never shown).
+    /// Where Redis is and the password (never shown), as `nginx -t` read them.
     pub client: redis::Client,
+    /// `ca_file=`: the PEM roots trusted for `rediss://` (else the system's).
+    pub ca_pem: Option<Vec<u8>>,
     /// `host:port/db`, with `rediss://` when TLS: what logs say.
     pub shown: String,
     pub interval_ms: u64,
@@ -89,9 +91,13 @@ struct Locked<'a> {
     list: &'a mut [Pending],
 }
 
+/// The sync state's zone is named after its rate zone with this suffix.
+pub const SHM_SUFFIX: &str = ":mesh_redis";
+
 impl SyncConf {
     pub fn new(
         client: redis::Client,
+        ca_pem: Option<Vec<u8>>,
         shown: String,
         interval_ms: u64,
         prefix: String,
@@ -99,10 +105,11 @@ impl SyncConf {
     ) -> SyncConf {
         SyncConf {
             client,
+            ca_pem,
             shown,
             interval_ms,
             prefix,
-            shm_name: format!("{zone}:mesh_redis"),
+            shm_name: format!("{zone}{SHM_SUFFIX}"),
             table: ptr::null_mut(),
             pool: None,
         }
@@ -244,13 +251,24 @@ impl SyncConf {
 }
 
 impl SyncConf {
-    /// Applies a sync that reached Redis: each key's debt (`owed`, as of `elapsed_us` ago)
-    /// raises its slot's TAT.
-    pub fn synced(&self, slots: &RateSlots, owed: &[(Pending, u64)], now: u64, elapsed: u64) {
+    /// Applies a sync that reached Redis: each key's debt (`owed`, as of `elapsed_us` ago,
+    /// held to `bound_us`, the zone's `owed_bound_us`) raises the TAT of the slot where the
+    /// table keeps it (`place`: the zone's `RateZone::placed`).
+    pub fn synced(
+        &self,
+        slots: &RateSlots,
+        owed: &[(Pending, u64)],
+        now: u64,
+        elapsed: u64,
+        bound_us: u64,
+        place: impl Fn([u64; 2]) -> Option<[u64; 2]>,
+    ) {
         self.with(slots, |l, table| {
             for (p, owed) in owed {
-                let tat = ratesync::synced_tat(now, *owed, elapsed);
-                ratetable::raise(table, p.key, p.slot as usize, tat);
+                let tat = ratesync::synced_tat(now, *owed, elapsed, bound_us);
+                if let Some(key) = place(p.key) {
+                    ratetable::raise(table, key, p.slot as usize, tat);
+                }
             }
             l.t.up = 1;
             l.t.last_ok_ms = (now / 1000).max(1);

@@ -11,7 +11,7 @@ use std::thread;
 use ngx::ffi::{ngx_event_t, ngx_log_t, ngx_msec_t, NGX_LOG_INFO, NGX_LOG_WARN};
 
 use super::rate_zone::RateZone;
-use super::redis::{lock, run, Chan, Reply, CONNECT_TIMEOUT};
+use super::redis::{lock, run, Chan, Endpoint, Reply, CONNECT_TIMEOUT};
 use crate::nginx::request::now_us;
 use crate::nginx::{no_panic, timer};
 
@@ -50,11 +50,11 @@ pub fn start_worker(zones: &[*const RateZone], log: *mut ngx_log_t) -> Result<()
         super::refresher::install_crypto();
         let chan = Arc::new(Chan::new());
         let thread_chan = chan.clone();
-        let client = sync.client.clone();
+        let endpoint = Endpoint::new(&sync.client, sync.ca_pem.as_deref())?;
         let (prefix, name, interval) = (sync.prefix.clone(), zone.name.clone(), sync.interval_ms);
         thread::Builder::new()
             .name("mesh-redis".into())
-            .spawn(move || run(&thread_chan, &client, &prefix, &name, interval))
+            .spawn(move || run(&thread_chan, &endpoint, &prefix, &name, interval))
             .map_err(|e| format!("cannot start the Redis sync thread: {e}"))?;
         let s = Box::leak(Box::new(Syncer {
             // SAFETY: an all-zero `ngx_event_t` is a valid idle event.
@@ -100,7 +100,10 @@ fn step(s: &mut Syncer) {
     let up = match reply {
         Some(Reply::Synced(owed, at)) => {
             let elapsed = at.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
-            sync.synced(&slots, &owed, now, elapsed);
+            let zone = s.zone;
+            sync.synced(&slots, &owed, now, elapsed, zone.owed_bound_us(), |k| {
+                zone.placed(k)
+            });
             Some((true, String::new()))
         }
         Some(Reply::Failed(why)) => {

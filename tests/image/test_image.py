@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -272,6 +273,29 @@ def test_rate_limit_per_caller_is_429(served, keyring):
     assert request(served.port, "/", headers=bearer(token(keyring, "reader@test"))).status == 200
 
 
+def test_client_address_is_the_one_googles_front_end_appended(served):
+    # a client-sent X-Forwarded-For first, then the address the front end appended: the last
+    resp = request(served.port, "/where", [("X-Forwarded-For", "198.51.100.1, 203.0.113.7")])
+    assert resp.status == 401
+
+    def logged():
+        for line in served.stdout().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("httpRequest", {}).get("requestUrl", "").endswith("/where"):
+                return entry
+        return None
+
+    deadline = time.monotonic() + 5
+    while not logged() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    entry = logged()
+    assert entry, served.stdout()[-2000:]
+    assert entry["httpRequest"]["remoteIp"] == "203.0.113.7", entry
+
+
 def test_health_path_needs_no_token(served):
     resp = request(served.port, "/health")
     assert resp.status == 200 and resp.body == b"ok\n"
@@ -508,6 +532,11 @@ def test_check_mode_prints_the_access_report_and_writes_the_json(echo, mounts):
         ("MESH_RULE_1", "allow reader@test methods=GET;", "methods=GET;"),
         ("MESH_KEYS", "/keys/missing.json", "cannot be read"),
         ("MESH_TRACE", "yes", "on or off"),
+        ("MESH_EGRESS_PORT", "99999", "MESH_EGRESS_PORT="),
+        ("MESH_REDIS_URL", "http://127.0.0.1:6379", "MESH_REDIS_URL="),
+        ("MESH_REDIS_PASSWORD_FILE", "/keys/jwks.json", "MESH_REDIS_URL is not"),
+        ("MESH_REAL_IP", "yes", "on or off"),
+        ("MESH_METADATA_SERVER", "ftp://x", "MESH_METADATA_SERVER="),
     ],
 )
 def test_bad_value_stops_the_container_with_a_message(echo, mounts, name, value, says):
@@ -559,6 +588,97 @@ def test_image_size_and_no_build_tools():
     tools = podman("run", "--rm", "--pull=never", "--entrypoint", "sh", IMAGE, "-c",
                    "for t in cargo rustc gcc cc make clang ld openssl; do command -v $t; done; true")
     assert tools.stdout == "", f"build tools in the runtime image: {tools.stdout}"
+
+
+# ---------------------------------------------------------------- the way out (MESH_ROUTE_*)
+
+def test_an_egress_route_reaches_another_service_that_names_the_caller(echo, mounts, keyring):
+    """Two containers: the caller's app calls http://127.0.0.1:EGRESS/callee/...; the callee
+    verifies the caller's ID token (from a fake metadata server, signed with the suite's key)
+    and its app is told who called."""
+    from mesh_test.metadata import SERVICE_ACCOUNT, MetadataServer, token_claims
+    from mesh_test.tokens import KID_RSA
+
+    md = MetadataServer(signer=(keyring.rsa, KID_RSA))
+    callee_aud = "https://callee.test"
+    callee = caller = None
+    try:
+        callee, callee_port = start({
+            "MESH_GOOGLE": "off",
+            "MESH_ISSUER": "https://accounts.google.com",
+            "MESH_KEYS": "/keys/jwks.json",
+            "MESH_ISSUER_AUDIENCE": callee_aud,
+            "MESH_ISSUER_PRINCIPAL": "email",
+            "MESH_ALLOWED_CALLERS": SERVICE_ACCOUNT,
+            "MESH_UPSTREAM": f"http://{echo.address}",
+            "MESH_WORKERS": "1",
+        }, [mounts["keys"]])
+        egress = free_port()
+        env = base_env(0, echo)
+        env.update({
+            "MESH_ALLOWED_CALLERS": "any",
+            "MESH_METADATA_SERVER": md.url,
+            "MESH_EGRESS_PORT": str(egress),
+            "MESH_ROUTE_CALLEE": f"http://127.0.0.1:{callee_port}/v1 audience={callee_aud} timeout=5s",
+        })
+        caller, caller_port = start(env, [mounts["keys"]])
+        assert request(caller_port, "/ready", timeout=5).status == 200
+        wait_for_port(egress, timeout=10)
+        resp = request(egress, "/callee/orders?x=1", [("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")])
+        assert resp.status == 200, resp
+        assert resp.json()["path"] == "/v1/orders?x=1"
+        assert resp.upstream_header("X-Mesh-Caller") == SERVICE_ACCOUNT, resp
+        assert token_claims(resp.upstream_header("Authorization")[len("Bearer "):])["aud"] == callee_aud
+        assert resp.upstream_header("traceparent").split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
+        # an unknown route, and the egress port on another loopback address: nothing there
+        assert request(egress, "/nowhere/x").status == 404
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.2", egress), timeout=2).close()
+        # the plain http:// route was named in a warning (the log is complete once it stopped)
+        caller.kill("TERM")
+        caller.wait(timeout=30)
+        warned = [l for l in json_lines(caller.stderr(), "stderr") if "MESH_ROUTE_CALLEE" in l.get("message", "")]
+        assert warned and warned[0]["severity"] == "WARNING" and "plain http://" in warned[0]["message"], warned
+    finally:
+        for box in (caller, callee):
+            if box:
+                box.remove()
+        md.close()
+
+
+@pytest.mark.parametrize("value,says", [
+    ("ftp://x", "http:// or https:// URL"),
+    ("http://127.0.0.1:1 retries=9", "retries=N"),
+    ("http://127.0.0.1:1 timeout=soon", "timeout=T"),
+    ("http://127.0.0.1:1 rate=fast", "rate=R"),
+    ("http://127.0.0.1:1 color=blue", "audience=AUD"),
+])
+def test_a_bad_route_stops_the_container_naming_the_variable(echo, mounts, value, says):
+    env = dict(base_env(free_port(), echo), MESH_ALLOWED_CALLERS="any", MESH_ROUTE_BILLING=value)
+    rc, lines, err = run_to_exit(env, [mounts["keys"]])
+    assert rc != 0
+    assert any("MESH_ROUTE_BILLING" in l.get("message", "") and says in l.get("message", "") for l in lines), err
+
+
+def test_redis_url_makes_the_per_caller_zone_global(echo, mounts, tmp_path):
+    """nginx -t (`-t`: nothing connects) of MESH_REDIS_URL with a password file and a CA."""
+    secret = make_private_dir("ngx-mesh-redis-")
+    (secret / "auth").write_text("s3cret\n")
+    (secret / "ca.pem").write_bytes((Path(mounts["keys"].split(":")[0]) / "rsa.cert.pem").read_bytes())
+    for path in [secret, *secret.iterdir()]:
+        os.chmod(path, 0o755)
+    env = dict(base_env(free_port(), echo), MESH_ALLOWED_CALLERS="any",
+               MESH_REDIS_URL="rediss://10.0.0.3:6378/0", MESH_REDIS_PASSWORD_FILE="/redis/auth",
+               MESH_REDIS_CA="/redis/ca.pem")
+    args = ["run", "--rm", "--network=host", "--pull=never", "-v", mounts["keys"], "-v", f"{secret}:/redis:ro"]
+    for key, value in env.items():
+        args += ["-e", f"{key}={value}"]
+    args += ["--entrypoint", "sh", IMAGE, "-c", "mesh-entrypoint -t && cat /tmp/nginx/nginx.conf"]
+    done = podman(*args, check=False)
+    assert done.returncode == 0, done.stderr
+    zone = [l.strip() for l in done.stdout.splitlines() if "mesh_rate_limit_zone callers" in l]
+    assert zone == ["mesh_rate_limit_zone callers 10m 'redis=rediss://10.0.0.3:6378/0' "
+                    "'password_file=/redis/auth' 'ca_file=/redis/ca.pem';"], done.stdout
 
 
 def test_spans_and_metrics_leave_the_container(echo, mounts, keyring):

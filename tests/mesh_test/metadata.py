@@ -2,8 +2,10 @@
 
 Like the real one it answers `GET /computeMetadata/v1/instance/service-accounts/default/identity
 ?audience=AUD[&format=full]` only with the header `Metadata-Flavor: Google` (403 otherwise). The
-token is a JWT-shaped string (not really signed) whose `exp` is now + `lifetime`; each token is
-different (`seq`); with `format=full` it carries the Compute claims (`google.compute_engine`).
+token is a JWT-shaped string whose `exp` is now + `lifetime`, not really signed unless
+`signer=(key, kid)` is given (then RS256 with that key, for a second nginx to verify); each
+token is different (`seq`); with `format=full` it carries the Compute claims
+(`google.compute_engine`). `delay` holds each answer back that long (a slow metadata server).
 Every request is recorded: when, the raw query, the audience, the format, the flavor header, and
 the nginx process that sent it. `down()`/`up()` as the key server's.
 """
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .procs import peer_pid
-from .tokens import b64url, b64url_decode, json_bytes
+from .tokens import b64url, b64url_decode, json_bytes, sign
 
 IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/default/identity"
 SERVICE_ACCOUNT = "orders-caller@shop-prod.iam.gserviceaccount.com"
@@ -42,11 +44,13 @@ class MetaRequest:
     token: str | None  # the token handed out, if any
 
 
-def make_id_token(audience: str, lifetime: float, seq: int, full: bool = False) -> tuple[str, int]:
-    """A Google-shaped ID token (signature random bytes) and its exp; `full`: format=full's."""
+def make_id_token(audience: str, lifetime: float, seq: int, full: bool = False,
+                  signer=None) -> tuple[str, int]:
+    """A Google-shaped ID token and its exp; `full`: format=full's; signed RS256 by `signer`
+    (key, kid), else with random bytes for a signature."""
     now = int(time.time())
     exp = int(now + lifetime)
-    header = {"alg": "RS256", "kid": "meta-test-kid", "typ": "JWT"}
+    header = {"alg": "RS256", "kid": signer[1] if signer else "meta-test-kid", "typ": "JWT"}
     payload = {
         "aud": audience,
         "azp": "104011001100110011001",
@@ -60,8 +64,12 @@ def make_id_token(audience: str, lifetime: float, seq: int, full: bool = False) 
     }
     if full:
         payload["google"] = {"compute_engine": COMPUTE_ENGINE}
-    token = f"{b64url(json_bytes(header))}.{b64url(json_bytes(payload))}.{b64url(secrets.token_bytes(64))}"
-    return token, exp
+    signing_input = f"{b64url(json_bytes(header))}.{b64url(json_bytes(payload))}"
+    if signer:
+        sig = sign("RS256", signer[0], signing_input.encode("ascii"))
+    else:
+        sig = secrets.token_bytes(64)
+    return f"{signing_input}.{b64url(sig)}", exp
 
 
 def token_claims(token: str) -> dict:
@@ -114,8 +122,10 @@ class _Server(ThreadingHTTPServer):
 
 
 class MetadataServer:
-    def __init__(self, *, lifetime: float = 3600, start_up: bool = True) -> None:
+    def __init__(self, *, lifetime: float = 3600, start_up: bool = True, signer=None) -> None:
         self.lifetime = lifetime
+        self.signer = signer
+        self.delay = 0.0
         self.status = 200  # anything else: answered with that status and no token
         self.body: bytes | None = None  # set: answered with these bytes instead of a token
         self._lock = threading.Lock()
@@ -140,8 +150,11 @@ class MetadataServer:
             if self.body is not None:
                 return 200, self.body, None
             self._seq += 1
-            token, _exp = make_id_token(audience, self.lifetime, self._seq, full)
-            return 200, token.encode("ascii"), token
+            seq, lifetime, signer, delay = self._seq, self.lifetime, self.signer, self.delay
+        if delay:
+            time.sleep(delay)
+        token, _exp = make_id_token(audience, lifetime, seq, full, signer)
+        return 200, token.encode("ascii"), token
 
     def _record(self, req: MetaRequest) -> None:
         with self._lock:

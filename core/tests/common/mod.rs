@@ -85,7 +85,7 @@ pub fn p521() -> aws_lc_rs::signature::EcdsaKeyPair {
     .unwrap()
 }
 
-fn jwt_alg(alg: Algorithm) -> jsonwebtoken::Algorithm {
+pub fn jwt_alg(alg: Algorithm) -> jsonwebtoken::Algorithm {
     use jsonwebtoken::Algorithm as J;
     match alg {
         Algorithm::RS256 => J::RS256,

@@ -35,9 +35,8 @@ use mesh_core::refresh::{refresh_after, renew_at};
 use ngx::core::slab::LockedSlabPool;
 use ngx::core::{SlabPool, Status};
 use ngx::ffi::{
-    ngx_conf_t, ngx_int_t, ngx_log_t, ngx_module_t, ngx_shm_zone_t, ngx_slab_alloc_locked,
-    ngx_slab_calloc, ngx_slab_free_locked, ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG, NGX_LOG_INFO,
-    NGX_LOG_WARN,
+    ngx_conf_t, ngx_int_t, ngx_log_t, ngx_shm_zone_t, ngx_slab_alloc_locked, ngx_slab_calloc,
+    ngx_slab_free_locked, ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
 };
 
 use crate::state::outbound::OutboundToken;
@@ -50,11 +49,12 @@ mod worker;
 
 pub use start::init_module;
 pub use worker::{
-    catch_up, missing, refresh_record, request_refetch, start_worker, stop_worker, tick,
+    catch_up, current_token, missing, nudge, refresh_record, request_refetch, start_worker,
+    stop_worker, tick, token_record,
 };
 
 /// The zone's name and size: one page table plus room for every key set and token.
-const ZONE_NAME: &str = "mesh_keys";
+pub const ZONE_NAME: &str = "mesh_keys";
 const ZONE_SIZE: usize = 1 << 20;
 /// Slots in the zone: twice the sources one configuration may have, so that a reload can add
 /// a whole new set while the old workers still use theirs.
@@ -76,7 +76,7 @@ pub struct StoreConf {
 }
 
 impl StoreConf {
-    fn wait(&self) -> Duration {
+    pub(crate) fn wait(&self) -> Duration {
         Duration::from_millis(self.wait_ms.unwrap_or(DEFAULT_WAIT_MS))
     }
 
@@ -379,7 +379,7 @@ enum Outcome<'a> {
 fn publish(l: &mut Locked, i: usize, pid: u64, now: u64, outcome: Outcome) -> (u32, String) {
     match outcome {
         Outcome::Keys(p, Ok(k)) => {
-            let url = p.url.as_ref().map_or("", |u| u.url.as_str());
+            let url = p.url.as_ref().map_or("", |u| u.shown.as_str());
             if !l.set_body(i, &k.body) {
                 let retry = l.slots()[i].sched.failed(pid, now, KEYS_MAX_BACKOFF);
                 return (
@@ -401,7 +401,7 @@ fn publish(l: &mut Locked, i: usize, pid: u64, now: u64, outcome: Outcome) -> (u
             )
         }
         Outcome::Keys(p, Err(e)) => {
-            let url = p.url.as_ref().map_or("", |u| u.url.as_str());
+            let url = p.url.as_ref().map_or("", |u| u.shown.as_str());
             let sched = &mut l.slots()[i].sched;
             let kept = if sched.has_result() {
                 "keeping the last good keys"
@@ -458,7 +458,7 @@ fn publish(l: &mut Locked, i: usize, pid: u64, now: u64, outcome: Outcome) -> (u
 // ---------------------------------------------------------------- configuration
 
 /// Adds the zone when the configuration has key URLs or outbound tokens (postconfiguration),
-/// owned by `module`.
+/// tagged as the module's key zone.
 ///
 /// # Safety
 /// `cf` is nginx's configuration context, after the http block was parsed; `store` lives in
@@ -467,7 +467,6 @@ pub unsafe fn add_zone(
     cf: *mut ngx_conf_t,
     store: &mut StoreConf,
     srcs: &Sources,
-    module: &ngx_module_t,
 ) -> Result<(), String> {
     let n = sources(srcs).len();
     if n == 0 {
@@ -482,9 +481,10 @@ pub unsafe fn add_zone(
         len: ZONE_NAME.len(),
         data: ZONE_NAME.as_ptr().cast_mut(),
     };
-    let zone = crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE, module)
-        .map_err(|_| format!("the shared zone \"{ZONE_NAME}\" cannot be created"))?
-        .as_ptr();
+    let zone =
+        crate::nginx::conf::shared_zone(cf, name, ZONE_SIZE, crate::nginx::conf::ZoneKind::Keys)
+            .map_err(|_| format!("the shared zone \"{ZONE_NAME}\" cannot be created"))?
+            .as_ptr();
     // SAFETY: `zone` is nginx's entry for the name (nginx copied nothing of `name` it keeps:
     // it points at a static); `data` is ours to set once. The KeyZone lives in the
     // configuration pool, as long as the cycle.

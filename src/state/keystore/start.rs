@@ -187,7 +187,7 @@ fn load(store: &StoreConf, s: &Sources, log: *mut ngx_log_t) {
                         for &j in sharing.iter().filter(|&&j| j != k) {
                             if let (true, Source::Keys(q)) = (ok, &srcs[j]) {
                                 let after = refresh_after(fetched.cache_control.as_deref());
-                                let url = q.url.as_ref().map_or("", |u| u.url.as_str());
+                                let url = q.url.as_ref().map_or("", |u| u.shown.as_str());
                                 lines.push((
                                     NGX_LOG_INFO,
                                     format!(
@@ -213,7 +213,7 @@ fn load(store: &StoreConf, s: &Sources, log: *mut ngx_log_t) {
                             Source::Keys(p) => format!(
                                 "mesh_provider \"{}\": no keys from {} within mesh_keys_wait {}s ({e}); starting without them, the workers keep fetching",
                                 p.name,
-                                p.url.as_ref().map_or("", |u| u.url.as_str()),
+                                p.url.as_ref().map_or("", |u| u.shown.as_str()),
                                 wait.as_secs()
                             ),
                             Source::Token(t) => format!(

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use ngx::ffi::ngx_log_t;
 
 use super::{log_line, now_ms, publish, sources, KeyZone, Outcome, Source, Sources, StoreConf};
+use crate::state::outbound::OutboundToken;
 use crate::state::provider::MeshProvider;
 use crate::state::refresher::{self, Job};
 
@@ -96,6 +97,10 @@ fn adopt_all(w: &mut Worker, now: u64, claim: bool, jobs: &mut Vec<Job>) {
             if claim && l.slots()[i].sched.claim_due(w.pid, now) {
                 jobs.push(local.source.job());
             }
+            if let Source::Token(t) = &local.source {
+                let sched = &l.slots()[i].sched;
+                t.set_schedule(sched.next_due, sched.claimed(now));
+            }
         }
     }
     for (k, body, exp, generation) in adopt {
@@ -162,6 +167,31 @@ pub fn tick(log: *mut ngx_log_t) {
             log_line(log, level, &line);
         }
     });
+}
+
+/// A request found an outbound token due for renewal, or none at all: the timer's work done
+/// now (publish what the thread fetched, adopt what others published, claim what is due), so
+/// that renewal does not wait for a timer that a throttled CPU may not have run. Never waits
+/// on the network: a claimed fetch goes to the thread. Logs as the timer does (the cycle's
+/// log, not the request's).
+pub fn nudge() {
+    // SAFETY: `ngx_cycle` is the worker's live cycle, read on its own thread.
+    let log = unsafe { (*ngx::ffi::ngx_cycle).log };
+    tick(log);
+}
+
+/// The token in force for a request, its renewal started when it is due (never waits): a
+/// request that finds it due does the timer's work at once (`nudge`), so renewal does not
+/// depend on a timer a throttled CPU may not run.
+pub fn current_token(t: &OutboundToken) -> Option<Arc<str>> {
+    if t.should_nudge(now_ms()) {
+        nudge();
+    }
+    t.current().or_else(|| {
+        // A token another worker published since this worker's timer last looked.
+        catch_up();
+        t.current()
+    })
 }
 
 /// A token named a `kid` that `p`'s keys lack: one worker refetches (at most every 30 s for
@@ -266,5 +296,24 @@ pub fn refresh_record(p: &MeshProvider) -> Option<(u64, u64, u64)> {
         let i = l.locate(&local.id, &mut local.slot, now_ms())?;
         let s = &l.slots()[i].sched;
         Some((s.fetched_at / 1000, s.ok_total, s.failed_total))
+    })
+}
+
+/// The shared record of an outbound token's fetches (the master's at start included, kept
+/// across reloads): how many succeeded and failed. `None` before this worker found its slot.
+pub fn token_record(t: &OutboundToken) -> Option<(u64, u64)> {
+    WORKER.with(|cell| {
+        let mut guard = cell.try_borrow_mut().ok()?;
+        let w = guard.as_mut()?;
+        // SAFETY: the KeyZone lives in the configuration pool of the cycle this worker runs.
+        let zone = unsafe { &*w.zone };
+        let local = w
+            .locals
+            .iter_mut()
+            .find(|l| matches!(&l.source, Source::Token(q) if std::ptr::eq(Arc::as_ptr(q), t)))?;
+        let mut l = zone.lock()?;
+        let i = l.locate(&local.id, &mut local.slot, now_ms())?;
+        let s = &l.slots()[i].sched;
+        Some((s.ok_total, s.failed_total))
     })
 }

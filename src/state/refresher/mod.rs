@@ -151,13 +151,15 @@ fn run(r: &Refresher) {
 /// `jwks_uri` of the issuer's discovery document: the document is read when this process has
 /// no `jwks_uri` from the last 24 hours, or the last key fetch failed.
 pub fn fetch_keys(agent: &ureq::Agent, src: &KeyUrl) -> Result<FetchedKeys, String> {
+    // The transport's message may quote a URL: never with its secrets.
+    let scrub = |e: String, url: &str| mesh_core::provider::scrub_url(&e, url);
     let keys_url = match &src.discovery {
         None => src.url.clone(),
         Some(d) => match d.cached() {
             Some(uri) => uri,
             None => {
-                let (doc, _) = get(agent, &src.url, None)?;
-                let uri = jwks_uri(&doc, &d.issuer, &src.url)?;
+                let (doc, _) = get(agent, &src.url, None).map_err(|e| scrub(e, &src.url))?;
+                let uri = jwks_uri(&doc, &d.issuer, &src.url).map_err(|e| scrub(e, &src.url))?;
                 d.remember(Some(uri.clone()));
                 uri
             }
@@ -171,9 +173,13 @@ pub fn fetch_keys(agent: &ureq::Agent, src: &KeyUrl) -> Result<FetchedKeys, Stri
         (Ok(f), _) => f,
         (Err(e), Some(d)) => {
             d.remember(None);
-            return Err(format!("{e} (from the jwks_uri {keys_url})"));
+            let shown = mesh_core::provider::shown_url(&keys_url);
+            return Err(format!(
+                "{} (from the jwks_uri {shown})",
+                scrub(scrub(e, &keys_url), &src.url)
+            ));
         }
-        (Err(e), None) => return Err(e),
+        (Err(e), None) => return Err(scrub(e, &src.url)),
     };
     Ok(FetchedKeys {
         count: keys.keys.len(),
