@@ -385,3 +385,21 @@ def test_the_readme_examples_are_what_the_module_writes(module_path, conf_dir, k
     for name, text in written.items():
         assert blocks[name] == text, f"README's {name} example is not what the module writes " \
             "(MESH_UPDATE_README=1 rewrites it):\n" + "\n".join(diff(blocks[name], text))
+
+
+def test_outbound_identity_is_reported_per_route(module_path, conf_dir, keyring):
+    body = """
+mesh_access_report @TMP@/access.json;
+mesh_outbound_token $billing_token https://billing.example;
+server {
+    listen 127.0.0.1:@PORT@;
+    location /billing/ { mesh_outbound_auth $billing_token; proxy_pass http://@UPSTREAM@; }
+    location /other/ { proxy_pass http://@UPSTREAM@; }
+}
+"""
+    passes_nginx_t(conf_text(body, conf_dir, keyring), conf_dir)
+    report = json.loads((conf_dir / "access.json").read_text())
+    routes = {r["match"]: r for r in report["servers"][0]["routes"]}
+    assert routes["/billing/"]["outbound_auth"] == "$billing_token"
+    assert routes["/other/"]["outbound_auth"] is None
+    assert report["outbound_tokens"] == [{"variable": "$billing_token", "audience": "https://billing.example"}]
