@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import socket
 import ssl
 import threading
 import time
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .loopback import LoopbackServer
 from .procs import peer_pid
 
 STALL_LIMIT = 30.0  # a stalled request is held at most this long
@@ -207,10 +207,11 @@ class _Server(ThreadingHTTPServer):
                     pass
 
 
-class KeyServer:
+class KeyServer(LoopbackServer):
     """Serves routes on 127.0.0.1:port over HTTPS (with `pki`) or HTTP (pki None)."""
 
     def __init__(self, pki: TestPKI | None, *, start_up: bool = True) -> None:
+        super().__init__()
         self.pki = pki
         self.tls_context = pki.server_context() if pki else None
         self._lock = threading.Lock()
@@ -219,11 +220,6 @@ class KeyServer:
         self.handshake_failures: list[str] = []
         self._release = threading.Event()
         self._stalled = 0
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        with socket.socket() as s:  # reserve a port number, listening or not
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
         if start_up:
             self.up()
 
@@ -325,36 +321,8 @@ class KeyServer:
         return False
 
     # ---- up / down
-    def up(self) -> None:
-        assert self._server is None, "already up"
-        last: OSError | None = None
-        for _ in range(50):  # the port may linger for a moment after down()
-            try:
-                self._server = _Server(self, self.port)
-                break
-            except OSError as e:
-                last = e
-                time.sleep(0.1)
-        else:
-            raise AssertionError(f"cannot listen on 127.0.0.1:{self.port} again: {last}")
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
-
-    def down(self) -> None:
-        """Stop listening: new connections are refused (requests in progress finish)."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread:
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
-
-    @property
-    def is_up(self) -> bool:
-        return self._server is not None
+    def make_server(self, port: int) -> "_Server":
+        return _Server(self, port)
 
     def close(self) -> None:
         self._release.set()

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .loopback import LoopbackServer
 from .procs import peer_pid
 from .tokens import b64url, b64url_decode, json_bytes, sign
 
@@ -121,8 +121,9 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), _Handler)
 
 
-class MetadataServer:
+class MetadataServer(LoopbackServer):
     def __init__(self, *, lifetime: float = 3600, start_up: bool = True, signer=None) -> None:
+        super().__init__()
         self.lifetime = lifetime
         self.signer = signer
         self.delay = 0.0
@@ -131,11 +132,6 @@ class MetadataServer:
         self._lock = threading.Lock()
         self._requests: list[MetaRequest] = []
         self._seq = 0
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
         if start_up:
             self.up()
 
@@ -176,31 +172,8 @@ class MetadataServer:
             time.sleep(0.02)
         return predicate(self.requests())
 
-    def up(self) -> None:
-        assert self._server is None
-        last: OSError | None = None
-        for _ in range(50):
-            try:
-                self._server = _Server(self, self.port)
-                break
-            except OSError as e:
-                last = e
-                time.sleep(0.1)
-        else:
-            raise AssertionError(f"cannot listen on 127.0.0.1:{self.port}: {last}")
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
-
-    def down(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread:
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
+    def make_server(self, port: int) -> "_Server":
+        return _Server(self, port)
 
     def close(self) -> None:
         self.down()

@@ -9,12 +9,12 @@ request until released (a slow receiver).
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .loopback import LoopbackServer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -101,8 +101,9 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), _Handler)
 
 
-class OtlpReceiver:
+class OtlpReceiver(LoopbackServer):
     def __init__(self, *, project: str | None = None) -> None:
+        super().__init__()
         self.project = project
         self.status = 200
         self.lock = threading.Lock()
@@ -110,11 +111,6 @@ class OtlpReceiver:
         self.metadata_gets: list[str] = []
         self.release = threading.Event()
         self.release.set()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
         self.up()
 
     @property
@@ -141,31 +137,8 @@ class OtlpReceiver:
                 return chosen
             time.sleep(0.02)
 
-    def up(self) -> None:
-        assert self._server is None
-        last: OSError | None = None
-        for _ in range(50):
-            try:
-                self._server = _Server(self, self.port)
-                break
-            except OSError as e:
-                last = e
-                time.sleep(0.1)
-        else:
-            raise AssertionError(f"cannot listen on 127.0.0.1:{self.port}: {last}")
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
-
-    def down(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread:
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
+    def make_server(self, port: int) -> "_Server":
+        return _Server(self, port)
 
     def close(self) -> None:
         self.release.set()

@@ -283,37 +283,28 @@ pub fn missing(s: Sources) -> Vec<String> {
 /// `None` for a provider without a key URL, or before this worker found its slot.
 pub fn refresh_record(p: &MeshProvider) -> Option<(u64, u64, u64)> {
     p.url.as_ref()?;
-    WORKER.with(|cell| {
-        let mut guard = cell.try_borrow_mut().ok()?;
-        let w = guard.as_mut()?;
-        // SAFETY: the KeyZone lives in the configuration pool of the cycle this worker runs.
-        let zone = unsafe { &*w.zone };
-        let local = w
-            .locals
-            .iter_mut()
-            .find(|l| matches!(&l.source, Source::Keys(q) if std::ptr::eq(Arc::as_ptr(q), p)))?;
-        let mut l = zone.lock()?;
-        let i = l.locate(&local.id, &mut local.slot, now_ms())?;
-        let s = &l.slots()[i].sched;
-        Some((s.fetched_at / 1000, s.ok_total, s.failed_total))
-    })
+    record(|src| matches!(src, Source::Keys(q) if std::ptr::eq(Arc::as_ptr(q), p)))
 }
 
 /// The shared record of an outbound token's fetches (the master's at start included, kept
 /// across reloads): how many succeeded and failed. `None` before this worker found its slot.
 pub fn token_record(t: &OutboundToken) -> Option<(u64, u64)> {
+    record(|src| matches!(src, Source::Token(q) if std::ptr::eq(Arc::as_ptr(q), t)))
+        .map(|(_, ok, failed)| (ok, failed))
+}
+
+/// The zone's record of the source `is` picks: (last good fetch in seconds, successes,
+/// failures).
+fn record(is: impl Fn(&Source) -> bool) -> Option<(u64, u64, u64)> {
     WORKER.with(|cell| {
         let mut guard = cell.try_borrow_mut().ok()?;
         let w = guard.as_mut()?;
         // SAFETY: the KeyZone lives in the configuration pool of the cycle this worker runs.
         let zone = unsafe { &*w.zone };
-        let local = w
-            .locals
-            .iter_mut()
-            .find(|l| matches!(&l.source, Source::Token(q) if std::ptr::eq(Arc::as_ptr(q), t)))?;
+        let local = w.locals.iter_mut().find(|l| is(&l.source))?;
         let mut l = zone.lock()?;
         let i = l.locate(&local.id, &mut local.slot, now_ms())?;
         let s = &l.slots()[i].sched;
-        Some((s.ok_total, s.failed_total))
+        Some((s.fetched_at / 1000, s.ok_total, s.failed_total))
     })
 }
