@@ -161,6 +161,10 @@ impl HttpModule for MeshModule {
         if unsafe { conf::audit::finish(cf) }.is_err() {
             return Status::NGX_ERROR.into();
         }
+        // SAFETY: as above. Written only once the audit accepted the configuration.
+        if unsafe { conf::report::finish(cf) }.is_err() {
+            return Status::NGX_ERROR.into();
+        }
         // SAFETY: nginx calls this with a valid configuration context, after the http block
         // was parsed, so the core module's main configuration exists.
         unsafe {

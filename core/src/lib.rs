@@ -15,6 +15,7 @@
 //! * [`gcra`]: `rate=` parsing, GCRA (`limit_req ... nodelay` semantics), `RateLimit` headers;
 //! * [`ratetable`]: per-key rate state as plain data for nginx shared memory;
 //! * [`refresh`]: when fetched keys and outbound tokens are fetched again;
+//! * [`report`]: `mesh_access_report`: the access matrix as JSON and Markdown;
 //! * [`keystore`]: the shared key store's schedule: who fetches a source, and when;
 //! * [`trace`]: trace context (W3C `traceparent`/`tracestate`, `X-Cloud-Trace-Context`), ids, sampling;
 //! * [`units`]: nginx time/size/flag syntax.
@@ -35,6 +36,7 @@ pub mod provider;
 pub mod ratesync;
 pub mod ratetable;
 pub mod refresh;
+pub mod report;
 pub mod resp;
 pub mod status;
 pub mod token;

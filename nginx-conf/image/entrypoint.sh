@@ -15,7 +15,9 @@
 #    SIGQUIT become nginx's graceful shutdown: listeners close, requests in flight finish, and
 #    worker_shutdown_timeout closes what is left. SIGINT is a fast stop, SIGHUP a reload. The
 #    container exits with nginx's status, after the last log line is written.
-#    With the argument -t, it stops after nginx -t (exit 0 when the configuration is valid).
+#    With the argument -t, it stops after nginx -t (exit 0 when the configuration is valid) and
+#    prints the access report (Markdown) on stdout. MESH_ACCESS_REPORT=PATH: nginx also writes
+#    the JSON report there (mesh_access_report), at every start, reload and check.
 set -euo pipefail
 shopt -s nullglob
 
@@ -24,6 +26,8 @@ readonly SHARE=/usr/share/ngx-mesh
 readonly TEMPLATE_DIR=/etc/nginx/templates
 readonly RENDER_DIR=$RUN_DIR/templates
 readonly HOOK_DIR=/docker-entrypoint.d
+# The Markdown access report the image's nginx.conf writes (printed by `-t`).
+readonly REPORT_MD=$RUN_DIR/access-report.md
 
 log() { printf 'mesh-entrypoint: [%s] %s\n' "$1" "$2" >&2; }
 die() { log emerg "$1"; exit 1; }
@@ -282,7 +286,7 @@ configure_image() {
         MESH_TRACE_RESPONSE MESH_FORWARD_IDENTITY MESH_HEALTH_PATH MESH_CONFIG_VERSION
         MESH_ENVSUBST_FILTER MESH_NGINX_CONF MESH_METRICS_PORT MESH_TRACE_EXPORT
         MESH_TRACE_SERVICE MESH_EGRESS_PORT MESH_REDIS_URL MESH_REDIS_PASSWORD_FILE MESH_REDIS_CA
-        MESH_REAL_IP MESH_METADATA_SERVER "
+        MESH_REAL_IP MESH_METADATA_SERVER MESH_ACCESS_REPORT "
     for name in $(compgen -e); do
         [[ $name == MESH_* ]] || continue
         [[ $known == *[[:space:]]$name[[:space:]]* ]] && continue
@@ -607,6 +611,12 @@ configure_image() {
     export _MESH_RATE_LIMIT=${limit%$'\n'}
     export _MESH_UPSTREAM
     _MESH_UPSTREAM=$(q "$MESH_UPSTREAM")
+    local report="mesh_access_report $(q "$REPORT_MD") format=markdown;"
+    if [ -n "${MESH_ACCESS_REPORT:-}" ]; then
+        check MESH_ACCESS_REPORT '^/.*[^/]$' "an absolute file path such as /reports/access.json"
+        report+=$'\n'"    mesh_access_report $(q "$MESH_ACCESS_REPORT");"
+    fi
+    export _MESH_ACCESS_REPORT=$report
     export _MESH_REAL_IP=$real_ip
     export _MESH_EGRESS_HTTP=${egress_http%$'\n'}
     export _MESH_EGRESS_SERVER=${egress_server%$'\n'}
@@ -628,10 +638,16 @@ fi
 
 # --- 5. nginx ----------------------------------------------------------------------------------
 # -e stderr: nginx's messages before its configuration is read go to stderr too, never to a file.
+rm -f "$REPORT_MD"
 nginx -e stderr -c "$conf" -t -q 3>&- || die "nginx -t refused the configuration (the lines above say where); it was rendered to $conf"
 # `-t` (docker run IMAGE -t): check the settings and the configuration, start nothing.
 if [ "${1:-}" = -t ]; then
     log notice "configuration $conf is valid"
+    # The access report of what was just checked (a MESH_NGINX_CONF configuration has one if it
+    # says mesh_access_report /tmp/nginx/access-report.md format=markdown;).
+    if [ -f "$REPORT_MD" ]; then
+        cat "$REPORT_MD"
+    fi
     exit 0
 fi
 nginx -e stderr -c "$conf" -g "daemon off;" 3>&- &

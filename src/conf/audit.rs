@@ -171,13 +171,27 @@ unsafe fn opening(cf: *mut ngx_conf_t) -> LevelFacts {
     }
 }
 
-/// After `conf` was merged with its parent: a server or location becomes a route, if
+/// A server or location, as a route: checked if `mesh_require_auth` is on there, and
+/// returned in every case (for the access report), with whether it is a `location /` that
+/// answers every request of its server.
+pub struct Recorded {
+    pub route: Route,
+    pub catches_all: bool,
+}
+
+/// After `conf` was merged with its parent: a server or location becomes a route, checked if
 /// `mesh_require_auth` is on there.
 ///
 /// # Safety
 /// `cf` must be nginx's configuration context during this module's `merge_loc_conf` of `conf`.
-pub unsafe fn record(cf: *mut ngx_conf_t, audit: &mut Audit, parent: &LocConf, conf: &mut LocConf) {
+pub unsafe fn record(
+    cf: *mut ngx_conf_t,
+    audit: &mut Audit,
+    parent: &LocConf,
+    conf: &mut LocConf,
+) -> Option<Recorded> {
     let required = conf.require_auth;
+    let mut catches_all = false;
     audit.enabled |= required || parent.require_auth;
     let facts = &mut conf.facts;
     let kind = match facts.block {
@@ -193,17 +207,15 @@ pub unsafe fn record(cf: *mut ngx_conf_t, audit: &mut Audit, parent: &LocConf, c
         }
         Block::Location => {
             if parent.facts.block == Block::Server && facts.catches_all() {
+                catches_all = true;
                 if let Some(s) = facts.server.and_then(|i| audit.servers.get_mut(i)) {
                     s.caught = true;
                 }
             }
             RouteKind::Location(facts.name.clone())
         }
-        _ => return,
+        _ => return None,
     };
-    if !required {
-        return;
-    }
     // SAFETY: see the function's contract.
     let (returns, internal, bypass) = unsafe {
         (
@@ -230,12 +242,15 @@ pub unsafe fn record(cf: *mut ngx_conf_t, audit: &mut Audit, parent: &LocConf, c
         line: facts.pos.line,
         kind,
     };
-    if route.kind == RouteKind::ServerDefault {
-        if let Some(s) = facts.server.and_then(|i| audit.servers.get_mut(i)) {
-            s.default_route = Some(audit.routes.len());
+    if required {
+        if route.kind == RouteKind::ServerDefault {
+            if let Some(s) = facts.server.and_then(|i| audit.servers.get_mut(i)) {
+                s.default_route = Some(audit.routes.len());
+            }
         }
+        audit.routes.push(route.clone());
     }
-    audit.routes.push(route);
+    Some(Recorded { route, catches_all })
 }
 
 /// In `postconfiguration`: one `[emerg]` per unprotected route, each at its own file:line,

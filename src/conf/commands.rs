@@ -10,15 +10,16 @@ use std::ptr;
 
 use ngx::ffi::{
     ngx_command_t, ngx_conf_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_2MORE,
-    NGX_CONF_BLOCK, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_CONF_TAKE3,
-    NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET,
-    NGX_HTTP_SRV_CONF,
+    NGX_CONF_BLOCK, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12,
+    NGX_CONF_TAKE2, NGX_CONF_TAKE3, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
+    NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF,
 };
 use ngx::ngx_string;
 
 use super::directive::{directive, flag, set_once, ContentHandlers};
 use super::{
-    identity, keys, log, metrics, outbound, policy, provider, rate_limit, trace, LocConf, MainConf,
+    identity, keys, log, metrics, outbound, policy, provider, rate_limit, report, trace, LocConf,
+    MainConf,
 };
 
 const M: u32 = NGX_HTTP_MAIN_CONF;
@@ -91,7 +92,7 @@ const T23: u32 = NGX_CONF_TAKE2 | NGX_CONF_TAKE3;
 const FLAG: u32 = NGX_CONF_FLAG;
 
 /// Entries of the table, the terminating empty one included.
-pub const COUNT: usize = 34;
+pub const COUNT: usize = 35;
 
 /// The table, with `H`'s content handlers.
 #[rustfmt::skip]
@@ -134,5 +135,6 @@ pub const fn table<H: ContentHandlers>() -> [ngx_command_t; COUNT] { [
     command(ngx_string!("mesh_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, metrics::mesh_status::<H>, NGX_HTTP_LOC_CONF_OFFSET),
     once!("mesh_metrics_callers",   M | T1,                  MainConf, metrics_callers,  log::metrics_callers),
     once!("mesh_config_version",    M | T1,                  MainConf, config_version,   identity::config_version),
+    each!("mesh_access_report",     M | NGX_CONF_TAKE12,     MainConf, reports,          report::directive),
     ngx_command_t::empty(),
 ] }

@@ -11,7 +11,7 @@ use ngx::ffi::ngx_conf_t;
 use ngx::http::HttpModuleMainConf;
 
 use super::directive::ConfError;
-use super::{audit, Auth, AuthSpec, LocConf, MainConf, TRACE_PROJECT_ENV};
+use super::{audit, report, Auth, AuthSpec, LocConf, MainConf, TRACE_PROJECT_ENV};
 use crate::state::span_export::TraceExport;
 use crate::MeshModule;
 
@@ -172,7 +172,13 @@ pub unsafe extern "C" fn merge_loc_conf(
             return e.report(cf, "");
         }
         // SAFETY: this is the module's `merge_loc_conf` of `conf`.
-        unsafe { audit::record(cf, &mut mcf.audit, prev, conf) };
+        let recorded = unsafe { audit::record(cf, &mut mcf.audit, prev, conf) };
+        // The access report's notes, only when a report is written (`mesh_access_report` is
+        // an http-level directive, all read before merging starts).
+        if let (Some(r), false) = (recorded, mcf.reports.is_empty()) {
+            // SAFETY: as above.
+            unsafe { report::record(cf, &mut mcf.report, r.route, conf, r.catches_all) };
+        }
         NGX_CONF_OK
     })
 }

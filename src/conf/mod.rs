@@ -7,6 +7,7 @@
 //!   directive family;
 //! - `merge`: inheritance and resolution (`init_main_conf`, `merge_loc_conf`);
 //! - `audit`: `mesh_require_auth`, the check of every route once all are merged;
+//! - `report`: `mesh_access_report`, the access matrix written once all are merged;
 //! - this file: the configuration structures and their defaults.
 //!
 //! As in nginx's C modules, parsing fills `set` (what a level wrote, `None` where it wrote
@@ -26,6 +27,7 @@ mod outbound;
 mod policy;
 mod provider;
 mod rate_limit;
+pub mod report;
 mod trace;
 
 use std::ptr::NonNull;
@@ -86,6 +88,10 @@ pub struct MainConf {
     pub(crate) audit: audit::Audit,
     /// `mesh_trace_export`, with the spans' resource; `None`: spans are not exported.
     pub trace_export: Option<Arc<crate::state::span_export::TraceExport>>,
+    /// `mesh_access_report` files.
+    pub reports: Vec<report::ReportFile>,
+    /// What the access report says, gathered while merging.
+    pub(crate) report: report::Collected,
     set: MainSet,
 }
 
@@ -120,6 +126,8 @@ impl Default for MainConf {
             keystore: Default::default(),
             audit: audit::Audit::default(),
             trace_export: None,
+            reports: Vec::new(),
+            report: report::Collected::default(),
             set: MainSet::default(),
         }
     }

@@ -24,6 +24,8 @@ struct Block {
     secret_pos: Option<ConfPos>,
     algorithms_pos: Option<ConfPos>,
     discovery_pos: Option<ConfPos>,
+    /// The key or secret file, for the access report.
+    key_file: Option<mesh_core::report::KeySource>,
 }
 
 /// `mesh_provider NAME { ... }`
@@ -52,6 +54,7 @@ pub fn block(providers: &mut Vec<Arc<MeshProvider>>, d: &Directive) -> Result<()
         secret_pos: None,
         algorithms_pos: None,
         discovery_pos: None,
+        key_file: None,
     };
     // SAFETY: the block is parsed with a copy of `cf` whose handler reads each line into
     // `block`, which outlives the call (the same technique as nginx's `map` and `types`).
@@ -71,6 +74,7 @@ pub fn block(providers: &mut Vec<Arc<MeshProvider>>, d: &Directive) -> Result<()
         secret_pos,
         algorithms_pos,
         discovery_pos,
+        key_file,
     } = block;
     let name = core.name.clone();
     let built = core
@@ -98,7 +102,9 @@ pub fn block(providers: &mut Vec<Arc<MeshProvider>>, d: &Directive) -> Result<()
             };
             ConfError::At(at.unwrap_or(pos), e.message)
         })?;
-    providers.push(Arc::new(MeshProvider::new(built)));
+    let mut provider = MeshProvider::new(built);
+    provider.key_file = key_file;
+    providers.push(Arc::new(provider));
     Ok(())
 }
 
@@ -165,6 +171,7 @@ impl Block {
                     let path = full_path(d.cf, src);
                     let bytes = std::fs::read(&path)
                         .map_err(|e| invalid(format!("cannot read \"{path}\": {e}")))?;
+                    self.key_file = Some(mesh_core::report::KeySource::File(path.clone()));
                     KeySource::File(
                         KeySet::load(&bytes).map_err(|e| format!("keys \"{path}\": {e}"))?,
                     )
@@ -207,6 +214,7 @@ impl Block {
                 }
                 self.core.set_secret(KeySet::from_secret(&bytes));
                 self.secret_pos = Some(d.pos.clone());
+                self.key_file = Some(mesh_core::report::KeySource::Secret(path));
             }
             _ => {
                 self.core.line(dir, &w)?;

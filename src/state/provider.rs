@@ -24,6 +24,8 @@ pub struct MeshProvider {
     pub platform_verified: bool,
     /// `keys https://...`: where the keys come from.
     pub url: Option<KeyUrl>,
+    /// `keys FILE` or `secret FILE`: the file (for the access report; never its contents).
+    pub key_file: Option<mesh_core::report::KeySource>,
 }
 
 impl MeshProvider {
@@ -40,7 +42,13 @@ impl MeshProvider {
             algorithms,
             platform_verified,
             url,
+            key_file: None,
         }
+    }
+
+    /// `algorithms` as configured (or preset); `None`: what the keys allow.
+    pub fn configured_algorithms(&self) -> Option<&[Algorithm]> {
+        self.algorithms.as_deref()
     }
 
     /// The provider as it is now (keys included).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -479,6 +480,44 @@ def test_google_provider_configuration_passes_nginx_t(echo):
         args += ["-e", f"{key}={value}"]
     done = podman(*args, IMAGE, "-t", check=False)
     assert done.returncode == 1 and "MESH_AUDIENCE is not set" in json_lines(done.stderr, "stderr")[-1]["message"]
+
+
+def test_check_mode_prints_the_access_report_and_writes_the_json(echo, mounts):
+    """`IMAGE -t` prints the Markdown access report after the check; MESH_ACCESS_REPORT=PATH
+    has nginx write the JSON one there (a mounted directory the image's user may write)."""
+    out = make_private_dir("ngx-mesh-report-")
+    os.chmod(out, 0o777)
+    env = dict(base_env(free_port(), echo), MESH_ALLOWED_CALLERS="reader@test ~^batch-",
+               MESH_RULE_1="deny *@blocked.test methods=DELETE", MESH_CONFIG_VERSION="ci-42",
+               MESH_ACCESS_REPORT="/reports/access.json")
+    args = ["run", "--rm", "--network=host", "--pull=never", "-v", f"{out}:/reports", "-v", mounts["keys"]]
+    for key, value in env.items():
+        args += ["-e", f"{key}={value}"]
+    try:
+        done = podman(*args, IMAGE, "-t", check=False)
+        errors = json_lines(done.stderr, "stderr")
+        assert done.returncode == 0, errors
+        md = done.stdout.splitlines()
+        assert md and md[0] == "# Access report", done.stdout
+        for line in ["Configuration version: `ci-42`", "- issuers: `https://issuer.test`",
+                     "- keys: file `/keys/jwks.json`", "- verdict: open: mesh_auth off written in the location"]:
+            assert line in md, done.stdout
+        assert any(l.startswith("  1. deny `*@blocked.test`; methods `DELETE` (/tmp/nginx/nginx.conf:") for l in md), done.stdout
+        report = json.loads((out / "access.json").read_text())
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    assert report["config_version"] == "ci-42"
+    assert [p["name"] for p in report["providers"]] == ["issuer"]
+    # the service's server (the image may add others, such as the metrics port's)
+    served = [s for s in report["servers"] if f"0.0.0.0:{env['PORT']}" in s["listen"]]
+    assert len(served) == 1, report["servers"]
+    routes = {r["match"]: r for r in served[0]["routes"]}
+    assert routes["= /health"]["verdict"] == "exempt" and routes["= /ready"]["verdict"] == "open", routes
+    root = routes["/"]
+    assert root["verdict"] == "protected" and root["auth"]["providers"] == ["issuer"], root
+    assert [[p["pattern"] for p in r["patterns"]] for r in root["rules"]] == [["*@blocked.test"], ["reader@test", "~^batch-"]]
+    assert root["rules"][0]["effect"] == "deny" and root["rules"][0]["methods"] == ["DELETE"]
+    assert root["rate_limit"]["rate"] == "100r/s" and root["rate_limit"]["burst"] == 200
 
 
 @pytest.mark.parametrize(
