@@ -76,17 +76,62 @@ pub fn key_hash_parts(zone_salt: &[u8], parts: &[&[u8]]) -> [u64; 2] {
 
 /// Where a key lives in a zone's table: its identity ([`key_hash`], the same on every
 /// instance, so global zones agree on it in Redis) hashed again under the zone's secret
-/// (random, kept in the zone). Without the secret, nobody can tell which keys share a bucket,
-/// so a chosen caller cannot be evicted by sending colliding keys: the bucket of each key is
-/// a 1-in-`buckets` draw the attacker cannot see.
+/// (random, kept in the zone) with SipHash-2-4, a keyed hash built for this (a few hundred
+/// instructions, where a second SHA-256 cost 3 500 per request). Without the secret, nobody
+/// can tell which keys share a bucket, so a chosen caller cannot be evicted by sending
+/// colliding keys: the bucket of each key is a 1-in-`buckets` draw the attacker cannot see.
 pub fn placed(secret: [u64; 2], identity: [u64; 2]) -> [u64; 2] {
-    let mut s = [0u8; 16];
-    s[..8].copy_from_slice(&secret[0].to_le_bytes());
-    s[8..].copy_from_slice(&secret[1].to_le_bytes());
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&identity[0].to_le_bytes());
-    k[8..].copy_from_slice(&identity[1].to_le_bytes());
-    key_hash(&s, &k)
+    let mut m = [0u8; 17];
+    m[..8].copy_from_slice(&identity[0].to_le_bytes());
+    m[8..16].copy_from_slice(&identity[1].to_le_bytes());
+    let a = siphash24(secret, &m);
+    m[16] = 1;
+    nonzero([a, siphash24(secret, &m)])
+}
+
+/// SipHash-2-4 (Aumasson and Bernstein) of `m` under the 128-bit key `k` (`k[0]` the first
+/// eight key bytes, little-endian).
+fn siphash24(k: [u64; 2], m: &[u8]) -> u64 {
+    let mut v = [
+        k[0] ^ 0x736f_6d65_7073_6575,
+        k[1] ^ 0x646f_7261_6e64_6f6d,
+        k[0] ^ 0x6c79_6765_6e65_7261,
+        k[1] ^ 0x7465_6462_7974_6573,
+    ];
+    fn round(v: &mut [u64; 4]) {
+        v[0] = v[0].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(13) ^ v[0];
+        v[0] = v[0].rotate_left(32);
+        v[2] = v[2].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(16) ^ v[2];
+        v[0] = v[0].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(21) ^ v[0];
+        v[2] = v[2].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(17) ^ v[2];
+        v[2] = v[2].rotate_left(32);
+    }
+    let mut chunks = m.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        v[3] ^= w;
+        round(&mut v);
+        round(&mut v);
+        v[0] ^= w;
+    }
+    let mut last = [0u8; 8];
+    let rest = chunks.remainder();
+    last[..rest.len()].copy_from_slice(rest);
+    last[7] = m.len() as u8;
+    let w = u64::from_le_bytes(last);
+    v[3] ^= w;
+    round(&mut v);
+    round(&mut v);
+    v[0] ^= w;
+    v[2] ^= 0xff;
+    for _ in 0..4 {
+        round(&mut v);
+    }
+    v[0] ^ v[1] ^ v[2] ^ v[3]
 }
 
 fn nonzero(key: [u64; 2]) -> [u64; 2] {
@@ -239,6 +284,21 @@ pub fn raise(slots: &mut [Slot], key: [u64; 2], hint: usize, tat: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn siphash24_matches_the_reference_vectors() {
+        // The SipHash paper's example: key 00..0f, message 00..0e.
+        let k = [
+            u64::from_le_bytes([0, 1, 2, 3, 4, 5, 6, 7]),
+            u64::from_le_bytes([8, 9, 10, 11, 12, 13, 14, 15]),
+        ];
+        let m: Vec<u8> = (0..15).collect();
+        assert_eq!(siphash24(k, &m), 0xa129_ca61_49be_45e5);
+        // The reference implementation's vectors for the empty and the 8-byte message.
+        assert_eq!(siphash24(k, &[]), 0x726f_db47_dd0e_0e31);
+        let m: Vec<u8> = (0..8).collect();
+        assert_eq!(siphash24(k, &m), 0x93f5_f579_9a93_2462);
+    }
 
     #[test]
     fn key_hash_of_parts_is_that_of_their_concatenation() {
