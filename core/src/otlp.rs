@@ -1,9 +1,13 @@
 //! Spans as OTLP/HTTP protobuf (`opentelemetry/proto/collector/trace/v1`
 //! `ExportTraceServiceRequest`), encoded by hand: the few messages a hop needs, written
 //! field by field in field-number order, with no schema compiler and no allocation per field.
+//! A span borrows what it reports from the request and is encoded once, on the worker
+//! ([`Span::encode`]); the exporter only joins encoded spans into a request body.
 //!
 //! What a request's hop becomes is decided here too ([`Span`], [`Attr`]); the shell only
 //! fills the values it reads from nginx.
+
+use std::borrow::Cow;
 
 /// `Span.SpanKind`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,35 +20,35 @@ pub enum SpanKind {
 
 /// An attribute value (`AnyValue`): the kinds spans here carry.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Value {
-    Str(String),
+pub enum Value<'a> {
+    Str(Cow<'a, str>),
     Int(i64),
     Bool(bool),
 }
 
 /// One attribute (`KeyValue`).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Attr {
+pub struct Attr<'a> {
     pub key: &'static str,
-    pub value: Value,
+    pub value: Value<'a>,
 }
 
-impl Attr {
-    pub fn str(key: &'static str, v: impl Into<String>) -> Attr {
+impl<'a> Attr<'a> {
+    pub fn str(key: &'static str, v: impl Into<Cow<'a, str>>) -> Attr<'a> {
         Attr {
             key,
             value: Value::Str(v.into()),
         }
     }
 
-    pub fn int(key: &'static str, v: i64) -> Attr {
+    pub fn int(key: &'static str, v: i64) -> Attr<'a> {
         Attr {
             key,
             value: Value::Int(v),
         }
     }
 
-    pub fn bool(key: &'static str, v: bool) -> Attr {
+    pub fn bool(key: &'static str, v: bool) -> Attr<'a> {
         Attr {
             key,
             value: Value::Bool(v),
@@ -54,18 +58,18 @@ impl Attr {
 
 /// One hop, as it is exported.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Span {
+pub struct Span<'a> {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
     /// The incoming `traceparent`'s span; `None` for a trace that starts here.
     pub parent_span_id: Option<[u8; 8]>,
     /// The incoming `tracestate`, as received (W3C, passed on unchanged).
-    pub trace_state: Vec<u8>,
-    pub name: String,
+    pub trace_state: &'a [u8],
+    pub name: Cow<'a, str>,
     pub kind: SpanKind,
     pub start_unix_nanos: u64,
     pub end_unix_nanos: u64,
-    pub attributes: Vec<Attr>,
+    pub attributes: Vec<Attr<'a>>,
     /// `STATUS_CODE_ERROR` (a 5xx answer, OTel HTTP semantic conventions for servers);
     /// otherwise the status is left unset.
     pub error: bool,
@@ -75,22 +79,22 @@ pub struct Span {
 /// version.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Resource {
-    pub attributes: Vec<Attr>,
+    pub attributes: Vec<Attr<'static>>,
     pub scope_name: String,
     pub scope_version: String,
 }
 
 /// The span's name: the method and the route (the location as configured), as OTel's HTTP
 /// conventions name server spans: `GET /orders/`.
-pub fn span_name(method: &str, route: &str) -> String {
+pub fn span_name<'a>(method: &'a str, route: &str) -> Cow<'a, str> {
     if route.is_empty() {
-        method.to_string()
+        Cow::Borrowed(method)
     } else {
         let mut s = String::with_capacity(method.len() + 1 + route.len());
         s.push_str(method);
         s.push(' ');
         s.push_str(route);
-        s
+        Cow::Owned(s)
     }
 }
 
@@ -235,16 +239,39 @@ fn bytes_field(out: &mut Vec<u8>, field: u32, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-/// A length-delimited submessage written by `body`: the body goes first into `out` after
-/// a reserved length, whose varint is then put in front of it (one move, no second buffer).
+/// A length-delimited submessage written by `body`: the body goes into `out` after one
+/// byte reserved for its length, which is all a body under 128 bytes needs (an attribute);
+/// a longer body is moved up by the bytes its length takes beyond that one.
 fn message(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
     key(out, field, LEN);
     let at = out.len();
+    out.push(0);
     body(out);
-    let len = out.len() - at;
+    let len = out.len() - at - 1;
+    if len < 0x80 {
+        out[at] = len as u8;
+        return;
+    }
     let mut prefix = Vec::with_capacity(10);
     varint(&mut prefix, len as u64);
-    out.splice(at..at, prefix);
+    let extra = prefix.len() - 1;
+    out.resize(out.len() + extra, 0);
+    out.copy_within(at + 1..at + 1 + len, at + 1 + extra);
+    out[at..at + prefix.len()].copy_from_slice(&prefix);
+}
+
+/// The bytes of `v` as a varint.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// The encoded length of an `AnyValue` holding `v`.
+fn any_value_len(v: &Value) -> usize {
+    match v {
+        Value::Str(s) => 1 + varint_len(s.len() as u64) + s.len(),
+        Value::Bool(_) => 2,
+        Value::Int(i) => 1 + varint_len(*i as u64),
+    }
 }
 
 fn any_value(out: &mut Vec<u8>, v: &Value) {
@@ -261,18 +288,26 @@ fn any_value(out: &mut Vec<u8>, v: &Value) {
     }
 }
 
+/// A `KeyValue`, its lengths computed first: written front to back, no length patched in
+/// (a span has a dozen; through [`message`] they cost about twice as much).
 fn key_value(out: &mut Vec<u8>, field: u32, a: &Attr) {
-    message(out, field, |out| {
-        bytes_field(out, 1, a.key.as_bytes());
-        message(out, 2, |out| any_value(out, &a.value));
-    });
+    let klen = a.key.len();
+    let any_len = any_value_len(&a.value);
+    let kv_len = 1 + varint_len(klen as u64) + klen + 1 + varint_len(any_len as u64) + any_len;
+    out.reserve(kv_len + 11);
+    key(out, field, LEN);
+    varint(out, kv_len as u64);
+    bytes_field(out, 1, a.key.as_bytes());
+    key(out, 2, LEN);
+    varint(out, any_len as u64);
+    any_value(out, &a.value);
 }
 
-fn span(out: &mut Vec<u8>, s: &Span) {
+fn span(out: &mut Vec<u8>, s: &Span<'_>) {
     bytes_field(out, 1, &s.trace_id);
     bytes_field(out, 2, &s.span_id);
     if !s.trace_state.is_empty() {
-        bytes_field(out, 3, &s.trace_state);
+        bytes_field(out, 3, s.trace_state);
     }
     if let Some(p) = &s.parent_span_id {
         bytes_field(out, 4, p);
@@ -301,9 +336,28 @@ fn span(out: &mut Vec<u8>, s: &Span) {
     out.extend_from_slice(&(0x101u32 | remote).to_le_bytes());
 }
 
+/// A [`Span`] message's bytes ([`Span::encode`]), ready to join a batch ([`encode_export`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncodedSpan(Vec<u8>);
+
+impl Span<'_> {
+    /// The span as protobuf: what the exporter sends of it, owning nothing of the request.
+    pub fn encode(&self) -> EncodedSpan {
+        let attrs: usize = self
+            .attributes
+            .iter()
+            .map(|a| a.key.len() + 8 + any_value_len(&a.value))
+            .sum();
+        let mut out = Vec::with_capacity(96 + self.trace_state.len() + self.name.len() + attrs);
+        span(&mut out, self);
+        EncodedSpan(out)
+    }
+}
+
 /// `ExportTraceServiceRequest` for `spans`, all under `resource`.
-pub fn encode_export(resource: &Resource, spans: &[Span]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + spans.len() * 256);
+pub fn encode_export(resource: &Resource, spans: &[EncodedSpan]) -> Vec<u8> {
+    let body: usize = spans.iter().map(|s| s.0.len() + 4).sum();
+    let mut out = Vec::with_capacity(256 + body);
     // resource_spans = 1
     message(&mut out, 1, |out| {
         // resource = 1 { attributes = 1 }
@@ -319,7 +373,7 @@ pub fn encode_export(resource: &Resource, spans: &[Span]) -> Vec<u8> {
                 bytes_field(out, 2, resource.scope_version.as_bytes());
             });
             for s in spans {
-                message(out, 2, |out| span(out, s));
+                bytes_field(out, 2, &s.0);
             }
         });
     });
@@ -381,12 +435,12 @@ mod tests {
         v
     }
 
-    fn sample() -> Span {
+    fn sample() -> Span<'static> {
         Span {
             trace_id: [0xab; 16],
             span_id: [1, 2, 3, 4, 5, 6, 7, 8],
             parent_span_id: Some([9; 8]),
-            trace_state: b"k=v".to_vec(),
+            trace_state: b"k=v",
             name: span_name("GET", "/orders/"),
             kind: SpanKind::Server,
             start_unix_nanos: 1_700_000_000_123_000_000,
@@ -397,6 +451,24 @@ mod tests {
                 Attr::bool("b", true),
             ],
             error: true,
+        }
+    }
+
+    #[test]
+    fn varint_lengths_are_what_varint_writes() {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            varint(&mut out, v);
+            assert_eq!(varint_len(v), out.len(), "{v}");
         }
     }
 
@@ -426,7 +498,7 @@ mod tests {
             scope_name: "ngx-mesh".into(),
             scope_version: "0.1.0".into(),
         };
-        let body = encode_export(&res, &[sample(), sample()]);
+        let body = encode_export(&res, &[sample().encode(), sample().encode()]);
         let top = fields(&body);
         assert_eq!(top.len(), 1);
         let rs = fields(&one(&top, 1));
@@ -468,9 +540,9 @@ mod tests {
     fn a_root_span_has_no_parent_and_an_ok_span_no_status() {
         let mut s = sample();
         s.parent_span_id = None;
-        s.trace_state.clear();
+        s.trace_state = b"";
         s.error = false;
-        let body = encode_export(&Resource::default(), &[s]);
+        let body = encode_export(&Resource::default(), &[s.encode()]);
         let rs = fields(&one(&fields(&body), 1));
         let ss = fields(&one(&rs, 2));
         let span = fields(&one(&ss, 2));
@@ -483,8 +555,8 @@ mod tests {
     #[test]
     fn long_messages_get_multi_byte_lengths() {
         let mut s = sample();
-        s.name = "x".repeat(300);
-        let body = encode_export(&Resource::default(), &[s]);
+        s.name = "x".repeat(300).into();
+        let body = encode_export(&Resource::default(), &[s.encode()]);
         let rs = fields(&one(&fields(&body), 1));
         let ss = fields(&one(&rs, 2));
         let span = fields(&one(&ss, 2));

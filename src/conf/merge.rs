@@ -94,7 +94,7 @@ fn span_resource(
         attributes.push(Attr::str("gcp.project_id", p));
     }
     if !config_version.is_empty() {
-        attributes.push(Attr::str("mesh.config_version", config_version));
+        attributes.push(Attr::str("mesh.config_version", config_version.to_owned()));
     }
     Resource {
         attributes,
