@@ -20,6 +20,8 @@
 
 use std::fmt;
 
+use crate::text::{self, TextBuf, WriteText};
+
 const US_PER_SEC: u64 = 1_000_000;
 const US_PER_MIN: u64 = 60 * US_PER_SEC;
 /// Structured Field Integers have at most 15 digits (RFC 9651 3.3.1).
@@ -176,23 +178,13 @@ fn ceil_secs(us: u64) -> u64 {
     us.div_ceil(US_PER_SEC)
 }
 
-/// `NAME` as a Structured Field String: `"` and `\` escaped, anything
-/// outside printable ASCII replaced by `_`.
+/// `NAME` as a Structured Field String ([`write_sf_string`]).
 fn sf_string(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 2);
-    out.push('"');
-    for c in name.chars() {
-        match c {
-            '"' | '\\' => {
-                out.push('\\');
-                out.push(c);
-            }
-            ' '..='~' => out.push(c),
-            _ => out.push('_'),
-        }
-    }
-    out.push('"');
-    out
+    // Every character takes at most two bytes of the output, its escape.
+    let mut buf = vec![0u8; 2 * name.len() + 2];
+    let mut out = TextBuf::new(&mut buf);
+    write_sf_string(name, &mut out);
+    String::from_utf8_lossy(out.as_bytes()).into_owned()
 }
 
 /// The value of `RateLimit-Policy`: `"NAME";q=B+1;w=W`, W the time in
@@ -211,43 +203,44 @@ pub fn policy_header(name: &str, g: &Gcra) -> String {
     )
 }
 
-/// `NAME` as a Structured Field String, written without an intermediate `String`.
-struct SfString<'a>(&'a str);
-
-impl fmt::Display for SfString<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use fmt::Write;
-        f.write_char('"')?;
-        for c in self.0.chars() {
-            match c {
-                '"' | '\\' => {
-                    f.write_char('\\')?;
-                    f.write_char(c)?;
-                }
-                ' '..='~' => f.write_char(c)?,
-                _ => f.write_char('_')?,
-            }
+/// `NAME` as a Structured Field String: quoted, `"` and `\\` escaped, anything but
+/// printable ASCII written as `_`.
+fn write_sf_string(name: &str, out: &mut TextBuf<'_>) {
+    out.byte(b'"');
+    for c in name.chars() {
+        match c {
+            '"' | '\\' => out.bytes(&[b'\\', c as u8]),
+            ' '..='~' => out.byte(c as u8),
+            _ => out.byte(b'_'),
         }
-        f.write_char('"')
     }
+    out.byte(b'"');
 }
 
-/// The value of `RateLimit` ([`ratelimit_header`]) as a `Display`, to write straight into
-/// a response buffer: nothing allocated. At most [`ratelimit_field_max_len`] bytes.
+/// The value of `RateLimit` ([`ratelimit_header`]), to write straight into a response
+/// buffer ([`WriteText`]): nothing allocated. At most [`ratelimit_field_max_len`] bytes.
 pub struct RateLimitField<'a> {
     name: &'a str,
     outcome: &'a Outcome,
 }
 
+impl WriteText for RateLimitField<'_> {
+    fn max_len(&self) -> usize {
+        ratelimit_field_max_len(self.name.len())
+    }
+
+    fn write_text(&self, out: &mut TextBuf<'_>) {
+        write_sf_string(self.name, out);
+        out.bytes(b";r=");
+        out.decimal(self.outcome.remaining.min(SF_INTEGER_MAX));
+        out.bytes(b";t=");
+        out.decimal(ceil_secs(self.outcome.next_us).min(SF_INTEGER_MAX));
+    }
+}
+
 impl fmt::Display for RateLimitField<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{};r={};t={}",
-            SfString(self.name),
-            self.outcome.remaining.min(SF_INTEGER_MAX),
-            ceil_secs(self.outcome.next_us).min(SF_INTEGER_MAX)
-        )
+        text::display(self, f)
     }
 }
 
@@ -288,22 +281,14 @@ mod tests {
     }
 
     #[test]
-    fn sf_string_display_is_sf_string() {
-        for name in ["callers", "a\"b\\c", "é\n", ""] {
-            assert_eq!(SfString(name).to_string(), sf_string(name));
-        }
+    fn ratelimit_field_is_the_header() {
         let g = Gcra::new(parse_rate("10r/s").unwrap(), 5);
         let o = g.check(0, 1_000_000);
         let name = "z\"one\u{1}";
         let text = ratelimit_field(name, &o).to_string();
         assert_eq!(
             text,
-            format!(
-                "{};r={};t={}",
-                sf_string(name),
-                o.remaining,
-                ceil_secs(o.next_us)
-            )
+            format!("\"z\\\"one_\";r={};t={}", o.remaining, ceil_secs(o.next_us))
         );
         assert!(text.len() <= ratelimit_field_max_len(name.len()));
         let worst = Outcome {

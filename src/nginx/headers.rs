@@ -2,6 +2,8 @@
 
 use std::ptr;
 
+use mesh_core::text::{TextBuf, WriteText};
+
 use ngx::ffi::{
     add_to_ngx_table, ngx_http_request_t, ngx_list_part_t, ngx_list_push, ngx_list_t, ngx_palloc,
     ngx_pool_t, ngx_str_t, ngx_table_elt_t, ngx_uint_t,
@@ -202,11 +204,11 @@ pub const RETRY_AFTER: HeaderName = HeaderName::new("Retry-After", "retry-after"
 pub enum HeaderValue<'a> {
     Copy(&'a [u8]),
     Kept(&'static [u8]),
-    /// Already written into the request pool ([`pool_fmt`]).
+    /// Already written into the request pool ([`pool_text`]).
     InPool(PoolText),
 }
 
-/// Text written into a request's pool by [`pool_fmt`]: valid until that request is freed.
+/// Text written into a request's pool by [`pool_text`]: valid until that request is freed.
 pub struct PoolText(ngx_str_t);
 
 fn push_header(
@@ -282,15 +284,10 @@ pub fn push_header_in_elt(
     push_header(&mut r.headers_in.headers, r.pool, name, value)
 }
 
-/// Writes `value` (at most `max` bytes) into the request pool: a header value formatted
-/// without a heap allocation. `None` if the pool is exhausted or `value` is longer.
-pub fn pool_fmt(
-    r: &ngx::http::Request,
-    max: usize,
-    value: impl std::fmt::Display,
-) -> Option<PoolText> {
-    use std::io::Write;
-    let max = max.max(1);
+/// Writes `value` (at most its `max_len` bytes) into the request pool: a header value
+/// written without a heap allocation or `core::fmt`. `None` if the pool is exhausted.
+pub fn pool_text(r: &ngx::http::Request, value: &impl WriteText) -> Option<PoolText> {
+    let max = value.max_len().max(1);
     // SAFETY: `ngx_pnalloc` returns `max` writable bytes from the live request pool (or
     // NULL); they stay valid, and are not reused, until the request is freed. The slice is
     // used only inside this function.
@@ -301,10 +298,10 @@ pub fn pool_fmt(
         }
         (p, std::slice::from_raw_parts_mut(p, max))
     };
-    let mut cursor = std::io::Cursor::new(buf);
-    write!(cursor, "{value}").ok()?;
+    let mut out = TextBuf::new(buf);
+    value.write_text(&mut out);
     Some(PoolText(ngx_str_t {
-        len: cursor.position() as usize,
+        len: out.len(),
         data: p,
     }))
 }

@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use mesh_core::decision::Decision;
 use mesh_core::policy::{roles_into, Caller, Verdict};
 use mesh_core::status::AuthStatus;
+use mesh_core::text::Concat;
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_http_request_t, ngx_int_t, NGX_HTTP_FORBIDDEN, NGX_HTTP_INTERNAL_SERVER_ERROR,
@@ -24,7 +25,7 @@ use super::log::log_refusal;
 use super::upstream;
 use crate::conf::LocConf;
 use crate::nginx::headers::{
-    pool_fmt, push_header_out, push_header_out_elt, HeaderName, HeaderValue, RETRY_AFTER,
+    pool_text, push_header_out, push_header_out_elt, HeaderName, HeaderValue, RETRY_AFTER,
 };
 use crate::nginx::no_panic;
 use crate::nginx::request::method_name;
@@ -177,12 +178,12 @@ fn refuse_unauthenticated(
     let challenge = if id.status == AuthStatus::Missing {
         HeaderValue::Kept(lcf.challenge.as_bytes())
     } else {
-        let len = lcf.challenge_invalid.len() + id.reason.len() + 1;
-        match pool_fmt(
-            r,
-            len,
-            format_args!("{}{}\"", lcf.challenge_invalid, id.reason),
-        ) {
+        let parts = [
+            lcf.challenge_invalid.as_bytes(),
+            id.reason.as_bytes(),
+            b"\"",
+        ];
+        match pool_text(r, &Concat(&parts)) {
             Some(t) => HeaderValue::InPool(t),
             None => return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
         }

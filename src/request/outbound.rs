@@ -18,6 +18,7 @@
 //! re-checked every `POLL_MS`, and then answered `503` with `Retry-After` if none came.
 
 use mesh_core::extract::{bearer, Bearer};
+use mesh_core::text::Concat;
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_add_timer, ngx_handle_read_event, ngx_handle_write_event, ngx_http_block_reading,
@@ -30,7 +31,7 @@ use super::ctx::RequestCtx;
 use super::identify::token_of;
 use crate::conf::LocConf;
 use crate::nginx::headers::{
-    any_header_in, pool_fmt, push_header_in, push_header_in_elt, push_header_out,
+    any_header_in, pool_text, push_header_in, push_header_in_elt, push_header_out,
     remove_headers_in, remove_headers_in_where, HeaderName, HeaderValue, RETRY_AFTER,
 };
 use crate::nginx::no_panic;
@@ -85,7 +86,7 @@ fn refuse(
     now: u64,
 ) -> ngx_int_t {
     let retry = t.retry_after(now);
-    match pool_fmt(r, 20, retry) {
+    match pool_text(r, &retry) {
         Some(v) => {
             push_header_out(r, &RETRY_AFTER, HeaderValue::InPool(v));
         }
@@ -117,7 +118,7 @@ fn attach(r: &mut Request, lcf: &LocConf, ctx: &RequestCtx, token: &str) -> bool
     } else {
         None
     };
-    let Some(value) = pool_fmt(r, token.len() + 7, format_args!("Bearer {token}")) else {
+    let Some(value) = pool_text(r, &Concat(&[b"Bearer ", token.as_bytes()])) else {
         return false;
     };
     let raw: &mut ngx_http_request_t = r.as_mut();

@@ -4,8 +4,7 @@
 
 use std::cell::RefCell;
 
-use std::fmt;
-
+use mesh_core::text::{TextBuf, WriteText};
 use mesh_core::trace::{
     check_tracestate, cloud_logging_trace, parse_cloud_trace, parse_traceparent, IdGenerator,
     TraceContext, CLOUD_TRACE_FIELD_MAX_LEN, W3C_FIELD_LEN,
@@ -23,12 +22,13 @@ pub struct FixedText<const N: usize> {
 
 impl<const N: usize> FixedText<N> {
     /// `value`, cut at `N` bytes (callers size `N` for the longest value).
-    pub fn render(value: impl fmt::Display) -> FixedText<N> {
-        use std::io::Write;
+    pub fn render(value: &impl WriteText) -> FixedText<N> {
         let mut buf = [0u8; N];
-        let mut cursor = std::io::Cursor::new(&mut buf[..]);
-        let _ = write!(cursor, "{value}");
-        let len = cursor.position() as usize;
+        let len = {
+            let mut out = TextBuf::new(&mut buf);
+            value.write_text(&mut out);
+            out.len()
+        };
         FixedText { buf, len }
     }
 
@@ -104,8 +104,8 @@ pub(super) fn start(r: &Request, lcf: &LocConf) -> Option<Trace> {
             .map(|g| TraceContext::start(incoming.as_ref(), lcf.trace_sample, g))
     })?;
     Some(Trace {
-        traceparent: FixedText::render(ctx.w3c_field()),
-        cloud_trace: FixedText::render(ctx.cloud_trace_field()),
+        traceparent: FixedText::render(&ctx.w3c_field()),
+        cloud_trace: FixedText::render(&ctx.cloud_trace_field()),
         ctx,
         tracestate,
     })
