@@ -202,6 +202,7 @@ fn main() {
         claims_b64: "e30".into(),
         audiences: vec![],
         exp: 100,
+        iss: String::new(),
         key: None,
     });
     cache.put(token.as_bytes(), Arc::clone(&verified));

@@ -1,6 +1,6 @@
 //! Per-worker cache of verified tokens, never serving an entry at or past its `exp`.
 //!
-//! An entry is found by [`Hashed::cache_key`] (a keyed SipHash of the token's length and
+//! An entry is found by [`Hashed::cache_key`] (a keyed hash of the token's length and
 //! signature end, computed once per request) and served only if its token equals the
 //! request's byte for byte: two
 //! tokens share an entry only if they are the same token. A hash collision (chance, since
@@ -175,6 +175,7 @@ mod tests {
             claims_b64: "e30".into(),
             audiences: vec![],
             exp: 1000,
+            iss: String::new(),
             key: None,
         })
     }

@@ -8,6 +8,7 @@
 //! * [`token`]: JWT verification (RFC 7515, 7519, 8725);
 //! * [`extract`]: `Authorization: Bearer` parsing;
 //! * [`cache`]: per-worker cache of verified tokens;
+//! * [`fasthash`]: the keyed hash of the request path's lookups;
 //! * [`otlp`]: spans as OTLP/HTTP protobuf, for `mesh_trace_export`;
 //! * [`metrics`]: the Prometheus text format of `mesh_status` and its label sets;
 //! * [`policy`]: RBAC patterns, `mesh_role` bindings, `mesh_allow`/`mesh_deny` rules;
@@ -16,6 +17,7 @@
 //! * [`ratetable`]: per-key rate state as plain data for nginx shared memory;
 //! * [`refresh`]: when fetched keys and outbound tokens are fetched again;
 //! * [`report`]: `mesh_access_report`: the access matrix as JSON and Markdown;
+//! * [`text`]: header values written into byte buffers without `core::fmt`;
 //! * [`keystore`]: the shared key store's schedule: who fetches a source, and when;
 //! * [`trace`]: trace context (W3C `traceparent`/`tracestate`, `X-Cloud-Trace-Context`), ids, sampling;
 //! * [`units`]: nginx time/size/flag syntax.
@@ -26,6 +28,7 @@ pub mod cache;
 pub mod decision;
 pub mod discovery;
 pub mod extract;
+pub mod fasthash;
 pub mod gcra;
 pub mod keys;
 pub mod keystore;
@@ -39,6 +42,7 @@ pub mod refresh;
 pub mod report;
 pub mod resp;
 pub mod status;
+pub mod text;
 pub mod token;
 pub mod trace;
 pub mod units;

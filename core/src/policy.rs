@@ -18,12 +18,12 @@
 //!
 //! Rules are read in order and the first that matches decides ([`decide`]).
 
-use std::collections::HashMap;
 use std::fmt;
 
 use regex::Regex;
 use serde_json::{Map, Value};
 
+use crate::fasthash::FastMap;
 use crate::token::Requirement;
 
 /// Who is asking: what the patterns are matched against.
@@ -468,9 +468,9 @@ pub fn decide<'a>(rules: &'a [Rule], caller: &Caller, method: &str) -> Verdict<'
 pub struct RuleSet {
     rules: Vec<Rule>,
     /// An exact principal (a pattern without `*`): the rules naming it, in order.
-    by_principal: HashMap<String, Vec<u32>>,
+    by_principal: FastMap<String, Vec<u32>>,
     /// A role name: the rules with `role:NAME`, in order.
-    by_role: HashMap<String, Vec<u32>>,
+    by_role: FastMap<String, Vec<u32>>,
     /// The rules with other patterns, in order: (rule, the positions of those patterns).
     scanned: Vec<(u32, Vec<u32>)>,
 }
@@ -479,8 +479,8 @@ impl RuleSet {
     pub fn new(rules: Vec<Rule>) -> RuleSet {
         let mut set = RuleSet {
             rules: Vec::new(),
-            by_principal: HashMap::new(),
-            by_role: HashMap::new(),
+            by_principal: FastMap::default(),
+            by_role: FastMap::default(),
             scanned: Vec::new(),
         };
         for (i, rule) in rules.iter().enumerate() {

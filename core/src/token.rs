@@ -179,6 +179,9 @@ pub struct Verified {
     pub audiences: Vec<String>,
     /// `exp`, in seconds since the epoch.
     pub exp: u64,
+    /// `iss` (a verified token always has one), kept apart from `claims`: every cache hit
+    /// reads it, to check which provider decides the token.
+    pub iss: String,
     /// The key that verified the signature; `None` when the platform did
     /// (`platform_verified`). A cached entry is served only while the provider's keys still
     /// hold it ([`Verified::key_still_held`]).
@@ -188,7 +191,7 @@ pub struct Verified {
 impl Verified {
     /// The token's `iss` (a verified token always has one).
     pub fn issuer(&self) -> Option<&str> {
-        self.claims.get("iss").and_then(Value::as_str)
+        Some(self.iss.as_str()).filter(|i| !i.is_empty())
     }
 
     /// Whether the key that verified this token is still in `keys` (the provider's current
@@ -332,9 +335,10 @@ fn fail<T>(status: AuthStatus, reason: impl AsRef<str>) -> Result<T, AuthError> 
 }
 
 /// A token as received, with its cache key computed once per request: a keyed hash
-/// (SipHash-1-3 under a random key drawn once per process, as std's `HashMap` uses) of the
-/// token's length and its last [`KEY_TAIL`] bytes ([`cache_key_input`]), cheap next to a
-/// SHA-256 and next to hashing the whole token. The key only finds an entry: a hit is served only if the
+/// ([`crate::fasthash`], under a random key drawn once per process; only tokens that
+/// verified are cached, whose key inputs no client chooses) of the token's length
+/// and its last [`KEY_TAIL`] bytes ([`cache_key_input`]), cheap next to a SHA-256 and next
+/// to hashing the whole token. The key only finds an entry: a hit is served only if the
 /// entry's token equals this one byte for byte ([`crate::cache::TokenCache::lookup`]), so a
 /// collision can cost a miss, never pass a token that was not verified. The SHA-256 of the
 /// signing input (`HEADER.PAYLOAD`, as sent) is computed on first use only: on a cache miss,
@@ -370,21 +374,18 @@ fn cache_key_input(token: &[u8], sig_at: Option<usize>) -> (usize, &[u8]) {
     }
 }
 
-/// The process's random key for [`Hashed`]'s cache key (from the OS, once).
-fn cache_key_state() -> &'static std::hash::RandomState {
-    static STATE: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
-    STATE.get_or_init(std::hash::RandomState::new)
-}
-
 impl<'t> Hashed<'t> {
     pub fn new(token: &'t [u8]) -> Hashed<'t> {
-        use std::hash::BuildHasher;
         let fits = token.len() <= MAX_TOKEN_LEN;
         let sig_at = memchr::memrchr(b'.', token).map(|d| d + 1);
+        let key = fits.then(|| {
+            let (len, bytes) = cache_key_input(token, sig_at);
+            crate::fasthash::hash(len as u64, bytes)
+        });
         Hashed {
             token,
             sig_at,
-            key: fits.then(|| cache_key_state().hash_one(cache_key_input(token, sig_at))),
+            key,
             sha256: std::cell::OnceCell::new(),
         }
     }
@@ -615,8 +616,10 @@ impl<'t> Jwt<'t> {
         };
         let exp = self.claims.get("exp").and_then(numeric_date).unwrap_or(0);
         let key = self.verified_by.get();
+        let iss = self.issuer().unwrap_or_default().to_owned();
         Verified {
             key,
+            iss,
             provider: provider.name.clone(),
             principal,
             claims: self.claims,

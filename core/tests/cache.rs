@@ -14,6 +14,7 @@ fn verified(principal: &str, exp: u64) -> Arc<Verified> {
         claims_b64: "e30".into(),
         audiences: vec![],
         exp,
+        iss: String::new(),
         key: None,
     })
 }

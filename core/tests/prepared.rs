@@ -294,6 +294,7 @@ fn cache_is_bounded() {
         claims_b64: "e30".into(),
         audiences: vec![],
         exp: 1000,
+        iss: String::new(),
         key: None,
     });
     let mut c = TokenCache::new(64);

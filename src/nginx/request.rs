@@ -36,6 +36,22 @@ pub fn now_us() -> u64 {
     (ms as u64).saturating_mul(1000)
 }
 
+/// The request's time so far, in milliseconds, as nginx's `$request_time` measures it: from
+/// nginx's cached wall clock (no system call per request).
+pub fn request_time_ms(r: &ngx_http_request_t) -> u64 {
+    // SAFETY: `ngx_cached_time` points at one of nginx's cached-time slots, which live as
+    // long as the process and which nginx updates on this thread (the worker's event loop)
+    // only; `ngx_timeofday()` in C is this load.
+    let now = unsafe {
+        let tp = ptr::read_volatile(ptr::addr_of!(ngx::ffi::ngx_cached_time));
+        (*tp).sec.max(0) as u64 * 1000 + (*tp).msec as u64
+    };
+    let start = (r.start_sec.max(0) as u64)
+        .saturating_mul(1000)
+        .saturating_add(r.start_msec as u64);
+    now.saturating_sub(start)
+}
+
 /// The request method as the client sent it (`r->method_name`; an RFC 9110 token, which
 /// nginx's parser already checked), or empty if it is not text.
 pub fn method_name(r: &Request) -> &str {

@@ -11,6 +11,7 @@ use ngx::http::{HttpModuleLocationConf, Request};
 
 use super::ctx::RequestCtx;
 use crate::nginx::no_panic;
+use crate::nginx::request::request_time_ms;
 use crate::state::metrics;
 use crate::MeshModule;
 
@@ -44,17 +45,6 @@ fn count_upstream(r: &Request) {
         raw.headers_out.status
     };
     metrics::count_upstream(&lcf.route, status as u16, request_time_ms(raw));
-}
-
-/// The request's time so far, in milliseconds, as nginx's `$request_time` measures it.
-fn request_time_ms(r: &ngx_http_request_t) -> u64 {
-    let start = (r.start_sec.max(0) as u64)
-        .saturating_mul(1000)
-        .saturating_add(r.start_msec as u64);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    now.saturating_sub(start)
 }
 
 fn count(r: &Request, ctx: &RequestCtx) {

@@ -93,10 +93,11 @@ struct CallerSlot {
 }
 
 impl CallerSlot {
-    fn is(&self, name: &str) -> bool {
+    /// Whether this slot is `name`'s (`hash`: its [`name_hash`], computed once per search).
+    fn is(&self, hash: u64, name: &str) -> bool {
         let n = name.as_bytes();
         let keep = n.len().min(NAME_LEN);
-        self.hash == name_hash(name) && self.len == n.len() as u64 && self.name[..keep] == n[..keep]
+        self.hash == hash && self.len == n.len() as u64 && self.name[..keep] == n[..keep]
     }
 
     fn name(&self) -> String {
@@ -253,8 +254,12 @@ pub fn count_spans_dropped(why: SpanDrop, n: u64) {
 thread_local! {
     /// This worker's caller → slot index (callers seen by this worker), so that only a
     /// caller's first request in a worker takes the zone's mutex.
-    static CALLER_INDEX: std::cell::RefCell<std::collections::HashMap<Box<str>, usize>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
+    static CALLER_INDEX: std::cell::RefCell<mesh_core::fasthash::FastMap<Box<str>, usize>> =
+        std::cell::RefCell::new(mesh_core::fasthash::FastMap::default());
+    /// The last caller counted and its slot: consecutive requests of one caller (a service's
+    /// traffic comes mostly from few callers) cost a string compare, not a hash of it.
+    static LAST_CALLER: std::cell::RefCell<(String, usize)> =
+        const { std::cell::RefCell::new((String::new(), CALLER_NONE)) };
 }
 
 /// The slot of `caller` (`None`: anonymous or refused): its own while fewer than
@@ -266,22 +271,37 @@ fn caller_slot(m: &Metrics, s: &Shared, caller: Option<&str>) -> usize {
     if m.callers == 0 {
         return CALLER_NONE;
     }
-    if let Some(i) = CALLER_INDEX.with(|c| c.borrow().get(caller).copied()) {
+    if let Some(i) = LAST_CALLER.with(|l| {
+        let l = l.borrow();
+        (*l.0 == *caller).then_some(l.1)
+    }) {
         return i;
     }
-    // SAFETY: `pool` is the zone's slab pool (set with `shared`); its mutex guards binding.
-    let i = unsafe { bind_caller(m, s, caller) };
-    CALLER_INDEX.with(|c| {
-        let mut c = c.borrow_mut();
-        // Bounded like the table: a worker does not remember more callers than it counts.
-        if c.len() < 4 * MAX_CALLERS {
-            c.insert(caller.into(), i);
-        }
+    let known = CALLER_INDEX.with(|c| c.borrow().get(caller).copied());
+    let i = known.unwrap_or_else(|| {
+        // SAFETY: `pool` is the zone's slab pool (set with `shared`); its mutex guards
+        // binding.
+        let i = unsafe { bind_caller(m, s, caller) };
+        CALLER_INDEX.with(|c| {
+            let mut c = c.borrow_mut();
+            // Bounded like the table: a worker does not remember more callers than it counts.
+            if c.len() < 4 * MAX_CALLERS {
+                c.insert(caller.into(), i);
+            }
+        });
+        i
+    });
+    LAST_CALLER.with(|l| {
+        let mut l = l.borrow_mut();
+        // The buffer is kept: no allocation once it has held the longest caller.
+        l.0.clear();
+        l.0.push_str(caller);
+        l.1 = i;
     });
     i
 }
 
-/// Finds or binds `caller`'s slot under the zone's mutex.
+/// Finds `caller`'s slot, or binds one under the zone's mutex.
 ///
 /// # Safety
 /// `m.pool` is the live slab pool of the zone whose table is `s`.
@@ -289,15 +309,34 @@ unsafe fn bind_caller(m: &Metrics, s: &Shared, caller: &str) -> usize {
     let Some(pool) = m.pool.as_ref() else {
         return CALLER_OTHER;
     };
+    let hash = name_hash(caller);
+    let first = CALLER_OTHER + 1;
+    // The slots bound so far (`Acquire`: their names were written before the count was
+    // raised), `Some(slot)` if one is the caller's; `None`: not bound, and how many are.
+    let find = |bound: usize| {
+        (first..first + bound)
+            .find(|&i| s.callers[i].is(hash, caller))
+            .map(|i| {
+                if i - first < m.callers {
+                    i
+                } else {
+                    CALLER_OTHER
+                }
+            })
+    };
+    // Without the mutex first: a caller past the label bound (a service called by many end
+    // users) is `other` after a scan of hashes, with no lock taken.
+    let bound = (s.callers_bound.load(Ordering::Acquire) as usize).min(MAX_CALLERS);
+    if let Some(i) = find(bound) {
+        return i;
+    }
+    if bound >= m.callers {
+        return CALLER_OTHER;
+    }
     let _lock = pool.lock();
     let bound = (s.callers_bound.load(Ordering::Relaxed) as usize).min(MAX_CALLERS);
-    let first = CALLER_OTHER + 1;
-    if let Some(i) = (first..first + bound).find(|&i| s.callers[i].is(caller)) {
-        return if i - first < m.callers {
-            i
-        } else {
-            CALLER_OTHER
-        };
+    if let Some(i) = find(bound) {
+        return i;
     }
     if bound >= m.callers {
         return CALLER_OTHER;
@@ -309,7 +348,7 @@ unsafe fn bind_caller(m: &Metrics, s: &Shared, caller: &str) -> usize {
     // other process reads its name yet; the bound count is raised (under the mutex) only
     // after the name is written.
     let slot = unsafe { &mut (*m.shared).callers[i] };
-    slot.hash = name_hash(caller);
+    slot.hash = hash;
     slot.len = n.len() as u64;
     slot.name = [0; NAME_LEN];
     slot.name[..keep].copy_from_slice(&n[..keep]);
