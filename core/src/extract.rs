@@ -76,27 +76,87 @@ fn same_header(name: &[u8], wanted: &str) -> bool {
         })
 }
 
-/// The first credential header (of [`CREDENTIAL_HEADERS`]) that `names` holds more than once.
-/// Two credentials are refused, never resolved: which one an upstream reads is not ours to
-/// guess.
-pub fn repeated_credential<'a>(names: impl IntoIterator<Item = &'a [u8]>) -> Option<&'static str> {
+/// A request's credential headers, read in one pass over its headers ([`credentials`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Credentials<'a> {
+    /// The value of the first `Authorization` header (name in any case).
+    pub authorization: Option<&'a [u8]>,
+    /// The value of the first `X-Serverless-Authorization` header (name in any case).
+    pub serverless: Option<&'a [u8]>,
+    /// The first credential header (of [`CREDENTIAL_HEADERS`]) present more than once, as an
+    /// upstream may read names ([`same_header`]: `_` for `-` too). Two credentials are
+    /// refused, never resolved: which one an upstream reads is not ours to guess.
+    pub repeated: Option<&'static str>,
+}
+
+/// The credential headers among `headers` (name, value): one pass, a length compare for
+/// every other header. Stops at the first repeated credential header.
+pub fn credentials<'a>(headers: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Credentials<'a> {
+    let mut found = Credentials::default();
     let mut seen = [false; CREDENTIAL_HEADERS.len()];
-    for name in names {
-        for (i, wanted) in CREDENTIAL_HEADERS.iter().enumerate() {
-            if same_header(name, wanted) {
-                if seen[i] {
-                    return Some(wanted);
-                }
-                seen[i] = true;
-            }
+    for (name, value) in headers {
+        let Some(i) = CREDENTIAL_HEADERS
+            .iter()
+            .position(|w| w.len() == name.len())
+        else {
+            continue;
+        };
+        let wanted = CREDENTIAL_HEADERS[i];
+        if !same_header(name, wanted) {
+            continue;
+        }
+        if seen[i] {
+            found.repeated = Some(wanted);
+            break;
+        }
+        seen[i] = true;
+        if name.eq_ignore_ascii_case(wanted.as_bytes()) {
+            let slot = if i == 0 {
+                &mut found.authorization
+            } else {
+                &mut found.serverless
+            };
+            *slot = Some(value);
         }
     }
-    None
+    found
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_one_pass() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            credentials(pairs.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())))
+        };
+        let c = h(&[
+            ("Host", "a"),
+            ("authorization", "Bearer x"),
+            ("X-SERVERLESS-AUTHORIZATION", "Bearer y"),
+        ]);
+        assert_eq!(c.authorization, Some(&b"Bearer x"[..]));
+        assert_eq!(c.serverless, Some(&b"Bearer y"[..]));
+        assert_eq!(c.repeated, None);
+        // Underscores: a repeat as an upstream reads it, but never the token itself.
+        let c = h(&[("X_Serverless_Authorization", "Bearer y")]);
+        assert_eq!((c.serverless, c.repeated), (None, None));
+        let c = h(&[
+            ("Authorization", "a"),
+            ("Host", "h"),
+            ("authorization", "b"),
+        ]);
+        assert_eq!(c.repeated, Some("Authorization"));
+        let c = h(&[
+            ("x-serverless_authorization", "a"),
+            ("X-Serverless-Authorization", "b"),
+        ]);
+        assert_eq!(c.repeated, Some("X-Serverless-Authorization"));
+        // Same length, other name.
+        let c = h(&[("Authorizatioq", "a"), ("Authorizatioq", "b")]);
+        assert_eq!(c, Credentials::default());
+    }
 
     #[test]
     fn bearer_values() {
@@ -115,7 +175,8 @@ mod tests {
     #[test]
     fn repeated_credentials() {
         let names = |v: &[&'static str]| v.iter().map(|n| n.as_bytes()).collect::<Vec<_>>();
-        let found = |v: &[&'static str]| repeated_credential(names(v));
+        let found =
+            |v: &[&'static str]| credentials(names(v).into_iter().map(|n| (n, &b""[..]))).repeated;
         assert_eq!(
             found(&["Authorization", "X-Serverless-Authorization"]),
             None

@@ -74,6 +74,47 @@ pub fn key_hash_parts(zone_salt: &[u8], parts: &[&[u8]]) -> [u64; 2] {
     nonzero([u64::from_le_bytes(a), u64::from_le_bytes(b)])
 }
 
+/// The last [`key_hash_parts`] input and its value: a worker's consecutive requests mostly
+/// come from one caller, whose key then costs a compare of its bytes instead of a SHA-256.
+/// The whole input (salt included) is compared, so the value is always the one
+/// [`key_hash_parts`] gives.
+#[derive(Default)]
+pub struct KeyMemo {
+    input: Vec<u8>,
+    identity: [u64; 2],
+}
+
+impl KeyMemo {
+    /// [`key_hash_parts`]`(zone_salt, parts)`.
+    pub fn key_hash_parts(&mut self, zone_salt: &[u8], parts: &[&[u8]]) -> [u64; 2] {
+        let salt_len = (zone_salt.len() as u64).to_le_bytes();
+        let pieces = || {
+            [&salt_len[..], zone_salt]
+                .into_iter()
+                .chain(parts.iter().copied())
+        };
+        let len: usize = pieces().map(<[u8]>::len).sum();
+        if len == self.input.len() && !self.input.is_empty() {
+            let mut rest = &self.input[..];
+            let same = pieces().all(|p| {
+                let (head, tail) = rest.split_at(p.len());
+                rest = tail;
+                head == p
+            });
+            if same {
+                return self.identity;
+            }
+        }
+        self.identity = key_hash_parts(zone_salt, parts);
+        self.input.clear();
+        // Kept only while small: a long key (a header value) is hashed each time.
+        if len <= 256 {
+            pieces().for_each(|p| self.input.extend_from_slice(p));
+        }
+        self.identity
+    }
+}
+
 /// Where a key lives in a zone's table: its identity ([`key_hash`], the same on every
 /// instance, so global zones agree on it in Redis) hashed again under the zone's secret
 /// (random, kept in the zone) with SipHash-2-4, a keyed hash built for this (a few hundred
@@ -284,6 +325,24 @@ pub fn raise(slots: &mut [Slot], key: [u64; 2], hint: usize, tat: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_memo_gives_what_key_hash_parts_gives() {
+        let mut m = KeyMemo::default();
+        let cases: [(&[u8], &[&[u8]]); 6] = [
+            (b"zone", &[b"caller:", b"p", b"\0", b"a@x"]),
+            (b"zone", &[b"caller:", b"p", b"\0", b"a@x"]),
+            (b"zone", &[b"caller:", b"p", b"\0", b"b@x"]),
+            (b"zon", &[b"ecaller:", b"p", b"\0", b"b@x"]),
+            (b"zone", &[b"caller:p", b"\0b@x"]),
+            (b"zone", &[&[b'k'; 300]]),
+        ];
+        for _ in 0..2 {
+            for (salt, parts) in cases {
+                assert_eq!(m.key_hash_parts(salt, parts), key_hash_parts(salt, parts));
+            }
+        }
+    }
 
     #[test]
     fn siphash24_matches_the_reference_vectors() {

@@ -6,14 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use mesh_core::cache::TokenCache;
-use mesh_core::extract::{bearer, repeated_credential, strip_bearer, Bearer};
+use mesh_core::extract::{bearer, credentials, strip_bearer, Bearer, Credentials};
 use mesh_core::status::{AuthError, AuthStatus};
 use mesh_core::token::{check_audience, Hashed, Jwt, Provider, Verified};
 use ngx::ffi::NGX_LOG_WARN;
 use ngx::http::{HttpModuleMainConf, Request};
 
 use crate::conf::{AuthSpec, LocConf};
-use crate::nginx::headers::header_in;
 use crate::MeshModule;
 
 /// The result of identifying the caller under one location's configuration.
@@ -92,14 +91,15 @@ pub fn identify(r: &Request, lcf: &LocConf) -> Identity {
         return Identity::new(lcf, AuthStatus::Off, false);
     };
     let id = Identity::new(lcf, AuthStatus::Missing, auth.optional);
+    let found = credentials_of(r);
     // Whatever `mesh_token` names: the upstream would see both, and may read the other one.
-    if let Some(name) = repeated_credential(r.headers_in_iterator().map(|(k, _)| k.as_bytes())) {
+    if let Some(name) = found.repeated {
         return id.refused(AuthError {
             status: AuthStatus::Malformed,
             reason: format!("two {name} headers"),
         });
     }
-    let token = match token_of(r, lcf) {
+    let token = match token_from(r, lcf, &found) {
         Ok(Some(t)) => t,
         Ok(None) => return id,
         Err(e) => return id.refused(e),
@@ -241,10 +241,27 @@ fn verify_any(
 /// Whether this worker already explained `SIGNATURE_REMOVED_BY_GOOGLE` (once per worker).
 static PLATFORM_WARNED: AtomicBool = AtomicBool::new(false);
 
+/// The request's credential headers, in one pass over its headers.
+fn credentials_of(r: &Request) -> Credentials<'_> {
+    credentials(
+        r.headers_in_iterator()
+            .map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+    )
+}
+
 /// The token of the request: `mesh_token` if set, else the Bearer token of
 /// `X-Serverless-Authorization` (what Cloud Run forwards when `Authorization` carries the
 /// app's own credentials), else of `Authorization`.
 pub(crate) fn token_of<'a>(r: &'a Request, lcf: &LocConf) -> Result<Option<&'a [u8]>, AuthError> {
+    token_from(r, lcf, &credentials_of(r))
+}
+
+/// [`token_of`], the credential headers already read.
+fn token_from<'a>(
+    r: &'a Request,
+    lcf: &LocConf,
+    found: &Credentials<'a>,
+) -> Result<Option<&'a [u8]>, AuthError> {
     if let Some(cv) = lcf.token {
         // SAFETY: the complex value was compiled at configuration time into the configuration
         // pool, which outlives every request.
@@ -252,18 +269,19 @@ pub(crate) fn token_of<'a>(r: &'a Request, lcf: &LocConf) -> Result<Option<&'a [
         let token = value.map_or(&[][..], |v| strip_bearer(v.as_bytes()));
         return Ok((!token.is_empty()).then_some(token));
     }
-    for name in ["X-Serverless-Authorization", "Authorization"] {
-        if let Some(v) = header_in(r, name) {
-            match bearer(v) {
-                Bearer::Token(t) => return Ok(Some(t)),
-                Bearer::Empty => {
-                    return Err(AuthError {
-                        status: AuthStatus::Malformed,
-                        reason: "empty bearer token".into(),
-                    })
-                }
-                Bearer::OtherScheme => {}
+    for v in [found.serverless, found.authorization]
+        .into_iter()
+        .flatten()
+    {
+        match bearer(v) {
+            Bearer::Token(t) => return Ok(Some(t)),
+            Bearer::Empty => {
+                return Err(AuthError {
+                    status: AuthStatus::Malformed,
+                    reason: "empty bearer token".into(),
+                })
             }
+            Bearer::OtherScheme => {}
         }
     }
     Ok(None)

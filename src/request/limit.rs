@@ -1,22 +1,29 @@
 //! Rate limiting: the request's key charged once per zone, the caller's rate chosen by
 //! `mesh_rate_limit_caller`, and the `RateLimit` headers.
 
+use std::cell::RefCell;
+
 use mesh_core::decision::Decision;
-use mesh_core::gcra::{ratelimit_field, ratelimit_field_max_len, retry_after_secs};
+use mesh_core::gcra::{ratelimit_field, retry_after_secs};
 use mesh_core::policy::Caller;
-use mesh_core::ratetable::key_hash_parts;
+use mesh_core::ratetable::{key_hash_parts, KeyMemo};
 use ngx::ffi::ngx_int_t;
 use ngx::http::Request;
 
 use super::ctx::RequestCtx;
 use super::log::log_refusal;
 use crate::conf::{LocConf, RateLimit};
-use crate::nginx::headers::{pool_fmt, push_header_out, HeaderName, HeaderValue, RETRY_AFTER};
+use crate::nginx::headers::{pool_text, push_header_out, HeaderName, HeaderValue, RETRY_AFTER};
 use crate::nginx::request::{client_addr, now_us};
 use crate::state::metrics;
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::new("RateLimit-Policy", "ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::new("RateLimit", "ratelimit");
+
+thread_local! {
+    /// The worker's last rate-limit key and its identity.
+    static KEY_MEMO: RefCell<KeyMemo> = RefCell::new(KeyMemo::default());
+}
 
 /// Charges the request against its rate-limit key; `Some(status)` if it is refused.
 pub fn limit(
@@ -41,6 +48,12 @@ pub fn limit(
         None => (&rl.gcra, lcf.rate_policies.first()),
     };
     let salt = zone.name.as_bytes();
+    let key_hash_parts = |salt: &[u8], parts: &[&[u8]]| {
+        KEY_MEMO.with(|m| match m.try_borrow_mut() {
+            Ok(mut m) => m.key_hash_parts(salt, parts),
+            Err(_) => key_hash_parts(salt, parts),
+        })
+    };
     let key = match rl.key {
         Some(cv) => {
             // SAFETY: compiled at configuration time into the configuration pool.
@@ -68,8 +81,7 @@ pub fn limit(
         if let Some(p) = policy {
             push_header_out(r, &RATELIMIT_POLICY, HeaderValue::Kept(p.as_bytes()));
         }
-        let max = ratelimit_field_max_len(zone.name.len());
-        if let Some(v) = pool_fmt(r, max, ratelimit_field(&zone.name, &outcome)) {
+        if let Some(v) = pool_text(r, &ratelimit_field(&zone.name, &outcome)) {
             push_header_out(r, &RATELIMIT, HeaderValue::InPool(v));
         }
     }
@@ -84,7 +96,7 @@ pub fn limit(
     ctx.decide(Decision::RateLimited);
     metrics::count_rate_limited(&zone.name);
     if lcf.rate_headers {
-        if let Some(v) = pool_fmt(r, 20, retry_after_secs(&outcome)) {
+        if let Some(v) = pool_text(r, &retry_after_secs(&outcome)) {
             push_header_out(r, &RETRY_AFTER, HeaderValue::InPool(v));
         }
     }
