@@ -21,7 +21,7 @@ trap 'rm -rf "$out"' EXIT
 
 # One short run; its ratios in $out/ratios.N.tsv.
 run_once() {
-    BENCH_VARIANTS="stock cached full rs256 es256 rbac10 rbac1000" BENCH_ROUNDS=3 \
+    BENCH_VARIANTS="stock cached full rs256 es256 nocache rbac10 rbac1000 proxy egress" BENCH_ROUNDS=3 \
         BENCH_DURATION=1 BENCH_TOKENS=${BENCH_TOKENS:-4200} BENCH_RSS_TOKENS=0 \
         BENCH_VERIFY_SECS=0.3 BENCH_RESULTS="$out/results.md" BENCH_RATIOS="$out/ratios.$1.tsv" \
         "$bench/run.sh" "$module" > "$out/run.$1.log" 2>&1 || { cat "$out/run.$1.log"; exit 1; }

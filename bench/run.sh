@@ -55,7 +55,7 @@ verify_secs=${BENCH_VERIFY_SECS:-1}
 issuer=https://bench.local
 audience=bench
 cache_size=4096 # mesh_token_cache (the default)
-read -r -a variants <<< "${BENCH_VARIANTS:-stock cached full rs256 es256 rbac10 rbac1000 zone100 zone1m}"
+read -r -a variants <<< "${BENCH_VARIANTS:-stock cached full rs256 es256 nocache rbac10 rbac1000 zone100 zone1m proxy egress}"
 
 # Cycling through N tokens, an LRU of C entries misses on every request only if N > C.
 [ "$ntokens" -gt "$cache_size" ] ||
@@ -112,11 +112,12 @@ run_bg() {
 # verify_rate runs on core 0 too, the core it stands in for.
 if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
     pin_nginx="worker_cpu_affinity 01;"
+    pin_upstream="worker_cpu_affinity 10;"
     pin_server=(taskset -c 0)
     pin_client=(taskset -c 1)
-    placement="nginx worker pinned to CPU 0 (verify_rate too), wrk to CPU 1"
+    placement="nginx worker pinned to CPU 0 (verify_rate too), wrk, the egress rows' upstream nginx and the loopback OTLP receiver to CPU 1"
 else
-    pin_nginx=""; pin_server=(); pin_client=()
+    pin_nginx=""; pin_upstream=""; pin_server=(); pin_client=()
     placement="no CPU pinning"
 fi
 
@@ -156,10 +157,17 @@ free_port() {
     "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# write_conf DIR PORT with|without
+# write_conf DIR PORT MODE: MODE `stock` (the module not loaded), `mesh` (loaded, every
+# location of the bench), `nocache` (as `mesh` with `mesh_token_cache off`: every request a
+# signature check, the shape of the peers without a cache) or `upstream` (the static file
+# only: what the egress rows proxy to). `stock` and `mesh` have the same locations, so that
+# nginx's own location lookup costs both the same.
 write_conf() {
-    local dir=$1 port=$2 load="" mesh_http="" mesh_loc="" mesh_full="" mesh_rbac=""
-    if [ "$3" = with ]; then
+    local dir=$1 port=$2 mode=$3 load="" mesh_http="" on=""
+    local caller
+    caller=$(printf 'svc-rs-%05d@bench.local' "$ntokens") # the cached token's sub
+    if [ "$mode" = mesh ] || [ "$mode" = nocache ]; then
+        on=1
         load="load_module $module_copy;"
         mesh_http="mesh_provider demo {
         issuer $issuer;
@@ -171,38 +179,44 @@ write_conf() {
         secret $work/keys/hs.secret;
         audience $audience;
     }
-    mesh_token_cache $cache_size;
+    mesh_token_cache $([ "$mode" = nocache ] && echo off || echo "$cache_size");
     mesh_rate_limit_zone bench 10m;
     mesh_rate_limit_zone z100 80m;
     mesh_rate_limit_zone z1m 80m;
-    mesh_role readers svc-rs-*@bench.local;"
-        mesh_loc="mesh_auth demo;"
-        local caller
-        caller=$(printf 'svc-rs-%05d@bench.local' "$ntokens") # the cached token's sub
-        # RBAC alone at two sizes: a regex, a claim rule, then exact principals, the
-        # caller's the last of all.
-        rbac_rules() { # rbac_rules N
-            echo "mesh_deny ~^blocked-;"
-            echo "mesh_deny claim:tier=banned;"
-            for ((k = 3; k < $1; k++)); do echo "mesh_allow other-$k@bench.local;"; done
-            echo "mesh_allow $caller;"
-        }
-        mesh_rbac="location /rbac10/ { alias $work/www/; mesh_auth demo; $(rbac_rules 10) }
-        location /rbac1000/ { alias $work/www/; mesh_auth demo; $(rbac_rules 1000) }
-        location /zone100/ { alias $work/www/;
-            mesh_rate_limit zone=z100 rate=1000000r/s burst=1000000 key=\$http_authorization; }
-        location /zone1m/ { alias $work/www/;
-            mesh_rate_limit zone=z1m rate=1000000r/s burst=1000000 key=\$http_authorization; }
-        location /rss/ { alias $work/www/; mesh_auth hs; }"
-        # Nine rules that do not match the caller, then the one that does.
-        mesh_full="location /full/ {
-            alias $work/www/;
-            mesh_auth demo;
+    mesh_role readers svc-rs-*@bench.local;
+    mesh_trace_export http://127.0.0.1:$port_otlp/v1/traces;
+    mesh_trace_service bench;
+    mesh_metadata_server http://127.0.0.1:$port_metadata;
+    mesh_outbound_token \$upstream_token https://upstream.bench.local;"
+    fi
+    # location PATH DIRECTIVES...: the static file under PATH, with the module's directives
+    # only where the module is loaded.
+    location() {
+        local path=$1; shift
+        echo "location $path { alias $work/www/; ${on:+$*} }"
+    }
+    # RBAC alone at two sizes: a regex, a claim rule, then exact principals, the caller's
+    # the last of all.
+    rbac_rules() { # rbac_rules N
+        echo "mesh_deny ~^blocked-;"
+        echo "mesh_deny claim:tier=banned;"
+        for ((k = 3; k < $1; k++)); do echo "mesh_allow other-$k@bench.local;"; done
+        echo "mesh_allow $caller;"
+    }
+    local locations
+    if [ "$mode" = upstream ]; then
+        locations=""
+    else
+        # full: nine rules that do not match the caller, then the one that does; a rate
+        # limit that never refuses; the trace, sampled, every span exported; the request
+        # counted by caller in mesh_status (always on).
+        locations="location / { ${on:+mesh_auth demo;} }
+        $(location /full/ 'mesh_auth demo;
             mesh_deny ~^blocked- role:nobody claim:tier=banned;
             mesh_allow admin@bench.local methods=DELETE;
             mesh_allow role:nobody;
             mesh_allow claim:tier=gold methods=POST;
-            mesh_allow ~^batch-.*@other\\.local\$;
+            mesh_allow ~^batch-.*@other\\.local$;
             mesh_allow ops-*@bench.local methods=PUT,PATCH;
             mesh_deny anonymous;
             mesh_allow claim:team=payments;
@@ -210,16 +224,26 @@ write_conf() {
             mesh_allow role:readers methods=GET,HEAD;
             mesh_rate_limit zone=bench rate=1000000r/s burst=1000000;
             mesh_trace on;
-            mesh_trace_response on;
+            mesh_trace_sample 1;
+            mesh_trace_response on;')
+        $(location /rbac10/ "mesh_auth demo; $(rbac_rules 10)")
+        $(location /rbac1000/ "mesh_auth demo; $(rbac_rules 1000)")
+        $(location /zone100/ 'mesh_rate_limit zone=z100 rate=1000000r/s burst=1000000 key=$http_authorization;')
+        $(location /zone1m/ 'mesh_rate_limit zone=z1m rate=1000000r/s burst=1000000 key=$http_authorization;')
+        $(location /rss/ 'mesh_auth hs;')
+        location = /proxy/hello.txt { proxy_pass http://bench_upstream/hello.txt; }
+        location = /egress/hello.txt {
+            ${on:+mesh_outbound_auth \$upstream_token;}
+            proxy_pass http://bench_upstream/hello.txt;
         }
-        $mesh_rbac"
+        location = /metrics { ${on:+mesh_auth off; mesh_status;} }"
     fi
     mkdir -p "$dir/tmp"
     cat > "$dir/nginx.conf" <<CONF
 # Written by bench/run.sh.
 $load
 worker_processes 1;
-$pin_nginx
+$([ "$mode" = upstream ] && echo "$pin_upstream" || echo "$pin_nginx")
 daemon off;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
@@ -236,14 +260,18 @@ http {
     uwsgi_temp_path $dir/tmp/uwsgi;
     scgi_temp_path $dir/tmp/scgi;
     $mesh_http
+    # The egress rows' upstream, over kept-alive connections (as a route of the image).
+    upstream bench_upstream {
+        server 127.0.0.1:$port_upstream;
+        keepalive 64;
+    }
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
 
     server {
         listen 127.0.0.1:$port;
         root $work/www;
-        location / {
-            $mesh_loc
-        }
-        $mesh_full
+        $locations
     }
 }
 CONF
@@ -271,25 +299,43 @@ start_nginx() { # start_nginx INSTANCE PORT
 }
 
 # Nanoseconds the process has run on a CPU (the scheduler's own count, not ticks).
-cpu_ns() { awk '{ print $1 }' "/proc/$1/schedstat" 2>/dev/null || echo 0; }
+# Every thread of it: the span exporter's and key fetchers' too.
+cpu_ns() { cat "/proc/$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%.0f", s }'; }
 
-port_stock=$(free_port)
-port_mesh=$(free_port)
-while [ "$port_mesh" = "$port_stock" ]; do port_mesh=$(free_port); done
-write_conf "$work/stock" "$port_stock" without
-write_conf "$work/mesh" "$port_mesh" with
-start_nginx stock "$port_stock"
-start_nginx mesh "$port_mesh"
+# The loopback OTLP receiver and metadata server (bench/loopback.py), on wrk's core.
+"${pin_client[@]}" "$python" "$bench/loopback.py" "$work/loopback.ports" > "$work/loopback.out" 2>&1 &
+loopback_pid=$!
+nginx_pids+=("$loopback_pid")
+for _ in $(seq 100); do [ -f "$work/loopback.ports" ] && break; sleep 0.1; done
+read -r port_otlp port_metadata < "$work/loopback.ports" || fail "bench/loopback.py did not start"
+
+declare -A port
+for inst in stock mesh nocache upstream; do
+    port[$inst]=$(free_port)
+done
+[ "$(printf '%s\n' "${port[@]}" | sort -u | wc -l)" = 4 ] || fail "free_port gave one port twice; run again"
+port_upstream=${port[upstream]}
+for inst in upstream stock mesh nocache; do
+    write_conf "$work/$inst" "${port[$inst]}" "$inst"
+done
+start_nginx upstream "${port[upstream]}"
+start_nginx stock "${port[stock]}"
+start_nginx mesh "${port[mesh]}"
+[[ " ${variants[*]} " != *" nocache "* ]] || start_nginx nocache "${port[nocache]}"
 
 declare -A url tokens instance script
 instance=([stock]=stock [cached]=mesh [rs256]=mesh [es256]=mesh [full]=mesh [rbac10]=mesh
-    [rbac1000]=mesh [zone100]=mesh [zone1m]=mesh [rss]=mesh)
-url[stock]=http://127.0.0.1:$port_stock/hello.txt
-url[cached]=http://127.0.0.1:$port_mesh/hello.txt
+    [rbac1000]=mesh [zone100]=mesh [zone1m]=mesh [rss]=mesh [proxy]=stock [egress]=mesh
+    [nocache]=nocache)
+url[stock]=http://127.0.0.1:${port[stock]}/hello.txt
+url[cached]=http://127.0.0.1:${port[mesh]}/hello.txt
 url[rs256]=${url[cached]}
 url[es256]=${url[cached]}
-url[full]=http://127.0.0.1:$port_mesh/full/hello.txt
-for v in rbac10 rbac1000 zone100 zone1m rss; do url[$v]=http://127.0.0.1:$port_mesh/$v/hello.txt; done
+url[nocache]=http://127.0.0.1:${port[nocache]}/hello.txt
+url[full]=http://127.0.0.1:${port[mesh]}/full/hello.txt
+for v in rbac10 rbac1000 zone100 zone1m rss; do url[$v]=http://127.0.0.1:${port[mesh]}/$v/hello.txt; done
+url[proxy]=http://127.0.0.1:${port[stock]}/proxy/hello.txt
+url[egress]=http://127.0.0.1:${port[mesh]}/egress/hello.txt
 tokens[stock]=$work/keys/cached.txt # the same header as `cached`; stock nginx ignores it
 tokens[cached]=$work/keys/cached.txt
 tokens[rs256]=$work/keys/rs256.txt
@@ -298,6 +344,9 @@ tokens[full]=$work/keys/cached.txt
 tokens[rbac10]=$work/keys/cached.txt
 tokens[rbac1000]=$work/keys/cached.txt
 tokens[rss]=$work/keys/hs256.txt
+tokens[nocache]=$work/keys/cached.txt # one token, verified on every request
+tokens[proxy]=- # an app's own call: no credentials of its own (bench/tokens.lua)
+tokens[egress]=-
 for v in "${!instance[@]}"; do script[$v]="$bench/tokens.lua"; done
 # The zone variants: keys.lua's arguments (how many keys; where to start) instead of a file.
 script[zone100]="$bench/keys.lua"; tokens[zone100]=100
@@ -317,6 +366,7 @@ expect 401 "${url[cached]}"
 for v in "${variants[@]}"; do
     case $v in
         zone*) expect 200 "${url[$v]}" k1 ;;
+        proxy | egress) expect 200 "${url[$v]}" ;;
         *) expect 200 "${url[$v]}" "$(head -n1 "${tokens[$v]}")" ;;
     esac
 done
@@ -420,8 +470,24 @@ if [ "$rss_tokens" -gt 0 ]; then
     echo "   worker RSS: $rss_warm kB after $rss_warm_at tokens, $rss_end kB after $sent"
 fi
 
+# --- What the full and egress rows sent on: spans to the receiver, calls with the token.
+metric() { # metric NAME_AND_LABELS: its value in the mesh instance's mesh_status (0 if none)
+    curl -s "http://127.0.0.1:${port[mesh]}/metrics" |
+        awk -v m="$1" 'index($0, m " ") == 1 { v += $NF } END { printf "%d", v }'
+}
+spans_exported=$(metric mesh_trace_spans_exported_total)
+spans_dropped=$(metric mesh_trace_spans_dropped_total)
+kill -TERM "$loopback_pid" 2>/dev/null || true
+wait "$loopback_pid" 2>/dev/null || true
+receiver=$(tail -n1 "$work/loopback.out")
+echo "   spans: $spans_exported exported, $spans_dropped dropped; receiver: $receiver"
+if [[ " ${variants[*]} " == *" full "* ]] && [ "$spans_exported" = 0 ]; then
+    fail "the full row exported no span (see $work/mesh/error.log and $work/loopback.out)"
+fi
+
 # --- Nothing may have gone wrong inside nginx (a crashed worker is respawned silently).
-for inst in stock mesh; do
+for inst in stock mesh nocache upstream; do
+    [ -f "$work/$inst/error.log" ] || continue
     if grep -E '\[(alert|crit|emerg)\]|exited on signal' "$work/$inst/error.log"; then
         fail "$inst nginx logged the lines above ($work/$inst/error.log)"
     fi
@@ -448,6 +514,7 @@ virt=${hypervisor:+virtual machine: $hypervisor}
     echo "RSS_TOKENS=$rss_tokens"
     echo "VARIANTS=${variants[*]}"
     echo "VERIFY_SECS=$verify_secs"
+    echo "SPANS=$spans_exported exported, $spans_dropped dropped (receiver: $receiver)"
     echo "MACHINE=$(nproc) cores (${cpu:-unknown CPU}${virt:+, $virt}), $(uname -sr), $(. /etc/os-release && echo "$PRETTY_NAME"), loopback only; $placement; load average before the runs $load_before"
 } > "$work/meta.env"
 "$python" "$bench/report.py" "$runs" "$work/meta.env" "$results" ${BENCH_RATIOS:+"$BENCH_RATIOS"}

@@ -2,7 +2,8 @@
 --
 --   wrk -s tokens.lua URL -- TOKENS_FILE THREADS [START]
 --
--- TOKENS_FILE holds one token a line (one line: the same token on every request). THREADS is
+-- TOKENS_FILE holds one token a line (one line: the same token on every request); "-" sends
+-- no Authorization header at all (an app's own call through an egress route). THREADS is
 -- wrk's -t, so each thread starts at its own offset in the list, plus START (default 0: a
 -- run that continues where the last one stopped). The requests are formatted
 -- once, in init(), so a request costs wrk one table lookup whatever the token.
@@ -22,7 +23,8 @@ function init(args)
    local path = args[1] or error("usage: wrk -s tokens.lua URL -- TOKENS_FILE THREADS")
    local threads = tonumber(args[2] or "1")
    requests = {}
-   for line in io.lines(path) do
+   if path == "-" then requests[1] = wrk.format("GET", nil, {}) end
+   for line in (path == "-" and function() return nil end or io.lines(path)) do
       if #line > 0 then
          requests[#requests + 1] = wrk.format("GET", nil, { ["Authorization"] = "Bearer " .. line })
       end
